@@ -1,0 +1,28 @@
+"""hf-recon-prune: post-training pruning of Hugging Face causal LMs with reconstruction error minimization."""
+
+__version__ = "0.1.0"
+
+from .config import PruningConfig  # noqa: E402
+
+__all__ = ["PruningConfig", "Pruner", "PruneReport", "perplexity", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy so that `import hf_recon_prune` stays cheap and PruningConfig works without loading the engine.
+    if name == "Pruner":
+        from .pruner import Pruner
+
+        return Pruner
+    if name == "PruneReport":
+        from .report import PruneReport
+
+        return PruneReport
+    if name == "perplexity":
+        from .evaluation import perplexity
+
+        return perplexity
+    if name == "generate_self_calibration":
+        from .calibration import generate_self_calibration
+
+        return generate_self_calibration
+    raise AttributeError(f"module 'hf_recon_prune' has no attribute {name!r}")

@@ -1,0 +1,287 @@
+"""PruningConfig: every choice of a pruning run, validated at construction and serialisable into config.json."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+RECONSTRUCTIONS = ("lr", "br", "gp", "cr")
+RECONSTRUCTION_MODES = ("full", "lora")
+SELF_SAMPLE_USES = ("reconstruction", "all")
+STREAM_LOCATIONS = ("auto", "device", "cpu")
+AUTOCAST_DTYPES = ("auto", "bfloat16", "float16", "float32")
+CONFIG_KEY = "pruning_config"
+
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
+    """Return (N, M) for an "N:M" pattern, None for "unstructured"; raise ValueError on anything else."""
+    if pattern == "unstructured":
+        return None
+    match = _NM_RE.match(pattern) if isinstance(pattern, str) else None
+    if match is None:
+        raise ValueError(
+            f"PruningConfig.pattern={pattern!r} is not understood; allowed: 'unstructured' or 'N:M' with "
+            "integers 0 < N < M, e.g. '2:4' or '4:8'."
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(
+            f"PruningConfig.pattern={pattern!r} is impossible: N:M keeps N of every M consecutive weights, "
+            "so it needs 0 < N < M (e.g. '2:4')."
+        )
+    return n, m
+
+
+def _bad(field_name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"PruningConfig.{field_name}={value!r} is not allowed; allowed: {allowed}.")
+
+
+@dataclass
+class PruningConfig:
+    """How to prune and reconstruct a causal LM.
+
+    Defaults follow Shin et al. (EMNLP 2024) where the paper has a setting: SparseGPT masks with layer-wise (LR),
+    block-wise (BR) reconstruction and global propagation (GP), BR trained with Adam at lr 2e-4, batch 8, 10 epochs,
+    128 calibration windows of 2048 tokens from C4.
+
+    Sparsity and N:M: ``sparsity`` is the fraction of weights set to zero in every pruned linear layer. Unstructured
+    masks zero exactly ``floor(sparsity * in_features)`` weights in every output row (Wanda/SparseGPT compare within a
+    row; magnitude also uses rows so that every layer hits the target exactly). An ``"N:M"`` pattern keeps N of every
+    M consecutive input weights, which fixes the sparsity at ``1 - N/M``.
+    """
+
+    method: str = "sparsegpt"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    reconstruction: list[str] = field(default_factory=lambda: ["lr", "br", "gp"])
+
+    # Calibration data.
+    calibration: Union[str, list[str]] = "c4"
+    calibration_split: Optional[str] = None
+    calibration_text_column: Optional[str] = None
+    num_samples: int = 128
+    seq_len: int = 2048
+    num_self_samples: int = 0
+    self_samples_use: str = "reconstruction"
+    heldout_fraction: float = 0.125
+    heldout_source: Optional[Union[str, list[str]]] = None
+    seed: int = 0
+
+    # Self-generated calibration data (used when num_self_samples > 0 or calibration == "self").
+    self_gen_greedy_tokens: int = 4
+    self_gen_temperature: float = 1.0
+    self_gen_top_k: int = 0
+    self_gen_top_p: float = 1.0
+    self_gen_language: Optional[str] = "en"
+    self_gen_batch_size: int = 16
+    self_gen_cache_dir: Optional[str] = None
+
+    # Masks and layer-wise reconstruction.
+    include_modules: Optional[list[str]] = None
+    exclude_modules: Optional[list[str]] = None
+    sparsegpt_block_size: int = 128
+    sparsegpt_dampening: float = 0.01
+
+    # Block-wise reconstruction.
+    reconstruction_mode: str = "full"
+    br_epochs: int = 10
+    br_lr: float = 2e-4
+    br_batch_size: int = 8
+    br_train_other_params: bool = True
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_target_modules: Optional[list[str]] = None
+
+    # Execution (does not change the result beyond float rounding).
+    device: Optional[str] = None
+    stream_location: str = "auto"
+    stream_dtype: Optional[str] = None
+    autocast_dtype: str = "auto"
+    forward_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reconstruction, str):
+            self.reconstruction = [self.reconstruction]
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError (or TypeError for a wrong type) naming the field, the bad value and what is allowed."""
+        self._check_types()
+        if self.method not in METHODS:
+            raise _bad("method", self.method, ", ".join(map(repr, METHODS)))
+        if not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
+            raise _bad("sparsity", self.sparsity, "a fraction in [0, 1)")
+        nm = parse_nm(self.pattern)
+        if nm is not None:
+            n, m = nm
+            implied = 1.0 - n / m
+            if not math.isclose(self.sparsity, implied, abs_tol=1e-9):
+                raise ValueError(
+                    f"PruningConfig.sparsity={self.sparsity!r} does not match pattern={self.pattern!r}: an N:M "
+                    f"pattern fixes the sparsity at 1 - N/M = {implied:g}; set sparsity={implied:g} or change the pattern."
+                )
+        unknown = [r for r in self.reconstruction if r not in RECONSTRUCTIONS]
+        if unknown:
+            raise _bad("reconstruction", self.reconstruction, f"a subset of {list(RECONSTRUCTIONS)}")
+        if len(set(self.reconstruction)) != len(self.reconstruction):
+            raise _bad("reconstruction", self.reconstruction, "each technique at most once")
+        if ("gp" in self.reconstruction or "cr" in self.reconstruction) and "br" not in self.reconstruction:
+            raise _bad("reconstruction", self.reconstruction, "'gp' and 'cr' only together with 'br' (they change BR's target and window)")
+        for name in ("num_samples", "seq_len", "br_epochs", "br_batch_size", "forward_batch_size",
+                     "sparsegpt_block_size", "lora_rank", "self_gen_batch_size"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise _bad(name, value, "an integer > 0")
+        for name in ("num_self_samples", "self_gen_greedy_tokens", "self_gen_top_k"):
+            value = getattr(self, name)
+            if value < 0:
+                raise _bad(name, value, "an integer >= 0")
+        if self.calibration == "self" and self.num_self_samples == 0:
+            pass  # "self" alone means all num_samples windows are generated by the model
+        if not (0.0 <= self.heldout_fraction < 1.0) or math.isnan(self.heldout_fraction):
+            raise _bad("heldout_fraction", self.heldout_fraction, "a fraction in [0, 1)")
+        if self.self_samples_use not in SELF_SAMPLE_USES:
+            raise _bad("self_samples_use", self.self_samples_use, ", ".join(map(repr, SELF_SAMPLE_USES)))
+        if self.reconstruction_mode not in RECONSTRUCTION_MODES:
+            raise _bad("reconstruction_mode", self.reconstruction_mode, ", ".join(map(repr, RECONSTRUCTION_MODES)))
+        if self.stream_location not in STREAM_LOCATIONS:
+            raise _bad("stream_location", self.stream_location, ", ".join(map(repr, STREAM_LOCATIONS)))
+        if self.autocast_dtype not in AUTOCAST_DTYPES:
+            raise _bad("autocast_dtype", self.autocast_dtype, ", ".join(map(repr, AUTOCAST_DTYPES)))
+        if self.stream_dtype is not None and self.stream_dtype not in AUTOCAST_DTYPES[1:]:
+            raise _bad("stream_dtype", self.stream_dtype, "None (the model's dtype) or " + ", ".join(map(repr, AUTOCAST_DTYPES[1:])))
+        for name in ("br_lr", "sparsegpt_dampening", "lora_alpha", "self_gen_temperature"):
+            value = getattr(self, name)
+            if not value > 0 or math.isinf(value):
+                raise _bad(name, value, "a finite number > 0")
+        if not 0.0 < self.self_gen_top_p <= 1.0:
+            raise _bad("self_gen_top_p", self.self_gen_top_p, "a number in (0, 1]")
+        if isinstance(self.calibration, list) and not self.calibration:
+            raise _bad("calibration", self.calibration, "a non-empty list of texts, a dataset name, a path or 'self'")
+        if isinstance(self.calibration, str) and not self.calibration.strip():
+            raise _bad("calibration", self.calibration, "a non-empty dataset name, path, 'default' or 'self'")
+        for name in ("include_modules", "exclude_modules", "lora_target_modules"):
+            for pattern in getattr(self, name) or []:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise _bad(name, pattern, f"regular expressions over module names ({err})") from None
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _matches(value, f.type):
+                raise TypeError(f"PruningConfig.{f.name}={value!r} has type {type(value).__name__}; expected {f.type}.")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def nm(self) -> Optional[tuple[int, int]]:
+        return parse_nm(self.pattern)
+
+    def uses(self, technique: str) -> bool:
+        return technique in self.reconstruction
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        from . import __version__
+
+        data["hf_recon_prune_version"] = __version__
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> "PruningConfig":
+        """Build a config from plain data. Unknown keys are reported in a warning and dropped, never evaluated."""
+        if not isinstance(data, dict):
+            raise TypeError(f"PruningConfig.from_dict expects a dict, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        ignored = []
+        for key, value in {**data, **overrides}.items():
+            if not isinstance(key, str):
+                raise TypeError(f"PruningConfig keys must be strings, got {key!r}.")
+            if key in known:
+                values[key] = copy.deepcopy(value)
+            elif key != "hf_recon_prune_version":
+                ignored.append(key)
+        if ignored:
+            logger.warning("PruningConfig: ignoring unknown keys %s (they are not used).", sorted(ignored))
+        return cls(**values)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: Union[str, os.PathLike]) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: Union[str, os.PathLike]) -> "PruningConfig":
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        if isinstance(data, dict) and CONFIG_KEY in data:
+            data = data[CONFIG_KEY]
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: Union[str, os.PathLike], **hub_kwargs: Any) -> "PruningConfig":
+        """Read the config stored under ``"pruning_config"`` in a saved model's config.json (local folder or Hub repo)."""
+        path = os.fspath(path_or_repo)
+        if os.path.isdir(path):
+            config_file = os.path.join(path, "config.json")
+        elif os.path.isfile(path):
+            config_file = path
+        else:
+            from huggingface_hub import hf_hub_download
+
+            config_file = hf_hub_download(path, "config.json", **hub_kwargs)
+        with open(config_file, encoding="utf-8") as handle:
+            data = json.load(handle)
+        if not isinstance(data, dict) or CONFIG_KEY not in data:
+            raise ValueError(f"{path}: config.json has no {CONFIG_KEY!r} entry; was this model pruned by hf-recon-prune?")
+        return cls.from_dict(data[CONFIG_KEY])
+
+    def __repr__(self) -> str:
+        changed = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        }
+        inner = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+        return f"PruningConfig({inner})"
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """A small runtime check of the annotations used above (strings under `from __future__ import annotations`)."""
+    spec = str(annotation).replace(" ", "")
+    if value is None:
+        return spec.startswith("Optional[")
+    if spec.startswith("Optional["):
+        spec = spec[len("Optional["):-1]
+    options = spec[len("Union["):-1].split(",", 1) if spec.startswith("Union[") else [spec]
+    options = [o.strip() for o in options]
+    for option in options:
+        if option == "str" and isinstance(value, str):
+            return True
+        if option == "bool" and isinstance(value, bool):
+            return True
+        if option == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if option == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return True
+    return False
