@@ -1,0 +1,69 @@
+"""Per-layer input statistics gathered while calibration activations flow through a block."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class InputStatistics:
+    """Accumulates what the criteria need from a linear layer's inputs, over every calibration token.
+
+    ``squared_norms[j] = sum_t x_tj^2`` (Wanda's ||X_j||^2) and, when ``hessian`` is requested, the float32 Gram matrix
+    ``H = X^T X / T`` (SparseGPT's Hessian up to a constant factor, which neither the mask nor the update depends on).
+    """
+
+    def __init__(self, in_features: int, device: torch.device, hessian: bool):
+        self.num_tokens = 0
+        self.squared_norms = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self._gram: Optional[torch.Tensor] = (
+            torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        )
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
+        self.num_tokens += x.shape[0]
+        self.squared_norms += x.square().sum(0)
+        if self._gram is not None:
+            self._gram.addmm_(x.T, x)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self._gram is None:
+            raise RuntimeError("this InputStatistics was created without a Hessian")
+        return self._gram / max(self.num_tokens, 1)
+
+    @property
+    def column_norms(self) -> torch.Tensor:
+        return self.squared_norms.sqrt()
+
+
+class StatisticsRecorder:
+    """Forward hooks that feed each linear's inputs into its InputStatistics while ``active``."""
+
+    def __init__(self, layers: dict[str, nn.Linear], hessian: bool):
+        self.stats = {
+            name: InputStatistics(layer.in_features, layer.weight.device, hessian) for name, layer in layers.items()
+        }
+        self.active_rows: Optional[torch.Tensor] = None  # None: every row of the batch counts
+        self.active = True
+        self._handles = [layer.register_forward_hook(self._hook(name)) for name, layer in layers.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if not self.active:
+                return
+            x = args[0]
+            if self.active_rows is not None:
+                x = x[self.active_rows]
+            if x.numel():
+                self.stats[name].add(x.detach())
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,0 +1,357 @@
+"""The block engine: walk the decoder blocks in order, choose masks, reconstruct, propagate. Nothing model-specific.
+
+Streams (each [rows, seq_len, hidden]):
+    sparse calibration stream   S_b  input of block b in the model pruned so far
+    dense calibration stream    D_b  input of block b in the dense model (GP target and the reported error's reference)
+    and the same two for the held-out samples, which never reach mask statistics or the optimiser.
+
+A *window* is the set of blocks trained together: one block, or two adjacent blocks with cross-block
+reconstruction (CR), sliding by one. A block is *prepared* (masked, and LR-updated) when it first enters a window and
+*finalised* (its output becomes the next sparse stream) when it leaves the last window it belongs to.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .architectures import prunable_linears, resolve_layout
+from .block_io import batches, call_window
+from .capture import capture_block_kwargs, capture_first_block_inputs
+from .config import PruningConfig
+from .criteria import StatisticsRecorder, needs_hessian, needs_statistics, prune_linear
+from .offload import BlockPlacement, allocate_stream, execution_device, resolve_dtype, stream_device
+from .report import BlockReport, PruneReport
+
+logger = logging.getLogger(__name__)
+
+
+class PruningFailedError(RuntimeError):
+    """Raised when prune() fails part-way; says whether the model was restored or is partially modified."""
+
+
+@contextmanager
+def _timed(report: BlockReport, stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        report.add_time(stage, time.perf_counter() - start)
+
+
+class Pruner:
+    """Prune a Hugging Face causal LM in place, block by block, following a PruningConfig.
+
+    Args:
+        model: any ``AutoModelForCausalLM`` model of a supported family (see ``architectures.py``).
+        config: the PruningConfig.
+        tokenizer: needed to tokenise text calibration sources and for self-generated data.
+        calibration_data: an already built ``CalibrationSet`` (or a LongTensor of token ids [N, L]) instead of
+            reading ``config.calibration``.
+        keep_backup: keep a CPU copy of every block before it is modified so that a failure restores the model
+            exactly (costs host memory equal to the model's size). Without it, a failure raises
+            ``PruningFailedError`` that says which blocks were modified.
+        show_progress: tqdm progress bar over the blocks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Optional[PruningConfig] = None,
+        tokenizer: Any = None,
+        calibration_data: Any = None,
+        keep_backup: bool = False,
+        show_progress: bool = True,
+    ):
+        self.model = model
+        self.config = config if config is not None else PruningConfig()
+        self.tokenizer = tokenizer
+        self.calibration_data = calibration_data
+        self.keep_backup = keep_backup
+        self.show_progress = show_progress
+        self.layout = resolve_layout(model)
+        self.report: Optional[PruneReport] = None
+        self.masks: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ calibration
+    def _calibration_set(self):
+        from .calibration import CalibrationSet, build_calibration_set
+
+        data = self.calibration_data
+        if data is None:
+            return build_calibration_set(self.config, self.tokenizer, self.model)
+        if isinstance(data, torch.Tensor):
+            return CalibrationSet(
+                input_ids=data.long(),
+                is_self_generated=torch.zeros(data.shape[0], dtype=torch.bool),
+                heldout_ids=data.new_zeros((0, data.shape[1])).long(),
+                description={"source": "user-provided token ids", "num_samples": int(data.shape[0])},
+            )
+        return data
+
+    # ------------------------------------------------------------------ public
+    def prune(self) -> PruneReport:
+        """Run the block loop; returns (and keeps in ``self.report``) the PruneReport."""
+        model, cfg = self.model, self.config
+        started = time.perf_counter()
+        backups: dict[int, dict[str, torch.Tensor]] = {}
+        self._modified: list[int] = []
+        was_training = model.training
+        use_cache = getattr(model.config, "use_cache", None)
+        model.eval()
+        if use_cache is not None:
+            model.config.use_cache = False
+        try:
+            report = self._run(backups)
+        except BaseException as error:
+            self._handle_failure(error, backups)
+            raise
+        finally:
+            model.train(was_training)
+            if use_cache is not None:
+                model.config.use_cache = use_cache
+        report.total_seconds = time.perf_counter() - started
+        self.report = report
+        return report
+
+    def _handle_failure(self, error: BaseException, backups: dict[int, dict[str, torch.Tensor]]) -> None:
+        if not self._modified:
+            return
+        if self.keep_backup:
+            for index, state in backups.items():
+                self.layout.blocks[index].load_state_dict(state)
+            logger.error("pruning failed (%s); the %d modified blocks were restored", error, len(backups))
+            return
+        self.model._hf_recon_prune_incomplete = True
+        message = (
+            f"pruning failed in the middle of the run ({type(error).__name__}: {error}); decoder blocks "
+            f"{sorted(set(self._modified))} of the model were ALREADY MODIFIED in place. The model is partially "
+            "pruned: reload it before using it, or pass keep_backup=True to have it restored on failure."
+        )
+        logger.error(message)
+        if isinstance(error, Exception):
+            raise PruningFailedError(message) from error
+
+    # ------------------------------------------------------------------ engine
+    @torch.no_grad()
+    def _run(self, backups: dict[int, dict[str, torch.Tensor]]) -> PruneReport:
+        cfg, model, layout = self.config, self.model, self.layout
+        blocks = layout.blocks
+        num_blocks = len(blocks)
+        device = execution_device(cfg.device)
+        model_dtype = next(model.parameters()).dtype
+        dtype = resolve_dtype(cfg.stream_dtype, model_dtype)
+        placement = BlockPlacement(device)
+
+        calibration = self._calibration_set()
+        ids, heldout_ids = calibration.input_ids, calibration.heldout_ids
+        is_self = calibration.is_self_generated.bool()
+        if cfg.self_samples_use == "all":
+            num_stat_rows = ids.shape[0]
+        else:
+            num_stat_rows = int((~is_self).sum())
+            if bool(is_self[:num_stat_rows].any()):
+                raise ValueError("CalibrationSet rows must hold the real samples first, then the self-generated ones")
+        if num_stat_rows == 0 and needs_statistics(cfg.method, cfg.uses("lr")):
+            num_stat_rows = ids.shape[0]
+
+        hidden = model.config.get_text_config().hidden_size
+        n_rows, n_heldout, seq_len = ids.shape[0], heldout_ids.shape[0], ids.shape[1]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        stream_bytes = 3 * (n_rows + n_heldout) * seq_len * hidden * itemsize
+        where = stream_device(cfg.stream_location, device, stream_bytes)
+        pin = where.type == "cpu" and device.type == "cuda"
+
+        def new_stream(rows: int) -> torch.Tensor:
+            return allocate_stream((rows, seq_len, hidden), dtype, where, pin)
+
+        report = PruneReport(
+            model_name=getattr(model.config, "_name_or_path", "") or type(model).__name__,
+            family=layout.family,
+            config=cfg.to_dict(),
+            blocks=[BlockReport(index=i) for i in range(num_blocks)],
+            calibration=dict(getattr(calibration, "description", {}) or {}),
+        )
+
+        kwargs = capture_block_kwargs(layout.base_model, blocks, ids[:1], device)
+        sparse = {0: capture_first_block_inputs(layout.base_model, blocks[0], ids, cfg.forward_batch_size, device, new_stream(n_rows))}
+        sparse_heldout = {0: capture_first_block_inputs(layout.base_model, blocks[0], heldout_ids, cfg.forward_batch_size, device, new_stream(n_heldout))}
+        # Both models share the embeddings, so the dense streams start equal to the sparse ones.
+        dense = {0: sparse[0].clone()}
+        dense_heldout = {0: sparse_heldout[0].clone()}
+
+        self._device, self._new_stream = device, new_stream
+        windows: list[tuple[int, ...]] = [(i,) for i in range(num_blocks)]
+        reconstruct_window = None
+        if cfg.uses("br"):
+            from .reconstruction import reconstruct_window, reconstruction_windows
+
+            windows = reconstruction_windows(num_blocks, cross_block=cfg.uses("cr"))
+        block_masks: dict[int, dict[nn.Linear, torch.Tensor]] = {}
+        dense_blocks: dict[int, nn.Module] = {}
+        progress = self._progress(len(windows))
+
+        for window_number, window in enumerate(windows):
+            first = window[0]
+            for index in window:
+                if index in block_masks:
+                    continue
+                block = placement.onload(blocks[index])
+                if self.keep_backup:
+                    backups[index] = {k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()}
+                if cfg.uses("br") and not cfg.uses("gp"):
+                    dense_blocks[index] = copy.deepcopy(block)
+                self._modified.append(index)
+                block_masks[index] = self._prepare_block(
+                    index, first, blocks, kwargs, sparse, sparse_heldout, dense, dense_heldout, num_stat_rows,
+                    report.blocks[index],
+                )
+
+            if cfg.uses("br"):
+                self._reconstruct(window, blocks, kwargs, block_masks, sparse, dense, dense_blocks, report, reconstruct_window)
+
+            is_last = window_number == len(windows) - 1
+            for index in (window if is_last else window[:1]):
+                self._finalise_block(index, blocks, kwargs, sparse, sparse_heldout, dense, dense_heldout, report.blocks[index])
+                for mask_name, mask in self._named_masks(index, block_masks[index]).items():
+                    self.masks[mask_name] = mask.to("cpu")
+                placement.offload(blocks[index])
+                dense_blocks.pop(index, None)
+            if progress is not None:
+                progress.update(1)
+                last = report.blocks[window[0]].error_after.get("calibration")
+                if last is not None:
+                    progress.set_postfix(block=window[0], err=f"{last:.3g}")
+        if progress is not None:
+            progress.close()
+        return report
+
+    def _named_masks(self, index: int, masks: dict[nn.Linear, torch.Tensor]) -> dict[str, torch.Tensor]:
+        block = self.layout.blocks[index]
+        lookup = {id(module): name for name, module in block.named_modules()}
+        return {f"{self.layout.blocks_path}.{index}.{lookup[id(layer)]}": mask for layer, mask in masks.items()}
+
+    def _progress(self, total: int):
+        if not self.show_progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="pruning blocks", unit="block")
+
+    # ------------------------------------------------------------------ steps
+    def _forward(
+        self, blocks: Sequence[nn.Module], kwargs: Sequence[dict], stream: torch.Tensor, reference: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Optional[float]]:
+        """Run ``blocks`` over every row of ``stream``, batched; optionally the MSE of the output to ``reference``."""
+        out = self._new_stream(stream.shape[0])
+        squared_error, count = 0.0, 0
+        for rows in batches(stream.shape[0], self.config.forward_batch_size):
+            x = stream[rows].to(self._device, non_blocking=True)
+            y = call_window(blocks, x, kwargs)
+            out[rows] = y.to(out.device, out.dtype, non_blocking=True)
+            if reference is not None:
+                ref = reference[rows].to(self._device, non_blocking=True)
+                squared_error += float((y.float() - ref.float()).square().sum())
+                count += y.numel()
+        error = squared_error / count if reference is not None and count else None
+        return out, error
+
+    def _prepare_block(
+        self, index, window_start, blocks, kwargs, sparse, sparse_heldout, dense, dense_heldout, num_stat_rows, block_report
+    ) -> dict[nn.Linear, torch.Tensor]:
+        cfg = self.config
+        block = blocks[index]
+        with _timed(block_report, "dense_forward"):
+            dense[index + 1], _ = self._forward([block], [kwargs[index]], dense[index])
+            dense_heldout[index + 1], _ = self._forward([block], [kwargs[index]], dense_heldout[index])
+
+        # The block's input in the model pruned so far; with CR the previous block of the window is masked already.
+        with _timed(block_report, "propagation"):
+            if index == window_start:
+                x, x_heldout = sparse[index], sparse_heldout[index]
+            else:
+                previous = blocks[window_start:index]
+                prev_kwargs = kwargs[window_start:index]
+                x, _ = self._forward(previous, prev_kwargs, sparse[window_start])
+                x_heldout, _ = self._forward(previous, prev_kwargs, sparse_heldout[window_start])
+
+        layers = prunable_linears(block, cfg.include_modules, cfg.exclude_modules)
+        lr = cfg.uses("lr")
+        recorder = None
+        if needs_statistics(cfg.method, lr) and layers:
+            with _timed(block_report, "statistics"):
+                recorder = StatisticsRecorder(layers, hessian=needs_hessian(cfg.method, lr))
+                try:
+                    self._forward([block], [kwargs[index]], x[:num_stat_rows])
+                finally:
+                    recorder.remove()
+
+        masks: dict[nn.Linear, torch.Tensor] = {}
+        with _timed(block_report, "masks_lr"):
+            for name, layer in layers.items():
+                result = prune_linear(
+                    layer, cfg.method, cfg.sparsity, cfg.nm, recorder.stats[name] if recorder else None, lr,
+                    cfg.sparsegpt_block_size, cfg.sparsegpt_dampening, name=f"block {index} {name}",
+                )
+                masks[layer] = result.keep_mask
+                block_report.layer_sparsity[name] = float((layer.weight == 0).float().mean())
+                if result.dampening is not None:
+                    block_report.dampening[name] = result.dampening
+        del recorder
+
+        with _timed(block_report, "error"):
+            _, block_report.error_before["calibration"] = self._forward([block], [kwargs[index]], x, dense[index + 1])
+            _, block_report.error_before["heldout"] = (
+                self._forward([block], [kwargs[index]], x_heldout, dense_heldout[index + 1]) if x_heldout.shape[0] else (None, None)
+            )
+        return masks
+
+    def _reconstruct(self, window, blocks, kwargs, block_masks, sparse, dense, dense_blocks, report, reconstruct_window):
+        cfg = self.config
+        first, last = window[0], window[-1]
+        window_blocks = [blocks[i] for i in window]
+        window_kwargs = [kwargs[i] for i in window]
+        start = time.perf_counter()
+        if cfg.uses("gp"):
+            targets = dense[last + 1]
+        else:
+            targets, _ = self._forward([dense_blocks[i] for i in window], window_kwargs, sparse[first])
+        masks = {layer: mask for i in window for layer, mask in block_masks[i].items()}
+        with torch.enable_grad():
+            result = reconstruct_window(
+                window_blocks, masks, sparse[first], targets, window_kwargs, cfg, self._device,
+                show_progress=False,
+            )
+        seconds = time.perf_counter() - start
+        for i in window:
+            block_report = report.blocks[i]
+            block_report.train_losses.append(list(result.epoch_losses))
+            block_report.add_time("reconstruction", seconds / len(window))
+            if result.reverted:
+                block_report.reverted = True
+                block_report.warnings.append(result.warning or "non-finite loss: reverted")
+        if result.reverted:
+            report.warnings.append(result.warning or f"window {window}: non-finite loss, reverted")
+
+    def _finalise_block(self, index, blocks, kwargs, sparse, sparse_heldout, dense, dense_heldout, block_report):
+        block = blocks[index]
+        with _timed(block_report, "propagation"):
+            sparse[index + 1], block_report.error_after["calibration"] = self._forward(
+                [block], [kwargs[index]], sparse[index], dense[index + 1]
+            )
+            sparse_heldout[index + 1], heldout_error = self._forward(
+                [block], [kwargs[index]], sparse_heldout[index], dense_heldout[index + 1]
+            )
+            block_report.error_after["heldout"] = heldout_error if sparse_heldout[index].shape[0] else None
+        block_report.layer_sparsity = {
+            name: float((layer.weight == 0).float().mean())
+            for name, layer in prunable_linears(block, self.config.include_modules, self.config.exclude_modules).items()
+        }
+        for stream in (sparse, sparse_heldout, dense, dense_heldout):
+            stream.pop(index, None)
