@@ -1,0 +1,31 @@
+"""Block-wise reconstruction (BR) and cross-block reconstruction (CR) of pruned decoder blocks.
+
+``reconstruction_windows`` says which blocks are trained together; ``reconstruct_window`` trains one window in
+place (full fine-tuning of the kept weights, or masked LoRA merged back); ``masked_lora`` holds the peft-based LoRA
+layer whose effective weight is ``M * (W + s B A)``.
+"""
+
+from .block_trainer import LossTransform, TrainResult, reconstruct_window, resolve_autocast_dtype
+from .masked_lora import (
+    MaskedLoraHandle,
+    MaskedLoraLinear,
+    attach_masked_lora,
+    has_lora_layers,
+    merge_masked_lora,
+    unload_masked_lora,
+)
+from .schedule import reconstruction_windows
+
+__all__ = [
+    "LossTransform",
+    "MaskedLoraHandle",
+    "MaskedLoraLinear",
+    "TrainResult",
+    "attach_masked_lora",
+    "has_lora_layers",
+    "merge_masked_lora",
+    "reconstruct_window",
+    "reconstruction_windows",
+    "resolve_autocast_dtype",
+    "unload_masked_lora",
+]

@@ -1,0 +1,345 @@
+"""Block-wise reconstruction (BR): train one window of decoder blocks to reproduce its target outputs.
+
+A window is one block, or two adjacent blocks under cross-block reconstruction (CR, see ``schedule.py``). Its
+pruned linears keep their masks: only the kept weights move, pruned weights stay exactly zero at every step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..block_io import batches, call_window, move_to
+from ..config import PruningConfig
+from .masked_lora import MaskedLoraHandle, attach_masked_lora, merge_masked_lora, unload_masked_lora
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "LossTransform", "reconstruct_window", "resolve_autocast_dtype"]
+
+#: ``loss_transform(step, loss) -> loss``: applied to every mini-batch loss before the backward pass (``step`` counts
+#: optimizer steps from 0 over the whole window). For tests and instrumentation, e.g. forcing a non-finite loss
+#: (``lambda step, loss: loss * float("nan") if step == 3 else loss``) or inspecting the weights before each step
+#: (they reflect every previous step, masks included). Return the loss unchanged to only observe.
+LossTransform = Callable[[int, torch.Tensor], torch.Tensor]
+
+_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    epoch_losses: list[float] = field(default_factory=list)  # mean training MSE per epoch
+    reverted: bool = False  # a non-finite loss reverted the window to its pre-training weights
+    warning: Optional[str] = None
+    seconds: float = 0.0
+    num_steps: int = 0
+
+
+def resolve_autocast_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of the training forward/backward, or None for plain float32.
+
+    ``"auto"``: bfloat16 on CUDA (float16 on GPUs without bf16), none on CPU; ``"float32"``: none;
+    ``"bfloat16"`` / ``"float16"``: that dtype on any device.
+    """
+    if name == "float32":
+        return None
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return _AUTOCAST[name]
+
+
+def reconstruct_window(
+    blocks: Sequence[nn.Module],
+    masks: Mapping[nn.Linear, torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    kwargs_per_block: Sequence[dict],
+    config: PruningConfig,
+    device: torch.device,
+    show_progress: bool = False,
+    loss_transform: Optional[LossTransform] = None,
+    window_name: Optional[str] = None,
+) -> TrainResult:
+    """Minimise ``MSE(call_window(blocks, inputs), targets)`` over the window's weights, in place.
+
+    Args:
+        blocks: consecutive decoder blocks, on ``device``, already masked.
+        masks: for every pruned ``nn.Linear`` inside ``blocks``, a bool keep-mask (True = kept) of the weight's shape.
+            Pruned weights are set to exactly zero at the start and stay exactly zero at every step and at the end
+            (the gradient is masked by a hook, and the weight is re-masked after every optimizer step because Adam's
+            momentum could otherwise move a zero-gradient weight).
+        inputs: ``[N, L, d]`` inputs of ``blocks[0]`` (the sparse stream); CPU (pinned or not) or ``device``, any float
+            dtype. Mini-batches are gathered and moved to ``device`` as they are consumed (non-blocking when pinned).
+        targets: ``[N, L, d]`` target outputs of ``blocks[-1]``, same placement rules.
+        kwargs_per_block: the captured keyword arguments of each block (batch 1, they broadcast over the batch).
+        config: ``br_epochs`` epochs of ``ceil(N / br_batch_size)`` steps; Adam (fused on CUDA) at ``br_lr`` decayed
+            linearly to 0 over all steps; mini-batches in an order shuffled by a ``torch.Generator`` seeded with
+            ``seed`` (the global RNG is not touched). ``reconstruction_mode``:
+
+            * ``"full"``: trains the kept weights of every pruned linear; with ``br_train_other_params`` also every
+              other parameter of the blocks (norm weights, biases, linears that were not pruned).
+            * ``"lora"``: attaches masked LoRA adapters (rank ``lora_rank``, scaling ``lora_alpha / lora_rank``,
+              effective weight ``M * (W + s B A)``, see ``masked_lora.py``) to the pruned linears whose name inside
+              their block matches one of ``lora_target_modules`` (``re.search``; None = all pruned linears), trains
+              the adapters, merges them with the masked merge and removes every peft module. The pruned linears'
+              own weights are frozen (those not targeted by a pattern stay exactly as they are);
+              ``br_train_other_params`` additionally trains the blocks' other parameters (norms, biases, unpruned
+              linears) directly, as in the full mode. The paper (Shin et al., 2024) trains whole blocks in BR; for
+              LoRA it does not, to our knowledge, say whether non-adapter parameters are trained too, so this choice
+              is left to ``br_train_other_params`` (default True, the same as the full mode).
+
+            Training runs on float32 master weights: bf16/fp16 parameters are upcast for the duration and written
+            back in their original dtype (untrained parameters round-trip exactly). ``autocast_dtype`` selects the
+            autocast of the forward/backward (see :func:`resolve_autocast_dtype`); float16 uses a gradient scaler.
+        device: where the blocks are and the training runs.
+        show_progress: a tqdm bar over the steps.
+        loss_transform: see :data:`LossTransform`.
+        window_name: how warnings name this window (e.g. ``"blocks (3, 4)"``); by default derived from the blocks'
+            ``layer_idx`` attributes.
+
+    A non-finite loss (checked once per epoch, which costs one device synchronisation per epoch) stops training and
+    restores every parameter of the window bit-exactly to its value before the call; the result then has
+    ``reverted=True`` and a warning naming the window, and the caller can carry on. On any exception the window is
+    restored the same way before the exception propagates. Afterwards, nothing in the blocks requires grad or holds a
+    ``.grad`` unless it did before; the blocks' train/eval modes are restored (training runs in eval mode: no dropout).
+    """
+    start_time = time.perf_counter()
+    blocks = list(blocks)
+    kwargs_per_block = list(kwargs_per_block)
+    device = _normalise_device(torch.device(device))
+    name = window_name or _describe_window(blocks)
+    _check_arguments(blocks, masks, inputs, targets, kwargs_per_block)
+    num_rows = inputs.shape[0]
+    batch_size = min(config.br_batch_size, num_rows)
+    steps_per_epoch = math.ceil(num_rows / batch_size)
+    total_steps = config.br_epochs * steps_per_epoch
+    amp_dtype = resolve_autocast_dtype(config.autocast_dtype, device)
+
+    params = _unique_parameters(blocks)
+    snapshot = [p.detach().clone() for p in params]  # exact pre-training values, original dtypes
+    requires_grad = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    original_dtypes = [p.dtype for p in params]
+    training_modes = [block.training for block in blocks]
+    pruned = {layer: ~mask.to(device=layer.weight.device, dtype=torch.bool) for layer, mask in masks.items()}
+
+    result = TrainResult()
+    handle: Optional[MaskedLoraHandle] = None
+    hooks: list = []
+    finished = False
+    progress = None
+    try:
+        for param in params:
+            param.requires_grad_(False)
+            param.grad = None
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()  # float32 master weights, same Parameter objects
+        for block in blocks:
+            block.eval()
+        with torch.no_grad():
+            for layer, not_kept in pruned.items():
+                layer.weight.masked_fill_(not_kept, 0)
+        train_kwargs = [move_to(kw, dtype=torch.float32) for kw in kwargs_per_block]
+
+        pruned_weight_ids = {id(layer.weight) for layer in pruned}
+        others = [p for p in params if id(p) not in pruned_weight_ids and p.is_floating_point()]
+        trainable: list[nn.Parameter] = []
+        if config.reconstruction_mode == "lora":
+            handle = attach_masked_lora(
+                blocks, {layer: ~not_kept for layer, not_kept in pruned.items()}, config.lora_rank,
+                config.lora_alpha, config.lora_target_modules, seed=config.seed,
+            )
+            for param in params:  # peft froze the blocks; start again from "nothing trains"
+                param.requires_grad_(False)
+            trainable.extend(handle.parameters())
+        elif config.reconstruction_mode == "full":
+            trainable.extend(layer.weight for layer in pruned)
+        else:
+            raise ValueError(f"unknown reconstruction_mode {config.reconstruction_mode!r}")
+        if config.br_train_other_params:
+            trainable.extend(others)
+        for param in trainable:
+            param.requires_grad_(True)
+        if config.reconstruction_mode == "full":
+            for layer, not_kept in pruned.items():
+                hooks.append(layer.weight.register_hook(functools.partial(_mask_grad, not_kept)))
+
+        if not trainable:
+            result.warning = f"reconstruction of {name}: nothing to train (no pruned linear matched, no other parameters)"
+            logger.warning(result.warning)
+        else:
+            if show_progress:
+                from tqdm.auto import tqdm
+
+                progress = tqdm(total=total_steps, desc=f"reconstructing {name}", unit="step", leave=False)
+            bad = _train(
+                blocks, pruned if config.reconstruction_mode == "full" else {}, trainable, inputs, targets,
+                train_kwargs, config, device, batch_size, steps_per_epoch, total_steps, amp_dtype, loss_transform,
+                result, progress,
+            )
+            if bad is not None:
+                step, value = bad
+                result.reverted = True
+                result.warning = (
+                    f"reconstruction of {name}: non-finite training loss ({value}) at step {step} of {total_steps}; "
+                    "the window's weights were restored to their values before reconstruction"
+                )
+                logger.warning(result.warning)
+                return result  # the finally clause restores the snapshot
+            if handle is not None:
+                merge_masked_lora(handle)
+        finished = True
+        return result
+    finally:
+        if progress is not None:
+            progress.close()
+        for hook in hooks:
+            hook.remove()
+        if handle is not None and handle.active:
+            unload_masked_lora(handle)
+        with torch.no_grad():
+            for param, saved, dtype in zip(params, snapshot, original_dtypes):
+                if finished and not result.reverted:
+                    if param.dtype != dtype:
+                        param.data = param.data.to(dtype)
+                else:
+                    param.data = saved
+            if finished and not result.reverted:
+                for layer, not_kept in pruned.items():  # a no-op unless a float cast could have touched zeros
+                    layer.weight.masked_fill_(not_kept, 0)
+        for param, flag, grad in zip(params, requires_grad, grads):
+            param.grad = grad
+            param.requires_grad_(flag)
+        for block, mode in zip(blocks, training_modes):
+            block.train(mode)
+        result.seconds = time.perf_counter() - start_time
+
+
+def _train(
+    blocks, pruned, trainable, inputs, targets, kwargs, config, device, batch_size, steps_per_epoch, total_steps,
+    amp_dtype, loss_transform, result, progress,
+) -> Optional[tuple[int, float]]:
+    """The optimisation loop; returns (step, loss) of the first non-finite loss, or None."""
+    num_rows = inputs.shape[0]
+    optimizer = torch.optim.Adam(trainable, lr=config.br_lr, fused=True if device.type == "cuda" else None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    generator = torch.Generator().manual_seed(config.seed)
+    step = 0
+    with torch.enable_grad():
+        for _epoch in range(config.br_epochs):
+            order = torch.randperm(num_rows, generator=generator)
+            losses = torch.empty(steps_per_epoch, dtype=torch.float32, device=device)
+            rows_per_step = []
+            for i, rows in enumerate(batches(num_rows, batch_size)):
+                index = order[rows]
+                x = _fetch(inputs, index, device).float()
+                y = _fetch(targets, index, device).float()
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = call_window(blocks, x, kwargs)
+                loss = F.mse_loss(out.float(), y)
+                if loss_transform is not None:
+                    loss = loss_transform(step, loss)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                with torch.no_grad():
+                    for layer, not_kept in pruned.items():
+                        layer.weight.masked_fill_(not_kept, 0)
+                losses[i] = loss.detach()
+                rows_per_step.append(index.numel())
+                step += 1
+                result.num_steps = step
+                if progress is not None:
+                    progress.update(1)
+            values = losses.cpu().double()  # one synchronisation per epoch
+            finite = torch.isfinite(values)
+            if not bool(finite.all()):
+                first = int((~finite).nonzero()[0])
+                return step - steps_per_epoch + first, float(values[first])
+            weights = torch.tensor(rows_per_step, dtype=torch.float64)
+            result.epoch_losses.append(float((values * weights).sum() / num_rows))
+            if progress is not None:
+                progress.set_postfix(loss=f"{result.epoch_losses[-1]:.4g}")
+    optimizer.zero_grad(set_to_none=True)
+    return None
+
+
+def _mask_grad(not_kept: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad.masked_fill(not_kept, 0)
+
+
+def _fetch(stream: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows ``index`` of ``stream`` on ``device``; a pinned CPU stream is gathered into pinned memory and copied
+    asynchronously (the caching host allocator keeps the buffer alive until the copy is done)."""
+    if _normalise_device(stream.device) == device:
+        return stream.index_select(0, index.to(device))
+    if device.type == "cuda" and stream.is_pinned():
+        staging = torch.empty((index.numel(), *stream.shape[1:]), dtype=stream.dtype, pin_memory=True)
+        torch.index_select(stream, 0, index, out=staging)
+        return staging.to(device, non_blocking=True)
+    return stream.index_select(0, index.to(stream.device)).to(device)
+
+
+def _normalise_device(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _unique_parameters(blocks: Sequence[nn.Module]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    params = []
+    for block in blocks:
+        for param in block.parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+def _describe_window(blocks: Sequence[nn.Module]) -> str:
+    indices = []
+    for block in blocks:
+        index = getattr(block, "layer_idx", None)
+        if not isinstance(index, int):
+            index = next((m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)), None)
+        indices.append(index)
+    if all(i is not None for i in indices):
+        return f"window of blocks {tuple(indices)}"
+    return f"window of {len(blocks)} block(s) ({', '.join(type(b).__name__ for b in blocks)})"
+
+
+def _check_arguments(blocks, masks, inputs, targets, kwargs_per_block) -> None:
+    if not blocks:
+        raise ValueError("reconstruct_window needs at least one block")
+    if len(kwargs_per_block) != len(blocks):
+        raise ValueError(f"{len(kwargs_per_block)} kwargs dicts for {len(blocks)} blocks")
+    if inputs.ndim != 3 or targets.shape != inputs.shape:
+        raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must both be [N, L, d]")
+    if inputs.shape[0] == 0:
+        raise ValueError("reconstruct_window needs at least one calibration row")
+    if not (inputs.is_floating_point() and targets.is_floating_point()):
+        raise TypeError("inputs and targets must be floating point")
+    inside = {id(m) for block in blocks for m in block.modules()}
+    for layer, mask in masks.items():
+        if id(layer) not in inside:
+            raise ValueError(f"a masked module ({layer!r}) is not inside the window's blocks")
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"masked module {layer!r} is not an nn.Linear")
+        if tuple(mask.shape) != tuple(layer.weight.shape):
+            raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(layer.weight.shape)} for {layer!r}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"masks must be bool (True = kept), got {mask.dtype}")
