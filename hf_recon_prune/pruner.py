@@ -120,6 +120,44 @@ class Pruner:
         self.report = report
         return report
 
+    def record_perplexity(self, dataset: str, split: str, seq_len: int, dense: Optional[float], pruned: float) -> None:
+        """Store measured perplexities in the report (and so in the model card's model-index)."""
+        self._require_report().perplexity[str(dataset)] = {
+            "split": split, "seq_len": seq_len, "dense": dense, "pruned": pruned,
+        }
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> str:
+        """Save the pruned model (dense safetensors), tokenizer, PruningConfig in config.json, report and model card."""
+        from .hub import save_pruned_model
+
+        return save_pruned_model(self.model, save_directory, self.config, tokenizer=self.tokenizer,
+                                 report=self._require_report(), **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        commit_message: Optional[str] = None,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        local_dir: Optional[str] = None,
+    ) -> str:
+        """Save locally (``local_dir``, default ``./<repo name>``), then upload that folder; returns the commit URL.
+
+        The token is passed to huggingface_hub only; it is never written to a file, a log or the card.
+        """
+        from .hub import push_folder_to_hub
+
+        folder = self.save_pretrained(local_dir or repo_id.split("/")[-1])
+        return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message,
+                                  revision=revision, create_pr=create_pr)
+
+    def _require_report(self) -> PruneReport:
+        if self.report is None:
+            raise RuntimeError("call Pruner.prune() before saving or pushing: the model has not been pruned yet")
+        return self.report
+
     def _handle_failure(self, error: BaseException, backups: dict[int, dict[str, torch.Tensor]]) -> None:
         if not self._modified:
             return
@@ -355,3 +393,4 @@ class Pruner:
         }
         for stream in (sparse, sparse_heldout, dense, dense_heldout):
             stream.pop(index, None)
+
