@@ -91,6 +91,7 @@ class Pruner:
                 input_ids=data.long(),
                 is_self_generated=torch.zeros(data.shape[0], dtype=torch.bool),
                 heldout_ids=data.new_zeros((0, data.shape[1])).long(),
+                statistics_mask=torch.ones(data.shape[0], dtype=torch.bool),
                 description={"source": "user-provided token ids", "num_samples": int(data.shape[0])},
             )
         return data

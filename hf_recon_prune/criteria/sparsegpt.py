@@ -72,10 +72,10 @@ def sparsegpt_prune(
     H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
     out_features, in_features = W.shape
 
-    # Inputs that are always zero carry no information: their weights can go, and H needs a non-zero diagonal there.
+    # Inputs that are always zero on the calibration data: H needs a non-zero diagonal there, and their weights are
+    # the cheapest to prune (saliency 0), but they are not zeroed beyond the mask, so the sparsity stays exact.
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
 
     Hinv, used_damp = inverse_hessian_cholesky(H, dampening)
     keep = torch.ones_like(W, dtype=torch.bool)
@@ -92,7 +92,7 @@ def sparsegpt_prune(
         d = torch.diagonal(Hinv1)
 
         if fixed_keep_mask is None and nm is None:
-            saliency = W1.square() / d.square().unsqueeze(0)
+            saliency = (W1.square() / d.square().unsqueeze(0)).masked_fill(dead[start:end], 0.0)
             flat_keep = prune_lowest(saliency.reshape(1, -1), int(sparsity * saliency.numel()))
             keep[:, start:end] = flat_keep.reshape(out_features, width)
         keep1 = keep[:, start:end]
@@ -100,7 +100,7 @@ def sparsegpt_prune(
         for i in range(width):
             if fixed_keep_mask is None and nm is not None and i % nm[1] == 0:
                 group = slice(i, i + nm[1])
-                saliency = W1[:, group].square() / d[group].square().unsqueeze(0)
+                saliency = (W1[:, group].square() / d[group].square().unsqueeze(0)).masked_fill(dead[start:end][group], 0.0)
                 keep1[:, group] = nm_mask(saliency, *nm)
             w = W1[:, i]
             q = torch.where(keep1[:, i], w, torch.zeros_like(w))
