@@ -1,0 +1,308 @@
+"""Block-wise / cross-block reconstruction on tiny Llama blocks, checked against references computed here."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from hf_recon_prune import PruningConfig
+from hf_recon_prune.block_io import move_to
+from hf_recon_prune.reconstruction import MaskedLoraLinear, TrainResult, reconstruct_window, reconstruction_windows
+
+CPU = torch.device("cpu")
+N, L, D = 16, 16, 32
+
+
+def _tiny_llama(num_layers: int = 2, dtype=torch.float32) -> transformers.PreTrainedModel:
+    config = transformers.LlamaConfig(
+        hidden_size=D, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2 and "embed" not in name:
+                param.normal_(0.0, 0.08)  # wider than the default init, so that pruning visibly hurts
+    model.requires_grad_(False)
+    return model.to(dtype)
+
+
+def _kwargs(model, index: int) -> dict:
+    """The keyword arguments block ``index`` receives in a batch-1 forward (they broadcast over a batch)."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured.update({k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")})
+
+    handle = model.model.layers[index].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(torch.arange(L).unsqueeze(0), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _prune_half(block: nn.Module) -> dict[nn.Linear, torch.Tensor]:
+    """Mask = |W| above its row's median (50% per row); pruned weights zeroed in place."""
+    masks = {}
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            magnitude = module.weight.detach().float().abs()
+            mask = magnitude > magnitude.median(dim=1, keepdim=True).values
+            with torch.no_grad():
+                module.weight.mul_(mask)
+            masks[module] = mask
+    return masks
+
+
+def _run(blocks, kwargs, x):
+    with torch.no_grad():
+        for block, kw in zip(blocks, kwargs):
+            out = block(x, **kw)
+            x = out[0] if isinstance(out, tuple) else out
+    return x
+
+
+def _mse(blocks, kwargs, x, target) -> float:
+    return F.mse_loss(_run(blocks, kwargs, x).float(), target.float()).item()
+
+
+def _config(**overrides) -> PruningConfig:
+    values = dict(br_epochs=20, br_lr=1e-3, br_batch_size=4, seed=0)  # autocast "auto": none on the CPU
+    values.update(overrides)
+    return PruningConfig(**values)
+
+
+def _problem(num_blocks: int = 1, dtype=torch.float32):
+    """Dense copies of the first ``num_blocks`` blocks give the targets; the model's own blocks are pruned."""
+    model = _tiny_llama(dtype=dtype)
+    blocks = list(model.model.layers[:num_blocks])
+    kwargs = [_kwargs(model, i) for i in range(num_blocks)]
+    dense = [copy.deepcopy(b) for b in blocks]
+    x = torch.randn(N, L, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    target = _run(dense, kwargs, x)
+    masks = {}
+    for block in blocks:
+        masks.update(_prune_half(block))
+    return model, blocks, kwargs, masks, x, target
+
+
+def _state(blocks) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.detach().clone() for k, v in b.state_dict().items()} for b in blocks]
+
+
+def _assert_mask_exact(masks):
+    for layer, mask in masks.items():
+        assert type(layer) is nn.Linear
+        assert torch.all(layer.weight[~mask] == 0)
+        assert int((layer.weight == 0).sum()) == int((~mask).sum())  # exactly the masked positions are zero
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def test_schedule():
+    assert reconstruction_windows(4, cross_block=False) == [(0,), (1,), (2,), (3,)]
+    assert reconstruction_windows(4, cross_block=True) == [(0, 1), (1, 2), (2, 3)]
+    assert reconstruction_windows(1, cross_block=True) == [(0,)]
+    assert reconstruction_windows(0, cross_block=True) == []
+    windows = reconstruction_windows(5, cross_block=True)
+    assert [sum(i in w for w in windows) for i in range(5)] == [1, 2, 2, 2, 1]  # interior blocks trained twice
+
+
+# ---------------------------------------------------------------------------------------------- BR
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_br_lowers_block_error_and_keeps_mask(mode):
+    model, blocks, kwargs, masks, x, target = _problem()
+    error_before = _mse(blocks, kwargs, x, target)
+    originals = {name: m for name, m in blocks[0].named_modules() if isinstance(m, nn.Linear)}
+
+    result = reconstruct_window(blocks, masks, x, target, kwargs, _config(reconstruction_mode=mode), CPU)
+
+    assert isinstance(result, TrainResult) and not result.reverted and result.warning is None
+    assert result.num_steps == 20 * math.ceil(N / 4) and len(result.epoch_losses) == 20
+    assert all(math.isfinite(v) for v in result.epoch_losses) and result.seconds > 0
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    error_after = _mse(blocks, kwargs, x, target)
+    # LoRA (rank 8 on 32x32 / 32x64 weights, same lr) moves less than full training in 80 steps
+    assert error_after < (0.5 if mode == "full" else 0.75) * error_before, (error_before, error_after)
+    _assert_mask_exact(masks)
+    # plain nn.Linear again (the same objects), nothing left requiring grad or holding a gradient
+    assert {n: m for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)} == originals
+    assert not any(isinstance(m, LoraLayer) for m in blocks[0].modules())
+    assert not any(p.requires_grad or p.grad is not None for p in blocks[0].parameters())
+    assert not blocks[0].training
+
+
+def test_full_mode_trains_other_params_only_when_asked():
+    for train_other in (True, False):
+        model, blocks, kwargs, masks, x, target = _problem()
+        norm_before = blocks[0].input_layernorm.weight.clone()
+        pruned_before = {layer: layer.weight.clone() for layer in masks}
+        reconstruct_window(blocks, masks, x, target, kwargs, _config(br_epochs=2, br_train_other_params=train_other), CPU)
+        assert torch.equal(blocks[0].input_layernorm.weight, norm_before) is not train_other
+        assert all(not torch.equal(layer.weight, w) for layer, w in pruned_before.items())
+
+
+def test_lora_target_modules_restrict_what_changes():
+    model, blocks, kwargs, masks, x, target = _problem()
+    before = {name: m.weight.clone() for name, m in blocks[0].named_modules() if isinstance(m, nn.Linear)}
+    config = _config(br_epochs=2, reconstruction_mode="lora", lora_target_modules=[r"^mlp\."], br_train_other_params=False)
+    reconstruct_window(blocks, masks, x, target, kwargs, config, CPU)
+    for name, module in blocks[0].named_modules():
+        if name in before:
+            assert torch.equal(module.weight, before[name]) is (not name.startswith("mlp.")), name
+    _assert_mask_exact(masks)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_mask_holds_at_every_step(mode):
+    model, blocks, kwargs, masks, x, target = _problem()
+    seen = []
+
+    def check(step, loss):
+        for layer, mask in masks.items():
+            if mode == "full":
+                assert layer.weight.requires_grad
+                assert torch.all(layer.weight[~mask] == 0)
+                if step > 0:  # the previous step's gradient, as the optimizer saw it, is masked too
+                    assert torch.all(layer.weight.grad[~mask] == 0) and torch.any(layer.weight.grad[mask] != 0)
+            else:
+                adapted = next(m for m in blocks[0].modules() if isinstance(m, MaskedLoraLinear) and m.base_layer is layer)
+                assert torch.all(adapted.effective_weight()[~mask] == 0)
+                if step > 0:
+                    assert torch.count_nonzero(adapted.lora_B["default"].weight) > 0
+        seen.append(step)
+        return loss
+
+    result = reconstruct_window(
+        blocks, masks, x, target, kwargs, _config(br_epochs=3, reconstruction_mode=mode), CPU, loss_transform=check
+    )
+    assert seen == list(range(result.num_steps)) and result.num_steps == 12
+    _assert_mask_exact(masks)
+
+
+# ---------------------------------------------------------------------------------------------- failure
+@pytest.mark.parametrize("mode,dtype", [("full", torch.float32), ("lora", torch.float32), ("full", torch.bfloat16)])
+def test_non_finite_loss_reverts_bit_exactly(mode, dtype):
+    model, blocks, kwargs, masks, x, target = _problem(num_blocks=2, dtype=dtype)
+    blocks[1].post_attention_layernorm.weight.requires_grad_(True)  # a flag to be restored as it was
+    before = _state(blocks)
+
+    def poison(step, loss):
+        return loss * float("nan") if step == 6 else loss
+
+    result = reconstruct_window(
+        blocks, masks, x, target, kwargs, _config(br_epochs=3, reconstruction_mode=mode), CPU,
+        loss_transform=poison, window_name="blocks (0, 1)",
+    )
+    assert result.reverted and "blocks (0, 1)" in result.warning and "non-finite" in result.warning
+    assert "step 6" in result.warning
+    assert result.epoch_losses and len(result.epoch_losses) == 1  # the first epoch finished, the second did not
+    for block, saved in zip(blocks, before):
+        state = block.state_dict()
+        assert state.keys() == saved.keys()
+        for key, value in saved.items():
+            assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
+        assert not any(isinstance(m, LoraLayer) for m in block.modules())
+    flags = [(n, p.requires_grad) for b in blocks for n, p in b.named_parameters()]
+    assert [n for n, flag in flags if flag] == ["post_attention_layernorm.weight"]
+
+
+def test_default_warning_names_the_blocks():
+    model, blocks, kwargs, masks, x, target = _problem(num_blocks=2)
+    result = reconstruct_window(
+        blocks[1:], {k: v for k, v in masks.items() if any(k is m for m in blocks[1].modules())}, x, target,
+        kwargs[1:], _config(br_epochs=1), CPU, loss_transform=lambda step, loss: loss + float("inf"),
+    )
+    assert result.reverted and "(1,)" in result.warning
+
+
+# ---------------------------------------------------------------------------------------------- CR
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_cross_block_window_trains_both_blocks(mode):
+    model, blocks, kwargs, masks, x, target = _problem(num_blocks=2)
+    before = _state(blocks)
+    error_before = _mse(blocks, kwargs, x, target)
+    result = reconstruct_window(blocks, masks, x, target, kwargs, _config(reconstruction_mode=mode), CPU)
+    assert not result.reverted
+    assert _mse(blocks, kwargs, x, target) < (0.5 if mode == "full" else 0.75) * error_before
+    for block, saved in zip(blocks, before):
+        state = block.state_dict()
+        changed = [k for k in saved if k.endswith("proj.weight") and not torch.equal(state[k], saved[k])]
+        assert len(changed) == 7, changed  # every pruned linear of both blocks moved
+    _assert_mask_exact(masks)
+
+
+# ---------------------------------------------------------------------------------------------- dtypes, determinism
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_bf16_blocks_use_float32_master_weights(mode):
+    model, blocks, kwargs, masks, x, target = _problem(dtype=torch.bfloat16)
+    before = _state(blocks)
+    error_before = _mse(blocks, kwargs, x, target)
+    dtypes_seen = set()
+
+    def watch(step, loss):
+        dtypes_seen.update(p.dtype for p in blocks[0].parameters())
+        return loss
+
+    reconstruct_window(blocks, masks, x, target, kwargs, _config(reconstruction_mode=mode), CPU, loss_transform=watch)
+    assert dtypes_seen == {torch.float32}
+    assert all(p.dtype == torch.bfloat16 for p in blocks[0].parameters())
+    assert _mse(blocks, kwargs, x, target) < 0.7 * error_before
+    _assert_mask_exact(masks)
+    state = blocks[0].state_dict()
+    assert any(not torch.equal(state[k], v) for k, v in before[0].items())
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_same_seed_same_weights(mode):
+    runs = []
+    for seed in (0, 0, 1):
+        model, blocks, kwargs, masks, x, target = _problem()
+        rng = torch.get_rng_state()
+        reconstruct_window(blocks, masks, x, target, kwargs, _config(br_epochs=2, reconstruction_mode=mode, seed=seed), CPU)
+        assert torch.equal(torch.get_rng_state(), rng)  # no global RNG side effect
+        runs.append(_state(blocks)[0])
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_bad_arguments():
+    model, blocks, kwargs, masks, x, target = _problem()
+    layer = blocks[0].mlp.gate_proj  # 64 x 32: a transposed mask has the wrong shape
+    with pytest.raises(ValueError, match="mask shape"):
+        reconstruct_window(blocks, {layer: masks[layer].T}, x, target, kwargs, _config(), CPU)
+    with pytest.raises(ValueError, match="not inside"):
+        reconstruct_window(blocks, {nn.Linear(D, D): torch.ones(D, D, dtype=torch.bool)}, x, target, kwargs, _config(), CPU)
+    with pytest.raises(ValueError, match=r"\[N, L, d\]"):
+        reconstruct_window(blocks, masks, x, target[:, :-1], kwargs, _config(), CPU)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_cuda_bf16_autocast_pinned_streams(mode):
+    """The GPU path: bf16 model, float32 master weights under bf16 autocast, fused Adam, pinned CPU streams."""
+    device = torch.device("cuda")
+    model, blocks, kwargs, masks, x, target = _problem(num_blocks=2, dtype=torch.bfloat16)
+    model.to(device)
+    kwargs = [move_to(kw, device) for kw in kwargs]
+    x_dev, target_dev = x.to(device), target.to(device)
+    error_before = _mse(blocks, kwargs, x_dev, target_dev)
+    cuda_rng = torch.cuda.get_rng_state(device)
+    result = reconstruct_window(
+        blocks, masks, x.pin_memory(), target.pin_memory(), kwargs, _config(reconstruction_mode=mode), device
+    )
+    assert torch.equal(torch.cuda.get_rng_state(device), cuda_rng)
+    assert not result.reverted and result.num_steps == 80
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cuda" for b in blocks for p in b.parameters())
+    assert _mse(blocks, kwargs, x_dev, target_dev) < 0.8 * error_before
+    _assert_mask_exact(masks)
