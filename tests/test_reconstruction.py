@@ -225,6 +225,24 @@ def test_default_warning_names_the_blocks():
     assert result.reverted and "(1,)" in result.warning
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_exception_restores_the_window_and_propagates(mode):
+    model, blocks, kwargs, masks, x, target = _problem()
+    before = _state(blocks)
+
+    def explode(step, loss):
+        if step == 5:
+            raise RuntimeError("boom")
+        return loss
+
+    with pytest.raises(RuntimeError, match="boom"):
+        reconstruct_window(blocks, masks, x, target, kwargs, _config(reconstruction_mode=mode), CPU, loss_transform=explode)
+    state = blocks[0].state_dict()
+    assert state.keys() == before[0].keys() and all(torch.equal(state[k], v) for k, v in before[0].items())
+    assert not any(isinstance(m, LoraLayer) for m in blocks[0].modules())
+    assert not any(p.requires_grad or p.grad is not None for p in blocks[0].parameters())
+
+
 # ---------------------------------------------------------------------------------------------- CR
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_cross_block_window_trains_both_blocks(mode):

@@ -94,9 +94,11 @@ def reconstruct_window(
               the adapters, merges them with the masked merge and removes every peft module. The pruned linears'
               own weights are frozen (those not targeted by a pattern stay exactly as they are);
               ``br_train_other_params`` additionally trains the blocks' other parameters (norms, biases, unpruned
-              linears) directly, as in the full mode. The paper (Shin et al., 2024) trains whole blocks in BR; for
-              LoRA it does not, to our knowledge, say whether non-adapter parameters are trained too, so this choice
-              is left to ``br_train_other_params`` (default True, the same as the full mode).
+              linears) directly, as in the full mode. What the paper (Shin et al., 2024) does here could not be
+              checked while writing this (no copy of the paper was at hand): its BR updates the weights of each
+              block by gradient descent on the block reconstruction error; whether norms/biases are trained along,
+              and how a LoRA variant treats them, is not asserted here. Both modes therefore leave the choice to
+              ``br_train_other_params`` (default True).
 
             Training runs on float32 master weights: bf16/fp16 parameters are upcast for the duration and written
             back in their original dtype (untrained parameters round-trip exactly). ``autocast_dtype`` selects the
@@ -107,7 +109,8 @@ def reconstruct_window(
         window_name: how warnings name this window (e.g. ``"blocks (3, 4)"``); by default derived from the blocks'
             ``layer_idx`` attributes.
 
-    A non-finite loss (checked once per epoch, which costs one device synchronisation per epoch) stops training and
+    To be able to revert, a copy of every parameter of the window (original dtype) is kept on its device during
+    the call. A non-finite loss (checked once per epoch, which costs one device synchronisation per epoch) stops training and
     restores every parameter of the window bit-exactly to its value before the call; the result then has
     ``reverted=True`` and a warning naming the window, and the caller can carry on. On any exception the window is
     restored the same way before the exception propagates. Afterwards, nothing in the blocks requires grad or holds a
