@@ -1,0 +1,223 @@
+"""Self-generated calibration data (LLM-QAT procedure) and its mix with real windows in the calibration set."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest_calibration_helpers import make_bpe_tokenizer, make_position_tokenizer, make_tiny_llama, position_texts
+from hf_recon_prune import PruningConfig
+from hf_recon_prune.calibration import (
+    SelfGenerationError,
+    build_calibration_set,
+    detect_language,
+    generate_self_calibration,
+    make_language_filter,
+)
+
+NUM, LENGTH = 6, 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_bpe_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return make_tiny_llama(len(tokenizer))
+
+
+def _generate(model, tokenizer, **kwargs):
+    settings = dict(seed=0, language=None, batch_size=4, show_progress=False)
+    settings.update(kwargs)
+    return generate_self_calibration(model, tokenizer, kwargs.pop("num", NUM), LENGTH, **{k: v for k, v in settings.items() if k != "num"})
+
+
+class _ForwardRaises(torch.nn.Module):
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the model must not run")
+
+
+def test_shape_determinism_and_no_side_effects(model, tokenizer):
+    model.train()
+    generation_config = model.generation_config
+    rng_state = torch.get_rng_state()
+    first = _generate(model, tokenizer)
+    assert torch.equal(rng_state, torch.get_rng_state())  # the caller's RNG is untouched
+    assert model.training and model.generation_config is generation_config  # mode and config restored
+    model.eval()
+    assert first.input_ids.shape == (NUM, LENGTH) and first.input_ids.dtype == torch.long
+    assert len(first.texts) == NUM and not first.from_cache
+    assert first.texts == [tokenizer.decode(row.tolist()) for row in first.input_ids]
+    special = set(tokenizer.all_special_ids)
+    assert not special & set(first.input_ids[:, 0].tolist())  # start tokens are ordinary tokens
+    second = _generate(model, tokenizer)
+    assert torch.equal(first.input_ids, second.input_ids) and first.texts == second.texts
+    assert not torch.equal(first.input_ids, _generate(model, tokenizer, seed=1).input_ids)
+
+
+def test_greedy_results_do_not_depend_on_batch_size(model, tokenizer):
+    one = _generate(model, tokenizer, temperature=0, batch_size=1)
+    four = _generate(model, tokenizer, temperature=0, batch_size=4)
+    assert torch.equal(one.input_ids, four.input_ids) and one.texts == four.texts
+    # Greedy continuation of a greedy prefix: each row is the argmax path from its start token.
+    row = one.input_ids[0]
+    logits = model(row.view(1, -1)).logits[0, :-1]
+    assert torch.equal(logits.argmax(-1), row[1:])
+
+
+def test_sampling_settings_change_the_samples(model, tokenizer):
+    base = _generate(model, tokenizer, greedy_tokens=2)
+    top_k_1 = _generate(model, tokenizer, greedy_tokens=2, top_k=1)
+    greedy = _generate(model, tokenizer, greedy_tokens=2, temperature=0)
+    assert torch.equal(base.input_ids[:, :3], greedy.input_ids[:, :3])  # same accepted prefixes
+    assert not torch.equal(base.input_ids, greedy.input_ids)
+    assert torch.equal(top_k_1.input_ids, greedy.input_ids)  # top-1 sampling is greedy decoding
+
+
+def test_language_filter_predicate_is_applied_to_prefixes(model, tokenizer):
+    seen = []
+
+    def odd_first_character(text: str) -> bool:
+        seen.append(text)
+        return bool(text) and ord(text[0]) % 2 == 1
+
+    data = _generate(model, tokenizer, greedy_tokens=3, language_filter=odd_first_character, language="en")
+    judged = list(seen)
+    assert data.input_ids.shape == (NUM, LENGTH)
+    for row in data.input_ids:
+        assert odd_first_character(tokenizer.decode(row[:4].tolist(), skip_special_tokens=True))
+    rejected = [t for t in judged if not (t and ord(t[0]) % 2 == 1)]
+    # Every candidate was judged once, and each rejected one was replaced by a new draw.
+    assert rejected and data.num_candidates == len(judged) == NUM + len(rejected)
+
+
+def test_filter_that_rejects_everything_gives_up_after_the_budget(model, tokenizer):
+    calls = []
+    with pytest.raises(SelfGenerationError, match=r"only 0 of 18 generated prefixes passed.*num_samples=6.*max_attempts_factor=3"):
+        _generate(model, tokenizer, language_filter=lambda text: calls.append(text) and False, max_attempts_factor=3)
+    assert len(calls) == 3 * NUM
+
+
+def test_langdetect_filter_on_fixed_sentences():
+    english = make_language_filter("en")
+    assert english("The committee will publish its final report on the new railway line next spring.")
+    assert not english("Der Ausschuss wird seinen Abschlussbericht über die neue Bahnstrecke im Frühjahr veröffentlichen.")
+    assert not english("Le comité publiera son rapport final sur la nouvelle ligne de chemin de fer au printemps.")
+    assert detect_language("Le comité publiera son rapport final au printemps.") == "fr"
+    assert detect_language("12345 !!!") is None
+    with pytest.raises(ValueError, match="language='english' is not supported.*'en'"):
+        make_language_filter("english")
+
+
+def test_default_english_filter_keeps_only_english_prefixes(model, tokenizer):
+    data = _generate(model, tokenizer, num=3, language="en", greedy_tokens=4, max_attempts_factor=40)
+    for row in data.input_ids:
+        assert detect_language(tokenizer.decode(row[:5].tolist(), skip_special_tokens=True)) == "en"
+
+
+def test_eos_is_suppressed_so_every_sample_has_full_length(tokenizer):
+    model = make_tiny_llama(len(tokenizer), seed=1)
+    eos = tokenizer.eos_token_id
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: out.index_add(-1, torch.tensor([eos]), torch.full((*out.shape[:-1], 1), 1e4)))
+    try:
+        assert model(torch.tensor([[5, 6]])).logits[0, -1].argmax() == eos
+        data = _generate(model, tokenizer)
+    finally:
+        hook.remove()
+    assert data.input_ids.shape == (NUM, LENGTH) and not (data.input_ids == eos).any()
+
+
+def test_tokenizer_without_pad_uses_eos_and_without_eos_fails(model):
+    no_pad = make_bpe_tokenizer(pad=False)
+    assert no_pad.pad_token_id is None
+    assert _generate(model, no_pad).input_ids.shape == (NUM, LENGTH)
+    bare = make_bpe_tokenizer(pad=False, eos=False)
+    bare_model = make_tiny_llama(len(bare))
+    bare_model.config.eos_token_id = None
+    bare_model.generation_config.eos_token_id = None
+    with pytest.raises(ValueError, match="neither a pad token nor an EOS token"):
+        _generate(bare_model, bare)
+
+
+def test_cache_is_reused_without_running_the_model(model, tokenizer, tmp_path):
+    first = _generate(model, tokenizer, cache_dir=str(tmp_path))
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].endswith(".jsonl") and first.cache_path
+    lines = (tmp_path / files[0]).read_text(encoding="utf-8").splitlines()
+    header = json.loads(lines[0])["header"]
+    assert header["seq_len"] == LENGTH and header["num_samples"] == NUM and len(lines) == NUM + 1
+    assert json.loads(lines[1])["input_ids"] == first.input_ids[0].tolist()
+
+    original_forward = model.forward
+    model.forward = _ForwardRaises().forward
+    try:
+        cached = _generate(model, tokenizer, cache_dir=str(tmp_path))
+        assert cached.from_cache and torch.equal(cached.input_ids, first.input_ids) and cached.texts == first.texts
+        with pytest.raises(AssertionError, match="must not run"):  # another setting is another cache entry
+            _generate(model, tokenizer, cache_dir=str(tmp_path), greedy_tokens=2)
+    finally:
+        model.forward = original_forward
+
+    (tmp_path / files[0]).write_text(lines[0] + "\n" + lines[1] + "\n", encoding="utf-8")  # truncated file
+    regenerated = _generate(model, tokenizer, cache_dir=str(tmp_path))
+    assert not regenerated.from_cache and torch.equal(regenerated.input_ids, first.input_ids)
+    assert len((tmp_path / files[0]).read_text(encoding="utf-8").splitlines()) == NUM + 1
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_invalid_arguments_name_the_value(model, tokenizer):
+    with pytest.raises(ValueError, match="temperature=-1 is not allowed"):
+        _generate(model, tokenizer, temperature=-1)
+    with pytest.raises(ValueError, match="top_p=0 is not allowed"):
+        _generate(model, tokenizer, top_p=0)
+
+
+# ---------------------------------------------------------------------------------------------------------- mixed set
+@pytest.mark.parametrize("use", ["reconstruction", "all"])
+def test_calibration_set_mixes_real_and_self_generated_rows(use, tmp_path):
+    tokenizer = make_position_tokenizer(3000)
+    model = make_tiny_llama(len(tokenizer))
+    config = PruningConfig(
+        calibration=position_texts(3000, 100), num_samples=5, num_self_samples=3, seq_len=16, heldout_fraction=0.2,
+        self_samples_use=use, self_gen_language=None, self_gen_batch_size=2, self_gen_cache_dir=str(tmp_path),
+    )
+    result = build_calibration_set(config, tokenizer, model, show_progress=False)
+    assert result.input_ids.shape == (8, 16) and result.heldout_ids.shape == (1, 16)
+    assert result.is_self_generated.tolist() == [False] * 5 + [True] * 3
+    assert result.num_real == 5 and result.num_self_generated == 3
+    expected_rows = list(range(5)) if use == "reconstruction" else list(range(8))
+    assert result.statistics_rows().tolist() == expected_rows
+    direct = generate_self_calibration(
+        model, tokenizer, 3, 16, seed=config.seed, language=None, batch_size=2, show_progress=False, cache_dir=str(tmp_path)
+    )
+    assert direct.from_cache and torch.equal(result.input_ids[5:], direct.input_ids)
+    assert json.loads(json.dumps(result.description))["self_generation"]["num"] == 3
+    with pytest.raises(ValueError, match="needs the model"):
+        build_calibration_set(config, tokenizer)
+
+
+def test_self_only_calibration_set():
+    tokenizer = make_bpe_tokenizer()
+    model = make_tiny_llama(len(tokenizer))
+    config = PruningConfig(
+        calibration="self", num_samples=4, num_self_samples=2, seq_len=12, heldout_fraction=0.25, self_gen_language=None
+    )
+    result = build_calibration_set(config, tokenizer, model, show_progress=False)
+    assert result.input_ids.shape == (6, 12) and result.is_self_generated.all()
+    assert result.statistics_rows().tolist() == [0, 1, 2, 3]  # "self" replaces the real rows; extras only reconstruct
+    assert result.heldout_ids.shape == (1, 12)
+    assert result.description["heldout"]["source"] == "self"
+
+
+def test_generated_ids_can_be_used_under_autograd(model, tokenizer):
+    data = _generate(model, tokenizer)
+    assert not data.input_ids.is_inference()
+    model.zero_grad()
+    model(data.input_ids[:2]).logits.float().mean().backward()  # an inference tensor would raise here
+    assert model.model.embed_tokens.weight.grad is not None
+    model.zero_grad()
