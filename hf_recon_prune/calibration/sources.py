@@ -162,13 +162,13 @@ def _load_preset(name: str, split: str, text_column: Optional[str]) -> list[str]
         dataset_split = _preset_split(name, split, ("train", "validation", "test"))
         desc = f"wikitext (wikitext-2-raw-v1), split {dataset_split!r}"
         dataset = _call_load_dataset(desc, "wikitext", "wikitext-2-raw-v1", split=dataset_split)
-        # Empty lines are kept: the reference perplexity protocol joins all rows with "\n\n".
-        return _column_texts(dataset, text_column or "text", desc, drop_empty=False)
+        # Empty rows are kept (here and for every dataset): the reference perplexity protocol joins all rows.
+        return _column_texts(dataset, text_column or "text", desc)
     if name == "ptb":
         dataset_split = _preset_split(name, split, ("train", "validation", "test"))
         desc = f"ptb_text_only (penn_treebank), split {dataset_split!r}"
         dataset = _call_load_dataset(desc, "ptb_text_only", "penn_treebank", split=dataset_split)
-        return _column_texts(dataset, text_column or "sentence", desc, drop_empty=False)
+        return _column_texts(dataset, text_column or "sentence", desc)
     # c4: the one shard per split the SparseGPT / Wanda code reads; downloading only the split's own file avoids
     # fetching the 300 MB train shard when only validation text is wanted. C4 has no test split.
     dataset_split = _preset_split(name, "validation" if split == "test" else split, ("train", "validation"))
@@ -176,7 +176,7 @@ def _load_preset(name: str, split: str, text_column: Optional[str]) -> list[str]
     dataset = _call_load_dataset(
         desc, "allenai/c4", data_files={dataset_split: _C4_FILES[dataset_split]}, split=dataset_split
     )
-    return _column_texts(dataset, text_column or "text", desc, drop_empty=False)
+    return _column_texts(dataset, text_column or "text", desc)
 
 
 def _preset_split(name: str, split: str, available: tuple[str, ...]) -> str:
@@ -197,7 +197,7 @@ def _load_hub_dataset(dataset_id: str, split: str, text_column: Optional[str]) -
         except _UnknownSplit as err:
             last_error = err
             continue
-        return _column_texts(dataset, text_column or "text", desc, drop_empty=False)
+        return _column_texts(dataset, text_column or "text", desc)
     raise ValueError(f"dataset {dataset_id!r} has neither a 'validation' nor a 'test' split for split='heldout': {last_error}")
 
 
@@ -247,7 +247,7 @@ def _load_local(path: str, split: str, text_column: Optional[str]) -> list[str]:
             raise ValueError(f"calibration file {path!r} is empty; it needs at least one record with text.")
         desc = f"file {path!r}"
         dataset = _call_load_dataset(desc, _BUILDER_SUFFIXES[suffix], data_files=path, split="train")
-        texts = _column_texts(dataset, text_column or "text", desc, drop_empty=False)
+        texts = _column_texts(dataset, text_column or "text", desc)
         return _rows_of_part(texts, heldout, path, split)
     raise ValueError(
         f"calibration file {path!r} has suffix {suffix or '(none)'!r}; allowed: .txt, "
@@ -274,14 +274,14 @@ def _load_local_dir(path: str, split: str, text_column: Optional[str]) -> list[s
                 wanted = next((s for s in ("validation", "test") if s in names), None)
             if wanted is None:
                 raise ValueError(f"split={split!r} is not in the saved dataset {path!r}; available splits: {names}.")
-            return _column_texts(loaded[wanted], column, f"{desc}, split {wanted!r}", drop_empty=False)
+            return _column_texts(loaded[wanted], column, f"{desc}, split {wanted!r}")
         # A single saved Dataset has no splits: hold out rows like a JSONL file.
         heldout = _split_part(split, desc)
-        return _rows_of_part(_column_texts(loaded, column, desc, drop_empty=False), heldout, path, split)
+        return _rows_of_part(_column_texts(loaded, column, desc), heldout, path, split)
     # A folder of data files: datasets infers the builder and the splits from file names.
     dataset_split = "validation" if split == "heldout" else split
     dataset = _call_load_dataset(f"{desc}, split {dataset_split!r}", path, split=dataset_split)
-    return _column_texts(dataset, column, desc, drop_empty=False)
+    return _column_texts(dataset, column, desc)
 
 
 def _read_text_file(path: str) -> str:
@@ -357,7 +357,7 @@ def _rows_of_part(texts: list[str], heldout: bool, path: str, split: str) -> lis
 
 
 # ---------------------------------------------------------------------------------------------------------- datasets
-def _column_texts(dataset: Any, column: str, desc: str, drop_empty: bool) -> list[str]:
+def _column_texts(dataset: Any, column: str, desc: str) -> list[str]:
     names = list(getattr(dataset, "column_names", None) or [])
     if column not in names:
         raise ValueError(
@@ -371,8 +371,6 @@ def _column_texts(dataset: Any, column: str, desc: str, drop_empty: bool) -> lis
             continue  # missing values in real datasets carry no text
         if not isinstance(value, str):
             raise ValueError(f"{desc}: column {column!r} row {index} is a {type(value).__name__}, expected a string.")
-        if drop_empty and not value.strip():
-            continue
         texts.append(value)
     if not any(t.strip() for t in texts):
         raise ValueError(f"{desc}: column {column!r} has no text ({len(values)} rows, all empty).")
