@@ -104,12 +104,15 @@ class PruningConfig:
     lora_alpha: float = 16.0
     lora_target_modules: Optional[list[str]] = None
 
-    # Execution (does not change the result beyond float rounding).
+    # Execution (does not change the result beyond float rounding). track_reconstruction_error carries the dense
+    # model's activation stream to report the paper's per-block error (one more block forward per block; GP needs
+    # that stream anyway).
     device: Optional[str] = None
     stream_location: str = "auto"
     stream_dtype: Optional[str] = None
     autocast_dtype: str = "auto"
     forward_batch_size: int = 8
+    track_reconstruction_error: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.reconstruction, str):
@@ -163,7 +166,9 @@ class PruningConfig:
             raise _bad("autocast_dtype", self.autocast_dtype, ", ".join(map(repr, AUTOCAST_DTYPES)))
         if self.stream_dtype is not None and self.stream_dtype not in AUTOCAST_DTYPES[1:]:
             raise _bad("stream_dtype", self.stream_dtype, "None (the model's dtype) or " + ", ".join(map(repr, AUTOCAST_DTYPES[1:])))
-        for name in ("br_lr", "sparsegpt_dampening", "lora_alpha", "self_gen_temperature"):
+        if not self.self_gen_temperature >= 0 or math.isinf(self.self_gen_temperature):
+            raise _bad("self_gen_temperature", self.self_gen_temperature, "a finite number >= 0 (0 = greedy)")
+        for name in ("br_lr", "sparsegpt_dampening", "lora_alpha"):
             value = getattr(self, name)
             if not value > 0 or math.isinf(value):
                 raise _bad(name, value, "a finite number > 0")

@@ -16,6 +16,7 @@ import copy
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -190,15 +191,12 @@ class Pruner:
 
         calibration = self._calibration_set()
         ids, heldout_ids = calibration.input_ids, calibration.heldout_ids
-        is_self = calibration.is_self_generated.bool()
-        if cfg.self_samples_use == "all":
-            num_stat_rows = ids.shape[0]
-        else:
-            num_stat_rows = int((~is_self).sum())
-            if bool(is_self[:num_stat_rows].any()):
-                raise ValueError("CalibrationSet rows must hold the real samples first, then the self-generated ones")
-        if num_stat_rows == 0 and needs_statistics(cfg.method, cfg.uses("lr")):
-            num_stat_rows = ids.shape[0]
+        statistics_rows = calibration.statistics_mask.bool().nonzero().squeeze(1)
+        if statistics_rows.numel() == 0 and needs_statistics(cfg.method, cfg.uses("lr")):
+            raise ValueError(f"method={cfg.method!r} needs calibration rows for its statistics, but none is marked")
+        # Real rows come first, so the statistics rows are usually a prefix: a view instead of a copy.
+        is_prefix = bool((statistics_rows == torch.arange(statistics_rows.numel())).all())
+        stat_rows = slice(0, statistics_rows.numel()) if is_prefix else statistics_rows
 
         hidden = model.config.get_text_config().hidden_size
         n_rows, n_heldout, seq_len = ids.shape[0], heldout_ids.shape[0], ids.shape[1]
@@ -219,11 +217,14 @@ class Pruner:
         )
 
         kwargs = capture_block_kwargs(layout.base_model, blocks, ids[:1], device)
-        sparse = {0: capture_first_block_inputs(layout.base_model, blocks[0], ids, cfg.forward_batch_size, device, new_stream(n_rows))}
-        sparse_heldout = {0: capture_first_block_inputs(layout.base_model, blocks[0], heldout_ids, cfg.forward_batch_size, device, new_stream(n_heldout))}
-        # Both models share the embeddings, so the dense streams start equal to the sparse ones.
-        dense = {0: sparse[0].clone()}
-        dense_heldout = {0: sparse_heldout[0].clone()}
+        track_dense = cfg.track_reconstruction_error or cfg.uses("gp")
+        streams = {}
+        for split, split_ids in (("calibration", ids), ("heldout", heldout_ids)):
+            first_inputs = capture_first_block_inputs(
+                layout.base_model, blocks[0], split_ids, cfg.forward_batch_size, device, new_stream(split_ids.shape[0])
+            )
+            # Both models share the embeddings, so the dense stream starts equal to the sparse one.
+            streams[split] = _Streams(sparse={0: first_inputs}, dense={0: first_inputs.clone() if track_dense else None})
 
         self._device, self._new_stream = device, new_stream
         windows: list[tuple[int, ...]] = [(i,) for i in range(num_blocks)]
@@ -237,7 +238,6 @@ class Pruner:
         progress = self._progress(len(windows))
 
         for window_number, window in enumerate(windows):
-            first = window[0]
             for index in window:
                 if index in block_masks:
                     continue
@@ -247,17 +247,16 @@ class Pruner:
                 if cfg.uses("br") and not cfg.uses("gp"):
                     dense_blocks[index] = copy.deepcopy(block)
                 self._modified.append(index)
-                block_masks[index] = self._prepare_block(
-                    index, first, blocks, kwargs, sparse, sparse_heldout, dense, dense_heldout, num_stat_rows,
-                    report.blocks[index],
-                )
+                block_masks[index] = self._prepare_block(index, window[0], blocks, kwargs, streams, stat_rows,
+                                                         report.blocks[index])
 
             if cfg.uses("br"):
-                self._reconstruct(window, blocks, kwargs, block_masks, sparse, dense, dense_blocks, report, reconstruct_window)
+                self._reconstruct(window, blocks, kwargs, block_masks, streams["calibration"], dense_blocks, report,
+                                  reconstruct_window)
 
             is_last = window_number == len(windows) - 1
             for index in (window if is_last else window[:1]):
-                self._finalise_block(index, blocks, kwargs, sparse, sparse_heldout, dense, dense_heldout, report.blocks[index])
+                self._finalise_block(index, blocks, kwargs, streams, report.blocks[index])
                 for mask_name, mask in self._named_masks(index, block_masks[index]).items():
                     self.masks[mask_name] = mask.to("cpu")
                 placement.offload(blocks[index])
@@ -301,24 +300,26 @@ class Pruner:
         error = squared_error / count if reference is not None and count else None
         return out, error
 
-    def _prepare_block(
-        self, index, window_start, blocks, kwargs, sparse, sparse_heldout, dense, dense_heldout, num_stat_rows, block_report
-    ) -> dict[nn.Linear, torch.Tensor]:
+    def _prepare_block(self, index, window_start, blocks, kwargs, streams, stat_rows, block_report):
+        """Advance the dense streams past block ``index``, choose its masks (+ LR), measure the error before BR."""
         cfg = self.config
-        block = blocks[index]
+        block, block_kwargs = blocks[index], [kwargs[index]]
         with _timed(block_report, "dense_forward"):
-            dense[index + 1], _ = self._forward([block], [kwargs[index]], dense[index])
-            dense_heldout[index + 1], _ = self._forward([block], [kwargs[index]], dense_heldout[index])
+            for stream in streams.values():
+                if stream.dense[index] is not None:
+                    stream.dense[index + 1], _ = self._forward([block], block_kwargs, stream.dense[index])
+                else:
+                    stream.dense[index + 1] = None
 
         # The block's input in the model pruned so far; with CR the previous block of the window is masked already.
+        inputs = {}
         with _timed(block_report, "propagation"):
-            if index == window_start:
-                x, x_heldout = sparse[index], sparse_heldout[index]
-            else:
-                previous = blocks[window_start:index]
-                prev_kwargs = kwargs[window_start:index]
-                x, _ = self._forward(previous, prev_kwargs, sparse[window_start])
-                x_heldout, _ = self._forward(previous, prev_kwargs, sparse_heldout[window_start])
+            for split, stream in streams.items():
+                if index == window_start:
+                    inputs[split] = stream.sparse[index]
+                else:
+                    inputs[split], _ = self._forward(blocks[window_start:index], kwargs[window_start:index],
+                                                     stream.sparse[window_start])
 
         layers = prunable_linears(block, cfg.include_modules, cfg.exclude_modules)
         lr = cfg.uses("lr")
@@ -327,7 +328,7 @@ class Pruner:
             with _timed(block_report, "statistics"):
                 recorder = StatisticsRecorder(layers, hessian=needs_hessian(cfg.method, lr))
                 try:
-                    self._forward([block], [kwargs[index]], x[:num_stat_rows])
+                    self._forward([block], block_kwargs, inputs["calibration"][stat_rows])
                 finally:
                     recorder.remove()
 
@@ -339,33 +340,39 @@ class Pruner:
                     cfg.sparsegpt_block_size, cfg.sparsegpt_dampening, name=f"block {index} {name}",
                 )
                 masks[layer] = result.keep_mask
-                block_report.layer_sparsity[name] = float((layer.weight == 0).float().mean())
                 if result.dampening is not None:
                     block_report.dampening[name] = result.dampening
         del recorder
 
-        with _timed(block_report, "error"):
-            _, block_report.error_before["calibration"] = self._forward([block], [kwargs[index]], x, dense[index + 1])
-            _, block_report.error_before["heldout"] = (
-                self._forward([block], [kwargs[index]], x_heldout, dense_heldout[index + 1]) if x_heldout.shape[0] else (None, None)
-            )
+        # Without BR the block is final now: its output is the next sparse stream, so keep it instead of recomputing.
+        final_now = not cfg.uses("br")
+        with _timed(block_report, "propagation" if final_now else "error"):
+            for split, stream in streams.items():
+                if inputs[split].shape[0] == 0:
+                    block_report.error_before[split] = None
+                    continue
+                output, block_report.error_before[split] = self._forward(
+                    [block], block_kwargs, inputs[split], stream.dense[index + 1]
+                )
+                if final_now:
+                    stream.sparse[index + 1] = output
         return masks
 
-    def _reconstruct(self, window, blocks, kwargs, block_masks, sparse, dense, dense_blocks, report, reconstruct_window):
+    def _reconstruct(self, window, blocks, kwargs, block_masks, calibration, dense_blocks, report, reconstruct_window):
         cfg = self.config
         first, last = window[0], window[-1]
         window_blocks = [blocks[i] for i in window]
         window_kwargs = [kwargs[i] for i in window]
         start = time.perf_counter()
         if cfg.uses("gp"):
-            targets = dense[last + 1]
+            targets = calibration.dense[last + 1]
         else:
-            targets, _ = self._forward([dense_blocks[i] for i in window], window_kwargs, sparse[first])
+            targets, _ = self._forward([dense_blocks[i] for i in window], window_kwargs, calibration.sparse[first])
         masks = {layer: mask for i in window for layer, mask in block_masks[i].items()}
         with torch.enable_grad():
             result = reconstruct_window(
-                window_blocks, masks, sparse[first], targets, window_kwargs, cfg, self._device,
-                show_progress=False,
+                window_blocks, masks, calibration.sparse[first], targets, window_kwargs, cfg, self._device,
+                show_progress=False, window_name=f"blocks {window}",
             )
         seconds = time.perf_counter() - start
         for i in window:
@@ -378,20 +385,34 @@ class Pruner:
         if result.reverted:
             report.warnings.append(result.warning or f"window {window}: non-finite loss, reverted")
 
-    def _finalise_block(self, index, blocks, kwargs, sparse, sparse_heldout, dense, dense_heldout, block_report):
+    def _finalise_block(self, index, blocks, kwargs, streams, block_report):
+        """The block will not change again: its output on the sparse stream becomes the next block's input."""
         block = blocks[index]
         with _timed(block_report, "propagation"):
-            sparse[index + 1], block_report.error_after["calibration"] = self._forward(
-                [block], [kwargs[index]], sparse[index], dense[index + 1]
-            )
-            sparse_heldout[index + 1], heldout_error = self._forward(
-                [block], [kwargs[index]], sparse_heldout[index], dense_heldout[index + 1]
-            )
-            block_report.error_after["heldout"] = heldout_error if sparse_heldout[index].shape[0] else None
+            for split, stream in streams.items():
+                if stream.sparse[index].shape[0] == 0:
+                    stream.sparse.setdefault(index + 1, stream.sparse[index])
+                    block_report.error_after[split] = None
+                elif index + 1 in stream.sparse and not self.config.uses("br"):
+                    block_report.error_after[split] = block_report.error_before[split]
+                else:
+                    stream.sparse[index + 1], block_report.error_after[split] = self._forward(
+                        [block], [kwargs[index]], stream.sparse[index], stream.dense[index + 1]
+                    )
+                stream.drop(index)
         block_report.layer_sparsity = {
             name: float((layer.weight == 0).float().mean())
             for name, layer in prunable_linears(block, self.config.include_modules, self.config.exclude_modules).items()
         }
-        for stream in (sparse, sparse_heldout, dense, dense_heldout):
-            stream.pop(index, None)
 
+
+@dataclass
+class _Streams:
+    """The activations entering each block, for one set of samples (calibration or held-out), keyed by block index."""
+
+    sparse: dict[int, torch.Tensor]
+    dense: dict[int, Optional[torch.Tensor]]  # None when nothing needs the dense model's activations
+
+    def drop(self, index: int) -> None:
+        self.sparse.pop(index, None)
+        self.dense.pop(index, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -96,12 +97,23 @@ def test_heldout_and_self_generated_rows_never_reach_mask_statistics():
         assert torch.equal(masks[0][name], masks[1][name]), name
 
 
-def test_self_samples_use_all_feeds_statistics():
+def test_statistics_mask_decides_which_rows_feed_statistics():
+    """build_calibration_set marks self-generated rows per self_samples_use; the engine follows the mark, and a
+    mark that is not a prefix (rows 8.. only) gives the same masks as a set holding only those rows."""
     base = make_tiny_model("llama")
     calibration = _calibration(num_self=8)
-    a, _ = _prune(copy.deepcopy(base), _config(method="wanda"), calibration)
-    b, _ = _prune(copy.deepcopy(base), _config(method="wanda", self_samples_use="all"), calibration)
-    assert any(not torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+    everything = dataclasses.replace(calibration, statistics_mask=torch.ones(16, dtype=torch.bool))
+    self_only = dataclasses.replace(calibration, statistics_mask=calibration.is_self_generated.clone())
+    only_self_rows = dataclasses.replace(
+        calibration, input_ids=calibration.input_ids[8:], is_self_generated=torch.ones(8, dtype=torch.bool),
+        statistics_mask=torch.ones(8, dtype=torch.bool),
+    )
+    real = _prune(copy.deepcopy(base), _config(method="wanda"), calibration)[0].masks
+    every = _prune(copy.deepcopy(base), _config(method="wanda"), everything)[0].masks
+    selected = _prune(copy.deepcopy(base), _config(method="wanda"), self_only)[0].masks
+    reference = _prune(copy.deepcopy(base), _config(method="wanda"), only_self_rows)[0].masks
+    assert any(not torch.equal(real[k], every[k]) for k in real)
+    assert all(torch.equal(selected[k], reference[k]) for k in real)
 
 
 def test_failure_without_backup_says_loudly_which_blocks_changed(monkeypatch):

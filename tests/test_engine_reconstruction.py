@@ -1,0 +1,128 @@
+"""BR / GP / CR through the block engine: targets, windows, masks, report, revert."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hf_recon_prune.reconstruction as reconstruction
+from conftest import make_tiny_model
+from hf_recon_prune.architectures import prunable_linears, resolve_layout
+from hf_recon_prune.block_io import call_block
+from hf_recon_prune.capture import capture_block_kwargs
+from hf_recon_prune.pruner import Pruner
+from test_pruner import _calibration, _config
+
+BR = dict(br_epochs=15, br_lr=1e-3, br_batch_size=4)
+
+
+def _run(model, calibration, **overrides):
+    pruner = Pruner(model, _config(**{**BR, **overrides}), calibration_data=calibration, show_progress=False)
+    return pruner, pruner.prune()
+
+
+class _Spy:
+    """Wraps reconstruct_window to record the windows, inputs and targets the engine trains with."""
+
+    def __init__(self, monkeypatch, loss_transform=None):
+        self.calls = []
+        self._real = reconstruction.reconstruct_window
+        self._loss_transform = loss_transform
+        monkeypatch.setattr(reconstruction, "reconstruct_window", self)
+
+    def __call__(self, blocks, masks, inputs, targets, kwargs, config, device, **kw):
+        self.calls.append({"blocks": list(blocks), "inputs": inputs.clone(), "targets": targets.clone()})
+        if self._loss_transform is not None:
+            kw["loss_transform"] = self._loss_transform
+        return self._real(blocks, masks, inputs, targets, kwargs, config, device, **kw)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_br_lowers_error_below_lr_and_keeps_every_zero(mode):
+    base = make_tiny_model("llama", num_layers=3)
+    calibration = _calibration(num=16)
+    lr_model, br_model = copy.deepcopy(base), copy.deepcopy(base)
+    _, lr_report = _run(lr_model, calibration, reconstruction=["lr"])
+    pruner, br_report = _run(br_model, calibration, reconstruction=["lr", "br"], reconstruction_mode=mode)
+    for lr_block, br_block in zip(lr_report.blocks, br_report.blocks):
+        assert br_block.error_after["calibration"] < lr_block.error_after["calibration"]
+        assert br_block.error_before["calibration"] > br_block.error_after["calibration"]
+        assert len(br_block.train_losses) == 1 and len(br_block.train_losses[0]) == BR["br_epochs"]
+    layout = resolve_layout(br_model)
+    for index, block in enumerate(layout.blocks):
+        for name, layer in prunable_linears(block).items():
+            mask = pruner.masks[f"{layout.blocks_path}.{index}.{name}"]
+            assert torch.equal(layer.weight != 0, mask), name  # zeros exactly where the mask says, none more
+            assert type(layer) is torch.nn.Linear
+    assert not any("lora" in name for name, _ in br_model.named_modules())
+
+
+def test_gp_trains_toward_the_dense_stream_and_local_toward_the_dense_block_on_the_sparse_stream(monkeypatch):
+    base = make_tiny_model("llama", num_layers=3)  # hidden_states[3] is after the final norm; compare [1] and [2]
+    calibration = _calibration(num=8)
+    dense = copy.deepcopy(base)
+    layout = resolve_layout(dense)
+    kwargs = capture_block_kwargs(layout.base_model, layout.blocks, calibration.input_ids[:1], torch.device("cpu"))
+    with torch.no_grad():
+        hidden = dense(calibration.input_ids, output_hidden_states=True).hidden_states
+
+    spy = _Spy(monkeypatch)
+    gp_model = copy.deepcopy(base)
+    _run(gp_model, calibration, reconstruction=["lr", "br", "gp"])
+    gp_target_block1 = spy.calls[1]["targets"]
+    assert torch.allclose(gp_target_block1, hidden[2], atol=1e-5)  # dense block 1 on the dense stream
+
+    spy.calls.clear()
+    local_model = copy.deepcopy(base)
+    _run(local_model, calibration, reconstruction=["lr", "br"])
+    sparse_input = spy.calls[1]["inputs"]
+    with torch.no_grad():
+        expected_local = call_block(layout.blocks[1], sparse_input, kwargs[1])  # dense block 1 on the sparse stream
+    assert torch.allclose(spy.calls[1]["targets"], expected_local, atol=1e-5)
+    assert not torch.allclose(gp_target_block1, expected_local, atol=1e-3)  # the construction distinguishes them
+    # Block 1's sparse input is the pruned block 0's output, not the dense one.
+    assert not torch.allclose(sparse_input, hidden[1], atol=1e-3)
+
+
+def test_cr_visits_overlapping_windows_of_two_blocks(monkeypatch):
+    model = make_tiny_model("llama", num_layers=4)
+    spy = _Spy(monkeypatch)
+    _, report = _run(model, _calibration(), reconstruction=["lr", "br", "gp", "cr"], br_epochs=2)
+    blocks = resolve_layout(model).blocks
+    visited = [tuple(next(i for i, b in enumerate(blocks) if b is block) for block in call["blocks"]) for call in spy.calls]
+    assert visited == [(0, 1), (1, 2), (2, 3)]
+    assert [len(b.train_losses) for b in report.blocks] == [1, 2, 2, 1]
+
+
+def test_non_finite_loss_reverts_the_block_and_the_run_goes_on(monkeypatch):
+    base = make_tiny_model("llama", num_layers=2)
+    calibration = _calibration()
+    lr_only = copy.deepcopy(base)
+    _run(lr_only, calibration, reconstruction=["lr"])
+
+    def poison_first_window(step, loss):
+        return loss * float("nan") if spy_calls() == 1 else loss
+
+    spy = _Spy(monkeypatch, loss_transform=poison_first_window)
+    spy_calls = lambda: len(spy.calls)  # noqa: E731
+    model = copy.deepcopy(base)
+    _, report = _run(model, calibration, reconstruction=["lr", "br"])
+    assert report.blocks[0].reverted and not report.blocks[1].reverted
+    assert "non-finite" in report.blocks[0].warnings[0] and report.warnings
+    block0, reference0 = resolve_layout(model).blocks[0], resolve_layout(lr_only).blocks[0]
+    for (name, p), (_, q) in zip(block0.named_parameters(), reference0.named_parameters()):
+        assert torch.equal(p, q), name  # exactly the LR weights: BR's changes were undone
+    assert report.blocks[1].error_after["calibration"] < report.blocks[1].error_before["calibration"]
+
+
+def test_overfitting_is_visible_in_the_report():
+    """Few calibration samples, many epochs: calibration error falls much more than held-out error."""
+    model = make_tiny_model("llama", num_layers=2)
+    _, report = _run(model, _calibration(num=4, heldout=8), reconstruction=["lr", "br", "gp"], br_epochs=60,
+                     br_lr=3e-3, br_batch_size=2)
+    block = report.blocks[-1]
+    calibration_gain = block.error_before["calibration"] / block.error_after["calibration"]
+    heldout_gain = block.error_before["heldout"] / block.error_after["heldout"]
+    assert calibration_gain > 2 * heldout_gain
