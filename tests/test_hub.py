@@ -362,6 +362,7 @@ def test_pruner_push_to_hub_end_to_end(hub, monkeypatch, tmp_path):
     card = ModelCard.load(download / "README.md")
     assert card.data.eval_results[0].metric_value == pytest.approx(75.0)
     assert card.data.get("datasets") is None  # the offline default corpus is no Hub dataset
+    assert card.data.get("base_model") is None  # built from a config: no Hub id, and never the class name
     assert hub.repos["tester/pruned"].private is False
     assert hub.token_leaks(TOKEN) == []
 
