@@ -151,7 +151,7 @@ class Pruner:
         """
         from .hub import push_folder_to_hub
 
-        folder = self.save_pretrained(local_dir or repo_id.split("/")[-1])
+        folder = self.save_pretrained(local_dir or repo_id.split("/")[-1], repo_id=repo_id)
         return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message,
                                   revision=revision, create_pr=create_pr)
 

@@ -38,7 +38,7 @@ class PruneReport:
     config: dict[str, Any]
     blocks: list[BlockReport] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
-    perplexity: dict[str, Any] = field(default_factory=dict)  # filled by evaluation: {"dense": {...}, "pruned": {...}}
+    perplexity: dict[str, Any] = field(default_factory=dict)  # {dataset: {"split", "seq_len", "dense", "pruned"}}, see Pruner.record_perplexity
     total_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
@@ -119,6 +119,9 @@ class PruneReport:
             f"final-block error (held-out) {self.final_block_error('heldout')}",
             f"time {self.total_seconds:.1f}s",
         ]
-        for key, value in self.perplexity.items():
-            parts.append(f"perplexity {key}: {value}")
+        for dataset, entry in self.perplexity.items():
+            dense = entry.get("dense")
+            dense_text = f"{dense:.3f}" if isinstance(dense, (int, float)) else "not measured"
+            parts.append(f"perplexity on {dataset} ({entry.get('split')}, seq_len {entry.get('seq_len')}): "
+                         f"dense {dense_text} -> pruned {entry['pruned']:.3f}")
         return "\n".join(parts)
