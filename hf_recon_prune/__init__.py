@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from .config import PruningConfig  # noqa: E402
 
-__all__ = ["PruningConfig", "Pruner", "PruneReport", "perplexity", "__version__"]
+__all__ = ["PruningConfig", "Pruner", "PruneReport", "perplexity", "evaluate", "compare", "EvalResults",
+           "evaluate_zero_shot", "__version__"]
 
 
 def __getattr__(name):
@@ -17,10 +18,14 @@ def __getattr__(name):
         from .report import PruneReport
 
         return PruneReport
-    if name == "perplexity":
-        from .evaluation import perplexity
+    if name in ("perplexity", "evaluate", "compare", "EvalResults"):
+        from . import evaluation
 
-        return perplexity
+        return getattr(evaluation, name)
+    if name in ("evaluate_zero_shot", "PAPER_TASKS"):
+        from . import zero_shot
+
+        return getattr(zero_shot, name)
     if name == "generate_self_calibration":
         from .calibration import generate_self_calibration
 

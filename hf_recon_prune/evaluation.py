@@ -1,20 +1,30 @@
-"""Evaluation: perplexity with the standard protocol, on a dataset name, a file, a list of texts or token ids.
+"""Evaluation: perplexity, zero-shot accuracy, sparsity and reconstruction error through one entry point.
 
-Protocol (as in the SparseGPT/Wanda reference code): join the test documents, cut the token stream into
+``evaluate(model, tokenizer, perplexity=..., zero_shot=..., report=...)`` measures a model as it is in memory and
+returns EvalResults; ``PruneReport.record_evaluation`` stores them (dense baseline and pruned model) so the model
+card's model-index lists them; ``compare`` puts several models side by side (JSON and markdown).
+
+Perplexity protocol (as in the SparseGPT/Wanda reference code): join the test documents, cut the token stream into
 non-overlapping windows of ``seq_len`` tokens (the incomplete tail is dropped), average the next-token negative
 log-likelihood over every predicted token, and exponentiate.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-from typing import Any, Optional, Union
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .block_io import batches
+
+logger = logging.getLogger(__name__)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -81,3 +91,414 @@ def perplexity(
     if max_windows is not None:
         windows = windows[:max_windows]
     return perplexity_of_ids(model, windows, batch_size=batch_size, show_progress=show_progress)
+
+
+# ====================================================================================================== one entry point
+# Everything we measure on a model goes through ``evaluate``: perplexity on named datasets, files or texts,
+# zero-shot accuracy through lm-evaluation-harness, the measured sparsity, and the reconstruction errors a
+# PruneReport recorded. Its EvalResults feed the report (``PruneReport.record_evaluation``), hence the model card's
+# model-index, the CLI's ``eval`` command, and the side-by-side ``compare`` view.
+
+PerplexitySources = Union[None, str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]], Mapping[str, Any]]
+
+
+@dataclass
+class EvalResults:
+    """What ``evaluate`` measured on one model; JSON round-trips with ``to_dict`` / ``from_dict``.
+
+    ``perplexity``: ``{label: {"source", "split", "seq_len", "windows", "value"}}``; ``zero_shot``: a
+    ``ZeroShotResults`` (per task and mean); ``reconstruction``: the final block's error before/after reconstruction
+    on calibration and held-out samples, copied from a PruneReport; ``sparsity``: the fraction of zero weights in
+    the decoder blocks' linear layers, measured on the weights.
+    """
+
+    model: Optional[str] = None
+    perplexity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    zero_shot: Optional[Any] = None  # ZeroShotResults
+    reconstruction: Optional[dict[str, Any]] = None
+    sparsity: Optional[float] = None
+
+    @property
+    def zero_shot_mean(self) -> Optional[float]:
+        return self.zero_shot.mean if self.zero_shot is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "sparsity": self.sparsity, "perplexity": {k: dict(v) for k, v in self.perplexity.items()},
+            "zero_shot": self.zero_shot.to_dict() if self.zero_shot is not None else None,
+            "reconstruction": self.reconstruction,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "EvalResults":
+        from .zero_shot import ZeroShotResults
+
+        zero_shot = data.get("zero_shot")
+        return cls(model=data.get("model"), perplexity={k: dict(v) for k, v in (data.get("perplexity") or {}).items()},
+                   zero_shot=ZeroShotResults.from_dict(zero_shot) if zero_shot else None,
+                   reconstruction=data.get("reconstruction"), sparsity=data.get("sparsity"))
+
+    @classmethod
+    def from_report(cls, report: Any, role: str = "pruned") -> "EvalResults":
+        """The results a PruneReport holds for the pruned model (``role="pruned"``) or its dense baseline."""
+        from .report import _check_role
+        from .zero_shot import TaskScore, ZeroShotResults
+
+        _check_role(role)
+        perplexity = {}
+        for label, entry in (getattr(report, "perplexity", None) or {}).items():
+            if isinstance(entry, Mapping) and entry.get(role) is not None:
+                perplexity[str(label)] = {"source": str(label), "split": entry.get("split"),
+                                          "seq_len": entry.get("seq_len"), "windows": entry.get("windows"),
+                                          "value": entry[role]}
+        zero_shot = None
+        stored = getattr(report, "zero_shot", None) or {}
+        tasks = {}
+        for name, entry in (stored.get("tasks") or {}).items():
+            metrics = entry.get(role)
+            if not metrics or entry.get("metric") not in metrics:
+                continue
+            tasks[name] = TaskScore(task=name, metric=entry["metric"], value=metrics[entry["metric"]],
+                                    stderr=metrics.get(f"{entry['metric']}_stderr"), metrics=dict(metrics),
+                                    num_samples=entry.get("num_samples"), dataset=dict(entry.get("dataset") or {}),
+                                    version=entry.get("version"))
+        if tasks:
+            zero_shot = ZeroShotResults(tasks=tasks, num_fewshot=stored.get("num_fewshot", 0),
+                                        metric=stored.get("metric", "acc"), limit=stored.get("limit"),
+                                        harness_version=stored.get("harness_version"))
+        is_pruned = role == "pruned"
+        return cls(model=getattr(report, "model_name", None) if is_pruned else "dense", perplexity=perplexity,
+                   zero_shot=zero_shot, reconstruction=reconstruction_summary(report) if is_pruned else None,
+                   sparsity=(getattr(report, "mean_sparsity", None) or None) if is_pruned else None)
+
+    def to_json_file(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_json_file(cls, path: Union[str, "os.PathLike[str]"]) -> "EvalResults":
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))
+
+    def to_markdown(self) -> str:
+        """The results as one row of the comparison table (see ``compare`` for several models side by side)."""
+        return compare({self.model or "model": self}).to_markdown()
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any = None,
+    *,
+    perplexity: PerplexitySources = None,
+    zero_shot: Union[None, bool, str, Sequence[str]] = None,
+    report: Any = None,
+    split: str = "test",
+    seq_len: int = 2048,
+    batch_size: int = 4,
+    max_windows: Optional[int] = None,
+    text_column: Optional[str] = None,
+    num_fewshot: int = 0,
+    zero_shot_batch_size: Union[int, str] = 8,
+    zero_shot_metric: str = "acc",
+    limit: Optional[float] = None,
+    include_path: Any = None,
+    task_manager: Any = None,
+    measure_sparsity: bool = True,
+    model_name: Optional[str] = None,
+    show_progress: bool = False,
+) -> EvalResults:
+    """Measure ``model`` as it is in memory: perplexity, zero-shot accuracy, sparsity; add a report's errors.
+
+    Args:
+        perplexity: what to measure perplexity on: a preset ("wikitext2", "c4", "ptb", "default"), an HF dataset id
+            or a local file; a list of those; or a mapping ``{label: source}`` whose sources may also be lists of
+            texts or LongTensors of token windows. Standard protocol (``perplexity_of_ids``) at ``seq_len``.
+        zero_shot: lm-evaluation-harness task names, ``True`` / ``"paper"`` for the paper's seven tasks, or None.
+            Needs the ``eval`` extra (``pip install 'hf-recon-prune[eval]'``).
+        report: a PruneReport of the run that produced ``model``: its final-block reconstruction errors are copied in.
+        split, seq_len, batch_size, max_windows, text_column: the perplexity protocol (see ``perplexity``).
+        num_fewshot, zero_shot_batch_size, zero_shot_metric, limit, include_path, task_manager: passed to
+            ``evaluate_zero_shot``.
+        measure_sparsity: measure the fraction of zero weights (cheap; skipped for architectures not supported).
+        model_name: a label for the results (default: the model's ``_name_or_path``).
+
+    Returns:
+        EvalResults. Store them with ``report.record_evaluation(results, role="pruned")`` (or ``role="dense"`` for
+        the model before pruning): the saved model card then lists every value in its model-index.
+    """
+    sources = _perplexity_sources(perplexity)
+    tasks = _zero_shot_tasks(zero_shot)
+    if not sources and not tasks and report is None and not measure_sparsity:
+        raise ValueError("nothing to evaluate: pass perplexity=..., zero_shot=... or report=...")
+    needs_tokenizer = bool(tasks) or any(not isinstance(s, torch.Tensor) for s in sources.values())
+    if needs_tokenizer and tokenizer is None:
+        raise ValueError("perplexity on text and zero-shot evaluation need the model's tokenizer")
+    name = model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "") or None
+    results = EvalResults(model=name)
+    if measure_sparsity:
+        results.sparsity = _measured_sparsity(model)
+    for label, source in sources.items():
+        results.perplexity[label] = _perplexity_entry(model, tokenizer, source, split=split, seq_len=seq_len,
+                                                      batch_size=batch_size, max_windows=max_windows,
+                                                      text_column=text_column, show_progress=show_progress)
+    if tasks:
+        from .zero_shot import evaluate_zero_shot
+
+        results.zero_shot = evaluate_zero_shot(
+            model, tokenizer, tasks, num_fewshot=num_fewshot, batch_size=zero_shot_batch_size, metric=zero_shot_metric,
+            limit=limit, include_path=include_path, task_manager=task_manager,
+        )
+    if report is not None:
+        results.reconstruction = reconstruction_summary(report)
+    return results
+
+
+def reconstruction_summary(report: Any) -> Optional[dict[str, Any]]:
+    """The final block's reconstruction error (the paper's "Error" column) before/after, per sample set, and the
+    mean over blocks: ``{"block": i, "final": {"calibration": {"before", "after"}, "heldout": {...}}, "mean": {...}}``."""
+    blocks = list(getattr(report, "blocks", None) or [])
+    if not blocks:
+        return None
+    last = blocks[-1]
+    seen = {s for b in blocks for s in (*b.error_before, *b.error_after)}
+    splits = [s for s in ("calibration", "heldout") if s in seen] + sorted(seen - {"calibration", "heldout"})
+    final = {s: {"before": last.error_before.get(s), "after": last.error_after.get(s)} for s in splits}
+    mean = {}
+    for s in splits:
+        mean[s] = {}
+        for when in ("before", "after"):
+            values = [getattr(b, f"error_{when}").get(s) for b in blocks]
+            values = [float(v) for v in values if v is not None]
+            mean[s][when] = sum(values) / len(values) if values and len(values) == len(blocks) else None
+    return {"block": last.index, "final": final, "mean": mean}
+
+
+def _perplexity_sources(perplexity: PerplexitySources) -> dict[str, Any]:
+    if perplexity is None:
+        return {}
+    if isinstance(perplexity, Mapping):
+        return {str(label): source for label, source in perplexity.items()}
+    if isinstance(perplexity, (str, os.PathLike)):
+        perplexity = [perplexity]
+    if isinstance(perplexity, torch.Tensor):
+        raise TypeError("give token windows as a mapping {label: tensor}, e.g. perplexity={'heldout': windows}")
+    sources = {}
+    for source in perplexity:
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"perplexity sources must be names or paths; put lists of texts or token windows in a "
+                            f"mapping {{label: source}} (got {type(source).__name__})")
+        sources[os.fspath(source)] = os.fspath(source)
+    return sources
+
+
+def _zero_shot_tasks(zero_shot: Union[None, bool, str, Sequence[str]]) -> list[str]:
+    from .zero_shot import PAPER_TASKS, _task_list
+
+    if zero_shot is None or zero_shot is False:
+        return []
+    if zero_shot is True or zero_shot == "paper":
+        return list(PAPER_TASKS)
+    return _task_list(zero_shot)
+
+
+def _perplexity_entry(model, tokenizer, source, *, split, seq_len, batch_size, max_windows, text_column,
+                      show_progress) -> dict[str, Any]:
+    if isinstance(source, torch.Tensor):
+        windows, described, split, seq_len = source, "token windows", None, int(source.shape[-1])
+    else:
+        from .calibration import describe_source, load_texts, stream_windows_for_eval
+
+        texts = load_texts(source, split=split, text_column=text_column)
+        windows = stream_windows_for_eval(texts, tokenizer, seq_len, max_windows=max_windows)
+        described = describe_source(source)
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    value = perplexity_of_ids(model, windows, batch_size=batch_size, show_progress=show_progress)
+    return {"source": described, "split": split, "seq_len": seq_len, "windows": int(windows.shape[0]), "value": value}
+
+
+def _measured_sparsity(model: nn.Module) -> Optional[float]:
+    from .hub import model_sparsity
+
+    try:
+        measured = model_sparsity(model)
+    except Exception as err:  # an architecture without a known block layout: the other results still count
+        logger.info("sparsity not measured: %s", err)
+        return None
+    return measured["overall"] if measured["total"] else None
+
+
+# ====================================================================================================== comparison
+@dataclass
+class Comparison:
+    """Several models side by side: one row per model, one column per measured quantity (the paper's Table 1).
+
+    ``to_dict`` / ``to_json`` give ``{"columns": [{"key", "header", "kind"}], "rows": [{"name", "values"}],
+    "notes": [...]}``; ``to_markdown`` the table (accuracy and sparsity in percent, like the paper).
+    """
+
+    columns: list[dict[str, str]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"columns": [dict(c) for c in self.columns],
+                "rows": [{"name": r["name"], "values": dict(r["values"])} for r in self.rows],
+                "notes": list(self.notes)}
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def value(self, row: str, column: str) -> Optional[float]:
+        for r in self.rows:
+            if r["name"] == row:
+                return r["values"].get(column)
+        raise KeyError(row)
+
+    def to_markdown(self) -> str:
+        headers = ["model"] + [c["header"] for c in self.columns]
+        align = ["---"] + ["---:" for _ in self.columns]
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+        for r in self.rows:
+            cells = [_md_cell(r["name"])] + [_format_value(r["values"].get(c["key"]), c["kind"]) for c in self.columns]
+            lines.append("| " + " | ".join(cells) + " |")
+        if self.notes:
+            lines.append("")
+            lines.extend(f"- {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def compare(models: Union[Mapping[str, Any], Sequence[Any]], *, include_dense: Union[bool, str] = "auto") -> Comparison:
+    """Dense vs pruned, and several pruned variants, side by side.
+
+    Args:
+        models: ``{name: results}`` (or a sequence, named by each result's model name), where results are
+            EvalResults, PruneReports (the pruned model's values), their ``to_dict()`` form, or a path to a JSON file
+            of either, or a saved folder holding ``prune_report.json``.
+        include_dense: add a "dense" row with the baseline values stored in the first PruneReport that has them
+            ("auto": when no model is named "dense" already).
+
+    Columns, in order: measured sparsity; final-block reconstruction error after reconstruction on calibration and
+    held-out samples; perplexity per dataset; zero-shot accuracy per task and its mean. The mean is taken over the
+    tasks of the table, so a model missing a task has no mean rather than a mean over fewer tasks.
+    """
+    items = list(models.items()) if isinstance(models, Mapping) else [(None, m) for m in models]
+    rows: list[tuple[str, EvalResults]] = []
+    dense: Optional[EvalResults] = None
+    for name, item in items:
+        results, report = _as_results(item)
+        label = str(name) if name is not None else (results.model or f"model {len(rows) + 1}")
+        rows.append((label, results))
+        if dense is None and report is not None:
+            candidate = EvalResults.from_report(report, role="dense")
+            if candidate.perplexity or candidate.zero_shot is not None:
+                dense = candidate
+    names = [label for label, _ in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique in a comparison, got {names}")
+    if dense is not None and (include_dense is True or (include_dense == "auto" and "dense" not in names)):
+        rows.insert(0, ("dense", dense))
+
+    columns: list[dict[str, str]] = [{"key": "sparsity", "header": "sparsity (%)", "kind": "percent"}]
+    if any(r.reconstruction for _, r in rows):
+        columns.append({"key": "error_calibration", "header": "error calib.", "kind": "error"})
+        columns.append({"key": "error_heldout", "header": "error held-out", "kind": "error"})
+    notes: list[str] = []
+    protocols: dict[str, set] = {}
+    for _, r in rows:
+        for label, entry in r.perplexity.items():
+            protocols.setdefault(label, set()).add((entry.get("split"), entry.get("seq_len"), entry.get("windows")))
+    ppl_keys: dict[tuple, str] = {}
+    for label, seen in protocols.items():
+        for protocol in sorted(seen, key=str):
+            key = f"ppl:{label}" if len(seen) == 1 else f"ppl:{label}:{protocol[0]}:{protocol[1]}:{protocol[2]}"
+            header = f"ppl {_short_label(label)}" + ("" if len(seen) == 1 else f" ({protocol[0]}, {protocol[1]})")
+            ppl_keys[(label, protocol)] = key
+            columns.append({"key": key, "header": header, "kind": "perplexity"})
+        if len(seen) > 1:
+            notes.append(f"perplexity on {_short_label(label)} was measured with different protocols (split, seq_len, "
+                         "windows); each has its own column")
+    tasks: list[str] = []
+    zs_protocols = set()
+    metrics: dict[str, set] = {}
+    for _, r in rows:
+        if r.zero_shot is None:
+            continue
+        zs_protocols.add((r.zero_shot.num_fewshot, r.zero_shot.limit))
+        for task, score in r.zero_shot.tasks.items():
+            if task not in tasks:
+                tasks.append(task)
+            metrics.setdefault(task, set()).add(score.metric)
+    for task in tasks:
+        metric = "/".join(sorted(metrics[task]))
+        columns.append({"key": f"zs:{task}", "header": f"{task} ({metric})", "kind": "accuracy"})
+    if tasks:
+        columns.append({"key": "zs:mean", "header": "zero-shot mean", "kind": "accuracy"})
+        if len(zs_protocols) > 1:
+            notes.append("zero-shot results come from different settings (num_fewshot, limit): "
+                         + ", ".join(map(str, sorted(zs_protocols, key=str))))
+        if any(len(m) > 1 for m in metrics.values()):
+            notes.append("some tasks are reported with different headline metrics across models (acc vs acc_norm)")
+
+    table_rows = []
+    for name, r in rows:
+        values: dict[str, Optional[float]] = {"sparsity": r.sparsity}
+        if r.reconstruction:
+            final = r.reconstruction.get("final") or {}
+            values["error_calibration"] = (final.get("calibration") or {}).get("after")
+            values["error_heldout"] = (final.get("heldout") or {}).get("after")
+        for label, entry in r.perplexity.items():
+            protocol = (entry.get("split"), entry.get("seq_len"), entry.get("windows"))
+            values[ppl_keys[(label, protocol)]] = entry.get("value")
+        if r.zero_shot is not None:
+            scores = [r.zero_shot.tasks[t].value if t in r.zero_shot.tasks else None for t in tasks]
+            for task, value in zip(tasks, scores):
+                values[f"zs:{task}"] = value
+            values["zs:mean"] = sum(scores) / len(scores) if scores and None not in scores else None
+        table_rows.append({"name": name, "values": {c["key"]: values.get(c["key"]) for c in columns}})
+    return Comparison(columns=columns, rows=table_rows, notes=notes)
+
+
+def _as_results(item: Any) -> tuple[EvalResults, Any]:
+    """(EvalResults, the PruneReport it came from or None) for anything ``compare`` accepts."""
+    from .report import PruneReport
+
+    if isinstance(item, EvalResults):
+        return item, None
+    if isinstance(item, PruneReport):
+        return EvalResults.from_report(item), item
+    if isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        if os.path.isdir(path):
+            path = os.path.join(path, "prune_report.json")
+        with open(path, encoding="utf-8") as handle:
+            item = json.load(handle)
+    if isinstance(item, Mapping):
+        if isinstance(item.get("results"), Mapping):  # the JSON of ``hf-recon-prune eval``
+            return EvalResults.from_dict(item["results"]), None
+        if "blocks" in item and "config" in item:
+            report = PruneReport.from_dict(item)
+            return EvalResults.from_report(report), report
+        return EvalResults.from_dict(item), None
+    raise TypeError(f"cannot compare a {type(item).__name__}; give EvalResults, a PruneReport, a dict or a JSON path")
+
+
+def _short_label(label: str) -> str:
+    # Local paths are shown by their file name: tables get pasted into cards and issues.
+    return os.path.basename(label.rstrip("/\\")) if os.path.isabs(label) else label
+
+
+def _md_cell(text: Any) -> str:
+    return " ".join(str(text).replace("|", "\\|").split())
+
+
+def _format_value(value: Optional[float], kind: str) -> str:
+    if value is None:
+        return "–"
+    if kind in ("percent", "accuracy"):
+        return f"{100.0 * value:.2f}"
+    if kind == "perplexity":
+        return f"{value:.2f}"
+    return f"{value:.4g}"

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
+
+ROLES = ("dense", "pruned")
 
 
 @dataclass
@@ -41,6 +44,86 @@ class PruneReport:
     perplexity: dict[str, Any] = field(default_factory=dict)  # {dataset: {"split", "seq_len", "dense", "pruned"}}, see Pruner.record_perplexity
     total_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # {"num_fewshot", "metric", "limit", "harness_version", "tasks": {task: {"metric", "dataset", "num_samples",
+    #  "version", "dense": {"acc": .., "acc_stderr": .., ...}, "pruned": {...}}}}, see record_evaluation
+    zero_shot: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ measured quality
+    def record_evaluation(self, results: Any, role: str = "pruned") -> None:
+        """Store what ``hf_recon_prune.evaluation.evaluate`` measured, for the pruned model or its dense baseline.
+
+        ``results`` is an EvalResults (or its ``to_dict()``). Perplexity goes to ``self.perplexity`` and zero-shot
+        scores to ``self.zero_shot``, next to the other role's values; both reach the model card's model-index. A
+        value of the other role measured under a different protocol (split, seq_len, windows; num_fewshot, limit,
+        task version) is dropped with a warning rather than shown side by side with this one.
+        """
+        _check_role(role)
+        data = results.to_dict() if hasattr(results, "to_dict") else dict(results)
+        for label, entry in (data.get("perplexity") or {}).items():
+            self.record_perplexity_value(label, entry.get("value"), role=role, split=entry.get("split"),
+                                         seq_len=entry.get("seq_len"), windows=entry.get("windows"))
+        if data.get("zero_shot"):
+            self.record_zero_shot(data["zero_shot"], role=role)
+
+    def record_perplexity_value(self, dataset: str, value: Optional[float], *, role: str = "pruned",
+                                split: Optional[str] = None, seq_len: Optional[int] = None,
+                                windows: Optional[int] = None) -> None:
+        """One perplexity for one role; the same layout as ``Pruner.record_perplexity`` writes."""
+        _check_role(role)
+        key = str(dataset)
+        entry = dict(self.perplexity.get(key) or {})
+        protocol = {"split": split, "seq_len": seq_len}
+        if windows is not None:
+            protocol["windows"] = windows
+        other = "dense" if role == "pruned" else "pruned"
+        mismatch = [k for k, v in protocol.items() if k in entry and entry[k] is not None and entry[k] != v]
+        if entry.get(other) is not None and mismatch:
+            warnings.warn(f"perplexity on {key}: the {other} value was measured with a different "
+                          f"{', '.join(mismatch)} and is dropped", stacklevel=3)
+            entry.pop(other, None)
+        entry.update(protocol)
+        entry[role] = value
+        self.perplexity[key] = entry
+
+    def record_zero_shot(self, results: Any, role: str = "pruned") -> None:
+        """Store zero-shot scores (a ZeroShotResults or its ``to_dict()``) for one role; see ``record_evaluation``."""
+        _check_role(role)
+        data = results.to_dict() if hasattr(results, "to_dict") else dict(results)
+        other = "dense" if role == "pruned" else "pruned"
+        protocol = {"num_fewshot": data.get("num_fewshot", 0), "limit": data.get("limit")}
+        stored = self.zero_shot
+        if stored and any(stored.get(k) != v for k, v in protocol.items()):
+            warnings.warn(f"zero-shot results of the {other} model were measured with different settings "
+                          f"({ {k: stored.get(k) for k in protocol} }) and are dropped", stacklevel=3)
+            stored = {}
+        stored = dict(stored or {})
+        stored.update(protocol)
+        stored["metric"] = data.get("metric", stored.get("metric", "acc"))
+        stored["harness_version"] = data.get("harness_version", stored.get("harness_version"))
+        tasks = dict(stored.get("tasks") or {})
+        for name, score in (data.get("tasks") or {}).items():
+            entry = dict(tasks.get(name) or {})
+            same = {k: score.get(k) for k in ("version", "num_samples")}
+            if entry.get(other) is not None and any(entry.get(k) != v for k, v in same.items()):
+                warnings.warn(f"zero-shot task {name}: the {other} model's score is from a different task version "
+                              "or sample count and is dropped", stacklevel=3)
+                entry.pop(other, None)
+            entry.update(same)
+            entry["metric"] = score.get("metric", "acc")
+            entry["dataset"] = dict(score.get("dataset") or {})
+            entry[role] = dict(score.get("metrics") or {score.get("metric", "acc"): score.get("value")})
+            tasks[name] = entry
+        stored["tasks"] = tasks
+        self.zero_shot = stored
+
+    def zero_shot_mean(self, role: str = "pruned") -> Optional[float]:
+        """Mean of the headline metric over the recorded tasks (None unless every task has a value for ``role``)."""
+        _check_role(role)
+        values = [(entry.get(role) or {}).get(entry.get("metric", "acc"))
+                  for entry in (self.zero_shot.get("tasks") or {}).values()]
+        if not values or any(v is None for v in values):
+            return None
+        return sum(values) / len(values)
 
     # ------------------------------------------------------------------ summaries
     @property
@@ -120,8 +203,22 @@ class PruneReport:
             f"time {self.total_seconds:.1f}s",
         ]
         for dataset, entry in self.perplexity.items():
-            dense = entry.get("dense")
-            dense_text = f"{dense:.3f}" if isinstance(dense, (int, float)) else "not measured"
             parts.append(f"perplexity on {dataset} ({entry.get('split')}, seq_len {entry.get('seq_len')}): "
-                         f"dense {dense_text} -> pruned {entry['pruned']:.3f}")
+                         f"dense {_number(entry.get('dense'))} -> pruned {_number(entry.get('pruned'))}")
+        if self.zero_shot.get("tasks"):
+            tasks = self.zero_shot["tasks"]
+            parts.append(f"zero-shot mean accuracy over {len(tasks)} tasks ({', '.join(tasks)}): "
+                         f"dense {_number(self.zero_shot_mean('dense'), percent=True)} -> "
+                         f"pruned {_number(self.zero_shot_mean('pruned'), percent=True)}")
         return "\n".join(parts)
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"role={role!r} is not allowed; allowed: 'dense' (the model before pruning) or 'pruned'")
+
+
+def _number(value: Any, percent: bool = False) -> str:
+    if not isinstance(value, (int, float)):
+        return "not measured"
+    return f"{100.0 * value:.2f}%" if percent else f"{value:.3f}"
