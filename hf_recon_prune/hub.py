@@ -353,8 +353,9 @@ def build_model_card(
     """Render the model card (a ``huggingface_hub.ModelCard``) from the template, without touching the network.
 
     Metadata: ``base_model`` (a Hub id, never a local path), ``library_name``, ``pipeline_tag``, ``license`` (when
-    known), tags, calibration ``datasets`` that are Hub ids, and a model-index with one result per perplexity in the
-    report. ``local_paths`` are extra absolute paths that must not appear in the card (the folder being written).
+    known), tags, calibration ``datasets`` that are Hub ids, and a model-index with every value the report measured
+    (perplexity per dataset, zero-shot scores per task, the final block's reconstruction error; see ``_evaluation``).
+    ``local_paths`` are extra absolute paths that must not appear in the card (the folder being written).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -369,7 +370,7 @@ def build_model_card(
     repo_id = repo_id or model_name
     model_name = repo_id.split("/")[-1]
 
-    eval_results, perplexity_rows = _evaluation(report, redactor)
+    eval_results, perplexity_rows, zero_shot_rows = _evaluation(report, redactor)
     sparsity = None if report is not None else model_sparsity(model)
 
     tags = ["pruned", "sparse"]
@@ -400,7 +401,8 @@ def build_model_card(
 
     context = _card_context(model, config, report, base=base, model_name=model_name, repo_id=repo_id,
                             has_tokenizer=has_tokenizer, plot_file=plot_file, sparsity=sparsity,
-                            perplexity_rows=perplexity_rows, redactor=redactor, version=__version__)
+                            perplexity_rows=perplexity_rows, zero_shot_rows=zero_shot_rows, redactor=redactor,
+                            version=__version__)
     with card_template_path() as template:
         card = ModelCard.from_template(card_data, template_path=template, **context)
     text = redactor.literal(str(card))
@@ -408,7 +410,7 @@ def build_model_card(
 
 
 def _card_context(model, config, report, *, base, model_name, repo_id, has_tokenizer, plot_file, sparsity,
-                  perplexity_rows, redactor, version) -> dict[str, Any]:
+                  perplexity_rows, redactor, version, zero_shot_rows=()) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -491,6 +493,8 @@ def _card_context(model, config, report, *, base, model_name, repo_id, has_token
         "block_table": report.to_markdown() if report is not None and report.blocks else None,
         "plot_file": plot_file,
         "perplexity_rows": perplexity_rows,
+        "zero_shot_rows": list(zero_shot_rows),
+        "zero_shot_setting": _zero_shot_setting(report) if zero_shot_rows else None,
         "warnings": warnings_list,
         "repo_id": repo_id,
         "repo_id_comment": "" if "/" in repo_id else f"  # this folder, or <namespace>/{repo_id} on the Hub",
@@ -501,6 +505,17 @@ def _card_context(model, config, report, *, base, model_name, repo_id, has_token
         "config_json": config_json,
         "citation": CITATION,
     }
+
+
+def _zero_shot_setting(report: Any) -> str:
+    stored = getattr(report, "zero_shot", None) or {}
+    shots = stored.get("num_fewshot", 0)
+    version = stored.get("harness_version")
+    text = (f"{'zero-shot' if not shots else f'{shots}-shot'}, lm-evaluation-harness"
+            + (f" {version}" if version else "") + ", on the model in memory")
+    if stored.get("limit") is not None:
+        text += f"; only {stored['limit']} documents per task (not comparable to published numbers)"
+    return text
 
 
 def _reconstruction_mode(config: PruningConfig) -> str:
@@ -578,13 +593,25 @@ def _calibration_datasets(config: Optional[PruningConfig], report: Any) -> list[
     return [source] if _looks_like_hub_id(source) and not source.lower().endswith(_FILE_SUFFIXES) else []
 
 
-def _evaluation(report: Any, redactor: "_Redactor") -> tuple[list[Any], list[dict[str, str]]]:
-    """model-index EvalResults and the card's perplexity table rows from ``report.perplexity``."""
+def _evaluation(report: Any, redactor: "_Redactor") -> tuple[list[Any], list[dict[str, str]], list[dict[str, str]]]:
+    """model-index EvalResults and the card's table rows from what the report measured.
+
+    Every value measured on this model becomes one EvalResult: perplexity per dataset, zero-shot scores per task
+    (each metric the harness reported), and the final block's reconstruction error on calibration and held-out
+    samples. Dense-baseline values get their own metric type (``<metric>_dense_baseline``), so that tools reading
+    "perplexity" or "acc" see this model's values only.
+    """
+    results, rows = _perplexity_results(report, redactor)
+    zero_shot_results, zero_shot_rows = _zero_shot_results(report, redactor)
+    return results + zero_shot_results + _reconstruction_results(report, redactor), rows, zero_shot_rows
+
+
+def _perplexity_results(report: Any, redactor: "_Redactor") -> tuple[list[Any], list[dict[str, str]]]:
     from huggingface_hub import EvalResult
 
     results, rows = [], []
     for key, entry in (getattr(report, "perplexity", None) or {}).items():
-        if not isinstance(entry, dict) or "pruned" not in entry:
+        if not isinstance(entry, dict) or ("pruned" not in entry and "dense" not in entry):
             continue
         key = str(key)
         pruned, dense = _finite(entry.get("pruned")), _finite(entry.get("dense"))
@@ -615,6 +642,109 @@ def _evaluation(report: Any, redactor: "_Redactor") -> tuple[list[Any], list[dic
             "dense": _fmt_number(entry.get("dense")), "pruned": _fmt_number(entry.get("pruned")), "change": change,
         })
     return results, rows
+
+
+#: Readable names of the paper's zero-shot tasks (lm-evaluation-harness names -> dataset names).
+ZERO_SHOT_NAMES = {"boolq": "BoolQ", "rte": "RTE", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
+                   "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "OpenBookQA"}
+METRIC_NAMES = {"acc": "accuracy", "acc_norm": "accuracy (length-normalized)"}
+
+
+def _zero_shot_results(report: Any, redactor: "_Redactor") -> tuple[list[Any], list[dict[str, str]]]:
+    from huggingface_hub import EvalResult
+
+    from .zero_shot import hub_dataset_id
+
+    stored = getattr(report, "zero_shot", None) or {}
+    num_fewshot = stored.get("num_fewshot", 0)
+    results, rows = [], []
+    means = {"dense": [], "pruned": []}
+    for task, entry in (stored.get("tasks") or {}).items():
+        if not isinstance(entry, dict):
+            continue
+        task = redactor(str(task))
+        dataset = entry.get("dataset") or {}
+        config, split = dataset.get("name"), dataset.get("split")
+        common = dict(
+            task_type="text-generation", task_name="Text Generation",
+            # Hub id of the data the task reads; a task over local files is named by the task itself.
+            dataset_type=hub_dataset_id(dataset) or task, dataset_name=ZERO_SHOT_NAMES.get(task, task),
+            dataset_config=redactor(str(config)) if config else None,
+            dataset_split=redactor(str(split)) if split else None,
+            dataset_args={"num_few_shot": int(num_fewshot)},
+        )
+        pruned, dense = entry.get("pruned") or {}, entry.get("dense") or {}
+        for metric, value in pruned.items():
+            if metric.endswith("_stderr") or _finite(value) is None:
+                continue
+            name = METRIC_NAMES.get(metric, metric)
+            results.append(EvalResult(metric_type=metric, metric_name=name, metric_value=round(float(value), 4),
+                                      **common))
+            if _finite(dense.get(metric)) is not None:
+                results.append(EvalResult(metric_type=f"{metric}_dense_baseline",
+                                          metric_name=f"{name} of the dense base model (baseline)",
+                                          metric_value=round(float(dense[metric]), 4), **common))
+        metric = entry.get("metric", "acc")
+        values = {role: _finite((entry.get(role) or {}).get(metric)) for role in means}
+        for role, value in values.items():
+            means[role].append(value)
+        rows.append(_zero_shot_row(ZERO_SHOT_NAMES.get(task, task), metric, values["dense"], values["pruned"]))
+    if rows:
+        mean = {role: (sum(v) / len(v) if v and None not in v else None) for role, v in means.items()}
+        rows.append(_zero_shot_row("**mean**", "", mean["dense"], mean["pruned"]))
+    return results, rows
+
+
+def _zero_shot_row(task: str, metric: str, dense: Optional[float], pruned: Optional[float]) -> dict[str, str]:
+    def pct(value: Optional[float]) -> str:
+        return "–" if value is None else f"{100.0 * value:.2f}"
+
+    change = f"{100.0 * (pruned - dense):+.2f}" if pruned is not None and dense is not None else "–"
+    return {"task": _cell(task), "metric": metric, "dense": pct(dense), "pruned": pct(pruned), "change": change}
+
+
+def _reconstruction_results(report: Any, redactor: "_Redactor") -> list[Any]:
+    """The final block's error after reconstruction (this model's state), on calibration and held-out samples."""
+    from huggingface_hub import EvalResult
+
+    blocks = getattr(report, "blocks", None) or []
+    if not blocks:
+        return []
+    last = blocks[-1]
+    calibration = dict(getattr(report, "calibration", None) or {})
+    results = []
+    for samples, label in (("calibration", "calibration samples"), ("heldout", "held-out samples")):
+        value = _finite((getattr(last, "error_after", None) or {}).get(samples))
+        if value is None:
+            continue
+        source, split = calibration.get("source"), calibration.get("split")
+        heldout = calibration.get("heldout")
+        if samples == "heldout" and isinstance(heldout, dict) and heldout.get("source") is not None:
+            source, split = heldout.get("source"), heldout.get("split")
+        dataset_type, dataset_name, dataset_config = _dataset_of_source(source, redactor)
+        results.append(EvalResult(
+            task_type="text-generation", task_name="Text Generation", dataset_type=dataset_type,
+            dataset_name=dataset_name, dataset_config=dataset_config,
+            dataset_split=redactor(str(split)) if split else None,
+            metric_type=f"reconstruction_error_{samples}",
+            metric_name=f"Reconstruction error (MSE to the dense model) of the final block, {label}",
+            metric_value=float(f"{value:.6g}"),
+            metric_args={"block": int(getattr(last, "index", len(blocks) - 1))},
+        ))
+    return results
+
+
+def _dataset_of_source(source: Any, redactor: "_Redactor") -> tuple[str, str, Optional[str]]:
+    """(dataset_type, dataset_name, dataset_config) for a calibration source in the model-index."""
+    if isinstance(source, str) and source in PRESET_DATASETS:
+        hub_id, pretty, config = PRESET_DATASETS[source]
+        return hub_id or ("pydoc_data" if source == "default" else "self-generated"), pretty, config
+    if isinstance(source, (dict, list)) or source is None:
+        return "custom", "user-provided texts", None
+    label = redactor(str(source))
+    if _looks_like_hub_id(source) and not source.lower().endswith(_FILE_SUFFIXES):
+        return source, source, None
+    return "custom", label, None  # a local file or data handed over directly: no Hub dataset to point to
 
 
 # ====================================================================================================== base model
