@@ -246,6 +246,21 @@ def test_cli_eval_runs_zero_shot_on_a_saved_model(pruned_run, tmp_path, capsys):
     assert written["zero_shot_mean"] == pytest.approx(expected["acc"])
     assert written["perplexity"]["value"] > 1.0
 
+    # The same model again, zero-shot only, side by side with the first run's JSON.
+    markdown = tmp_path / "table.md"
+    code = cli.main(["eval", "--model", str(folder), "--dtype", "float32", "--tasks", TASK, "--no-perplexity",
+                     "--include-path", TASK_DIR, "--no-default-tasks", "--compare", str(out),
+                     "--markdown", str(markdown)])
+    assert code == 0
+    again = json.loads(capsys.readouterr().out)
+    assert "perplexity" not in again
+    rows = {r["name"]: r["values"] for r in again["comparison"]["rows"]}
+    assert set(rows) == {"dense", "eval"}
+    assert rows["dense"][f"zs:{TASK}"] == rows["eval"][f"zs:{TASK}"] == pytest.approx(expected["acc"])
+    assert rows["eval"][f"ppl:{text}"] == written["perplexity"]["value"] and rows["dense"][f"ppl:{text}"] is None
+    table = markdown.read_text()
+    assert f"| dense | 0.00 | – | {100 * expected['acc']:.2f} | {100 * expected['acc']:.2f} |" in table
+
 
 # ====================================================================================================== missing extra
 def test_missing_harness_names_the_extra(monkeypatch):
