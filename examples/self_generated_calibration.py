@@ -54,7 +54,9 @@ def main(argv=None):
                               self_gen_language=None if args.language.lower() == "none" else args.language,
                               self_gen_cache_dir=cache)
 
-    # 1. Generate with exactly the settings the pruner will ask for, so that pruning reads the cache.
+    # 1. Generate with exactly the settings the pruner will ask for, so that pruning reads the cache. The cache key
+    # hashes the model's config, and the Pruner turns the KV cache off while it runs: match that here.
+    model.config.use_cache = False
     samples = generate_self_calibration(
         model, tokenizer, with_self.num_self_samples, with_self.seq_len, seed=with_self.seed,
         greedy_tokens=with_self.self_gen_greedy_tokens, temperature=with_self.self_gen_temperature,

@@ -161,7 +161,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if "default:" not in text:
             text += f" (default: {_config_default(f)!r})"
         parse = _field_parser(f.type)
-        groups[group].add_argument(_flag(f.name), dest=f.name, type=parse, default=None,
+        # SUPPRESS: a flag not given leaves no attribute, so "none" (-> None) can still override a --config value.
+        groups[group].add_argument(_flag(f.name), dest=f.name, type=parse, default=argparse.SUPPRESS,
                                    metavar=_METAVARS.get(parse.__name__, "VALUE"), help=text)
 
 
@@ -184,10 +185,10 @@ def _config_from_args(args: argparse.Namespace) -> PruningConfig:
     try:
         if getattr(args, "config", None):
             data.update(_load_config_file(args.config).to_dict())
+        given = vars(args)
         for f in dataclasses.fields(PruningConfig):
-            value = getattr(args, f.name, None)
-            if value is not None:
-                data[f.name] = value
+            if f.name in given:
+                data[f.name] = given[f.name]
         return PruningConfig.from_dict(data)
     except (ValueError, TypeError) as err:
         raise UsageError(_name_the_flag(str(err))) from None

@@ -1,0 +1,272 @@
+"""The console script: flags mirror PruningConfig, --config files, prune -> eval -> info -> push against a stand-in
+Hub, self-generation to JSONL, exit codes and messages. In-process (main(argv)) on tiny saved models, so the suite
+pays for torch's import once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+from huggingface_hub import ModelCard
+
+from hf_recon_prune import PruningConfig, cli
+from hf_recon_prune.report import BlockReport, PruneReport
+from tiny_assets import TOKEN, save_tiny_llama, start_stand_in_hub, write_text
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-assets")
+    return {"model": save_tiny_llama(root / "tiny-llama"), "text": write_text(root / "corpus.txt")}
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if the command gets as far as loading a model."""
+    import hf_recon_prune.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded although the arguments were already known to be wrong")
+
+    monkeypatch.setattr(hf_recon_prune.models, "load_model", refuse)
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def test_console_script_points_at_main():
+    scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("hf-recon-prune") == "hf_recon_prune.cli:main"
+
+
+def test_help_needs_no_torch():
+    code = ("import sys\nfrom hf_recon_prune.cli import main\n"
+            "for argv in ([], ['prune'], ['eval'], ['generate-calibration'], ['push'], ['info']):\n"
+            "    try:\n        main(argv + ['--help'])\n    except SystemExit as e:\n        assert e.code == 0, argv\n"
+            "print('torch imported:', 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("torch imported: False")
+    for command in ("prune", "eval", "generate-calibration", "push", "info"):
+        assert f"usage: hf-recon-prune {command}" in done.stdout
+    assert "exit codes:" in done.stdout
+
+
+def test_every_config_field_is_a_prune_flag():
+    prune = cli.build_parser()._subparsers._group_actions[0].choices["prune"]
+    flags = {option for action in prune._actions for option in action.option_strings}
+    for f in dataclasses.fields(PruningConfig):
+        assert "--" + f.name.replace("_", "-") in flags, f.name
+
+
+def as_flags(config: PruningConfig) -> list[str]:
+    argv = []
+    for f in dataclasses.fields(PruningConfig):
+        value = getattr(config, f.name)
+        if value is None:
+            text = "none"
+        elif isinstance(value, list):
+            text = ",".join(value)
+        else:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+        argv += ["--" + f.name.replace("_", "-"), text]
+    return argv
+
+
+def test_flags_round_trip_every_field(capsys, no_model_loading):
+    config = PruningConfig(method="wanda", pattern="4:8", reconstruction=["lr", "br", "gp", "cr"], calibration="ptb",
+                           num_samples=7, seq_len=33, num_self_samples=5, self_gen_language=None,
+                           include_modules=["mlp", "attn"], br_train_other_params=False, br_lr=3e-4,
+                           reconstruction_mode="lora", stream_dtype="bfloat16", device="cpu")
+    code, out, err = run(capsys, "prune", "-o", "unused", "--print-config", *as_flags(config))
+    assert code == 0, err
+    assert PruningConfig.from_dict(json.loads(out)) == config
+
+
+def test_config_file_then_flags_override(tmp_path, capsys, no_model_loading):
+    saved = PruningConfig(method="magnitude", sparsity=0.7, reconstruction=["lr"], num_samples=3)
+    saved.to_json_file(tmp_path / "pruning.json")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "llama", "pruning_config": saved.to_dict()}))
+    for source in (tmp_path / "pruning.json", tmp_path / "model", tmp_path / "model" / "config.json"):
+        code, out, err = run(capsys, "prune", "-o", "unused", "--config", source, "--sparsity", "0.6",
+                             "--self-gen-language", "none", "--print-config")
+        assert code == 0, err
+        # Flags not given keep the file's values; "none" clears one.
+        assert PruningConfig.from_dict(json.loads(out)) == dataclasses.replace(saved, sparsity=0.6,
+                                                                               self_gen_language=None)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--num-samples", "-3"], ["--num-samples", "num_samples=-3", "integer > 0"]),
+    (["--pattern", "2:4", "--sparsity", "0.6"], ["--sparsity", "1 - N/M = 0.5"]),
+    (["--method", "obc"], ["--method", "'magnitude', 'wanda', 'sparsegpt'"]),
+    (["--reconstruction", "gp"], ["--reconstruction", "only together with 'br'"]),
+    (["--config", "/nonexistent/pruning.json"], ["--config", "no such file"]),
+    (["--eval-seq-len", "1"], ["--eval-seq-len", "at least 2"]),
+])
+def test_bad_configuration_exits_2_naming_the_flag(argv, names, tmp_path, capsys, no_model_loading):
+    code, out, err = run(capsys, "prune", "-o", tmp_path / "out", *argv)
+    assert code == cli.EXIT_USAGE
+    assert err.startswith("hf-recon-prune prune: error: ")
+    for name in names:
+        assert name in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unparseable_value_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["prune", "-o", "x", "--num-samples", "many"])
+    assert info.value.code == 2
+    assert "argument --num-samples: invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_output_that_is_not_a_model_folder_is_refused_before_loading(tmp_path, capsys, no_model_loading):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    code, _, err = run(capsys, "prune", "-o", tmp_path / "notes")
+    assert code == cli.EXIT_USAGE and "not replaced" in err
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_missing_local_model_folder_is_named(tmp_path, capsys):
+    code, _, err = run(capsys, "eval", "--model", tmp_path / "no-such-model")
+    assert code == cli.EXIT_USAGE
+    assert f"--model {tmp_path / 'no-such-model'}: no such folder" in err
+
+
+def test_interrupt_exits_130(monkeypatch, capsys):
+    import hf_recon_prune.models
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf_recon_prune.models, "load_model", interrupted)
+    code, _, err = run(capsys, "eval")
+    assert code == cli.EXIT_INTERRUPTED and "interrupted" in err
+
+
+def test_summary_table_rows():
+    report = PruneReport(model_name="m", family="llama", config=PruningConfig().to_dict(), blocks=[
+        BlockReport(index=0, layer_sparsity={"a": 0.5, "b": 0.5},
+                    error_before={"calibration": 0.25, "heldout": 0.5}, error_after={"calibration": 0.125,
+                                                                                     "heldout": 0.375}),
+    ], total_seconds=3.0)
+    table = cli.summary_table(report, {"dense": 20.0, "pruned": 25.0}, {"pruning": 3.0, "evaluation": 1.5,
+                                                                         "total": 5.0})
+    rows = {line.split("  ")[0]: line.split("  ")[-1].strip() for line in table.splitlines() if "  " in line}
+    assert rows["mean sparsity of pruned layers"] == "0.5000 (2 layers)"
+    assert rows["final-block error, calibration (before -> after BR)"] == "0.25 -> 0.125"
+    assert rows["final-block error, held-out (before -> after BR)"] == "0.5 -> 0.375"
+    assert rows["perplexity before (dense)"] == "20.000"
+    assert rows["perplexity after (pruned)"] == "25.000 (+25.0%)"
+    assert rows["time (s): pruning / evaluation / total"] == "3.0 / 1.5 / 5.0"
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+def test_prune_eval_info_push(assets, tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "tiny-wanda50"
+    code, out, err = run(
+        capsys, "prune", "--model", assets["model"], "--output", out_dir, "--method", "wanda", "--sparsity", "0.5",
+        "--reconstruction", "lr,br,gp", "--br-epochs", "1", "--calibration", assets["text"], "--num-samples", "4",
+        "--seq-len", "32", "--device", "cpu", "--eval-source", assets["text"], "--eval-seq-len", "32",
+        "--eval-windows", "8", "--base-model", "example-org/tiny-llama",
+    )
+    assert code == 0, err
+    assert f"saved the pruned model with its model card to {out_dir}" in out
+    with open(out_dir / "prune_report.json", encoding="utf-8") as handle:
+        report = json.load(handle)
+    measured = report["perplexity"][assets["text"]]
+    # The table prints what was measured and stored.
+    assert re.search(rf"perplexity before \(dense\)\s+{measured['dense']:.3f}\n", out)
+    assert re.search(rf"perplexity after \(pruned\)\s+{measured['pruned']:.3f} \(", out)
+    assert re.search(rf"mean sparsity of pruned layers\s+{report['mean_sparsity']:.4f} \(14 layers\)", out)
+    assert "pruning blocks" in err  # the progress bar
+    assert PruningConfig.from_pretrained(out_dir).reconstruction == ["lr", "br", "gp"]
+
+    # eval reloads the saved folder and measures the same perplexity on the same windows.
+    code, out, err = run(capsys, "eval", "--model", out_dir, "--eval-source", assets["text"], "--eval-seq-len", "32",
+                         "--eval-windows", "8", "--json", tmp_path / "eval.json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result == json.loads((tmp_path / "eval.json").read_text())
+    assert result["perplexity"]["value"] == pytest.approx(measured["pruned"], rel=1e-5)
+    assert result["sparsity"] == pytest.approx(0.5, abs=1e-6)
+
+    code, out, err = run(capsys, "info", out_dir)
+    assert code == 0, err
+    assert "wanda, unstructured, sparsity 0.5, reconstruction lr,br,gp" in out
+    assert f"dense {measured['dense']:.3f} -> pruned {measured['pruned']:.3f}" in out
+
+    hub = start_stand_in_hub(monkeypatch, tmp_path)
+    hub_url = hub.url
+    try:
+        code, out, err = run(capsys, "push", out_dir, "tester/tiny-wanda50", "--private")
+    finally:
+        hub.stop()
+    assert code == 0, err
+    assert not hub.errors, hub.errors
+    repo = hub.repos["tester/tiny-wanda50"]
+    assert repo.private is True
+    assert repo.files == {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)}
+    card = ModelCard(repo.files["README.md"].decode())
+    assert card.data.base_model == "example-org/tiny-llama"
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results}["perplexity"] == \
+        pytest.approx(measured["pruned"], abs=1e-4)
+    assert out.strip().startswith(f"pushed {out_dir} to {hub_url}/tester/tiny-wanda50/commit/")
+    assert hub.token_leaks(TOKEN) == []
+
+
+def test_generate_calibration_writes_jsonl_and_reuses_its_cache(assets, tmp_path, capsys):
+    argv = ["generate-calibration", "--model", assets["model"], "--num-samples", "3", "--seq-len", "16",
+            "--language", "none", "--batch-size", "2", "--seed", "5", "--cache-dir", tmp_path / "cache"]
+    code, out, err = run(capsys, *argv, "--output", tmp_path / "a.jsonl")
+    assert code == 0, err
+    assert "(read from the cache)" not in out
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(row["input_ids"]) == 16 and row["text"] for row in rows)
+
+    code, out, err = run(capsys, *argv, "--output", tmp_path / "b.jsonl")
+    assert code == 0, err
+    assert "(read from the cache)" in out
+    assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------- push errors
+def test_push_of_a_folder_without_a_model_is_refused(tmp_path, capsys):
+    code, _, err = run(capsys, "push", tmp_path, "tester/x")
+    assert code == cli.EXIT_USAGE and "not a saved model folder" in err
+
+
+def test_push_while_offline_says_so(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    code, _, err = run(capsys, "push", tmp_path, "tester/x")
+    assert code == cli.EXIT_USAGE and "HF_HUB_OFFLINE" in err
+
+
+def test_failed_upload_exits_1_with_the_retry_command(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    hub = start_stand_in_hub(monkeypatch, tmp_path, fail={"commit": 500})
+    try:
+        code, _, err = run(capsys, "push", folder, "tester/broken")
+    finally:
+        hub.stop()
+    assert code == cli.EXIT_FAILURE
+    assert "failed: HubUploadError" in err
+    assert f"Retry with: hf-recon-prune push {folder} tester/broken" in err
+    assert TOKEN not in err
