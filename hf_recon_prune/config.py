@@ -18,7 +18,8 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 RECONSTRUCTIONS = ("lr", "br", "gp", "cr")
 RECONSTRUCTION_MODES = ("full", "lora")
 SELF_SAMPLE_USES = ("reconstruction", "all")
-STREAM_LOCATIONS = ("auto", "device", "cpu")
+STREAM_LOCATIONS = ("auto", "device", "cpu", "disk")
+DATA_PARALLEL_MODES = ("auto", "off")
 AUTOCAST_DTYPES = ("auto", "bfloat16", "float16", "float32")
 CONFIG_KEY = "pruning_config"
 
@@ -107,12 +108,23 @@ class PruningConfig:
     # Execution (does not change the result beyond float rounding). track_reconstruction_error carries the dense
     # model's activation stream to report the paper's per-block error (one more block forward per block; GP needs
     # that stream anyway).
+    #
+    # stream_location: "device", "cpu" (pinned when the device is a GPU), "disk" (a memory-mapped file in
+    # stream_folder, or the system's temporary folder) or "auto" (the device when the memory estimate says the streams
+    # fit next to one window, otherwise the CPU). stream_folder also receives the pruned weights of disk-offloaded
+    # blocks whose accelerate loader has no offload folder of its own. max_device_memory ("16GiB", "500MB" or bytes)
+    # is what the run may hold on the execution device, model weights resident there included; None: the device's free
+    # memory at the start (no check on the CPU). data_parallel "auto" shards the calibration rows over the processes of
+    # an initialised torch.distributed group (or one that `accelerate launch` / torchrun describe in the environment).
     device: Optional[str] = None
     stream_location: str = "auto"
     stream_dtype: Optional[str] = None
+    stream_folder: Optional[str] = None
+    max_device_memory: Optional[Union[str, int]] = None
     autocast_dtype: str = "auto"
     forward_batch_size: int = 8
     track_reconstruction_error: bool = True
+    data_parallel: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.reconstruction, str):
@@ -162,6 +174,12 @@ class PruningConfig:
             raise _bad("reconstruction_mode", self.reconstruction_mode, ", ".join(map(repr, RECONSTRUCTION_MODES)))
         if self.stream_location not in STREAM_LOCATIONS:
             raise _bad("stream_location", self.stream_location, ", ".join(map(repr, STREAM_LOCATIONS)))
+        if self.stream_folder is not None and not self.stream_folder.strip():
+            raise _bad("stream_folder", self.stream_folder, "None (the system's temporary folder) or a folder path")
+        if self.max_device_memory is not None:
+            parse_memory_size(self.max_device_memory)
+        if self.data_parallel not in DATA_PARALLEL_MODES:
+            raise _bad("data_parallel", self.data_parallel, ", ".join(map(repr, DATA_PARALLEL_MODES)))
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise _bad("autocast_dtype", self.autocast_dtype, ", ".join(map(repr, AUTOCAST_DTYPES)))
         if self.stream_dtype is not None and self.stream_dtype not in AUTOCAST_DTYPES[1:]:
@@ -267,6 +285,29 @@ class PruningConfig:
         }
         inner = ", ".join(f"{k}={v!r}" for k, v in changed.items())
         return f"PruningConfig({inner})"
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory_size(value: Union[str, int]) -> int:
+    """Bytes in ``"16GiB"`` / ``"500MB"`` / an int: GB and MB are decimal, GiB and MiB binary, as in accelerate's
+    ``max_memory``. Raises ValueError naming ``max_device_memory`` for anything else."""
+    allowed = "a positive number of bytes or a size such as '16GiB' or '500MB'"
+    if isinstance(value, bool):
+        raise _bad("max_device_memory", value, allowed)
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_RE.match(value) if isinstance(value, str) else None
+        if match is None:
+            raise _bad("max_device_memory", value, allowed)
+        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()])
+    if size <= 0:
+        raise _bad("max_device_memory", value, allowed)
+    return size
 
 
 def _matches(value: Any, annotation: Any) -> bool:
