@@ -29,6 +29,10 @@ class InputStatistics:
         if self._gram is not None:
             self._gram.addmm_(x.T, x)
 
+    def accumulators(self) -> list[torch.Tensor]:
+        """The tensors that add up over tokens; data-parallel runs sum them (and ``num_tokens``) over processes."""
+        return [self.squared_norms] + ([self._gram] if self._gram is not None else [])
+
     @property
     def hessian(self) -> torch.Tensor:
         if self._gram is None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..block_io import batches, call_window, move_to
 from ..config import PruningConfig
+from ..distributed import ShardedRows
 from .masked_lora import MaskedLoraHandle, attach_masked_lora, merge_masked_lora, unload_masked_lora
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def reconstruct_window(
     show_progress: bool = False,
     loss_transform: Optional[LossTransform] = None,
     window_name: Optional[str] = None,
+    sharded_rows: Optional[ShardedRows] = None,
 ) -> TrainResult:
     """Minimise ``MSE(call_window(blocks, inputs), targets)`` over the window's weights, in place.
 
@@ -108,6 +110,9 @@ def reconstruct_window(
         loss_transform: see :data:`LossTransform`.
         window_name: how warnings name this window (e.g. ``"blocks (3, 4)"``); by default derived from the blocks'
             ``layer_idx`` attributes.
+        sharded_rows: data-parallel training (see ``distributed.py``): ``inputs`` / ``targets`` hold this process's
+            shard of the rows. Every process draws the permutation of all rows, runs the part of each mini-batch in
+            its shard, and the summed gradient (and loss) is that of the whole mini-batch; all processes must call.
 
     To be able to revert, a copy of every parameter of the window (original dtype) is kept on its device during
     the call. A non-finite loss (checked once per epoch, which costs one device synchronisation per epoch) stops training and
@@ -121,8 +126,8 @@ def reconstruct_window(
     kwargs_per_block = list(kwargs_per_block)
     device = _normalise_device(torch.device(device))
     name = window_name or _describe_window(blocks)
-    _check_arguments(blocks, masks, inputs, targets, kwargs_per_block)
-    num_rows = inputs.shape[0]
+    _check_arguments(blocks, masks, inputs, targets, kwargs_per_block, sharded_rows)
+    num_rows = inputs.shape[0] if sharded_rows is None else sharded_rows.total_rows
     batch_size = min(config.br_batch_size, num_rows)
     steps_per_epoch = math.ceil(num_rows / batch_size)
     total_steps = config.br_epochs * steps_per_epoch
@@ -188,7 +193,7 @@ def reconstruct_window(
             bad = _train(
                 blocks, pruned if config.reconstruction_mode == "full" else {}, trainable, inputs, targets,
                 train_kwargs, config, device, batch_size, steps_per_epoch, total_steps, amp_dtype, loss_transform,
-                result, progress,
+                result, progress, num_rows, sharded_rows,
             )
             if bad is not None:
                 step, value = bad
@@ -230,10 +235,9 @@ def reconstruct_window(
 
 def _train(
     blocks, pruned, trainable, inputs, targets, kwargs, config, device, batch_size, steps_per_epoch, total_steps,
-    amp_dtype, loss_transform, result, progress,
+    amp_dtype, loss_transform, result, progress, num_rows, sharded_rows=None,
 ) -> Optional[tuple[int, float]]:
     """The optimisation loop; returns (step, loss) of the first non-finite loss, or None."""
-    num_rows = inputs.shape[0]
     optimizer = torch.optim.Adam(trainable, lr=config.br_lr, fused=True if device.type == "cuda" else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
@@ -246,15 +250,19 @@ def _train(
             rows_per_step = []
             for i, rows in enumerate(batches(num_rows, batch_size)):
                 index = order[rows]
-                x = _fetch(inputs, index, device).float()
-                y = _fetch(targets, index, device).float()
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out = call_window(blocks, x, kwargs)
-                loss = F.mse_loss(out.float(), y)
-                if loss_transform is not None:
-                    loss = loss_transform(step, loss)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                if sharded_rows is None:
+                    x = _fetch(inputs, index, device).float()
+                    y = _fetch(targets, index, device).float()
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        out = call_window(blocks, x, kwargs)
+                    loss = F.mse_loss(out.float(), y)
+                    if loss_transform is not None:
+                        loss = loss_transform(step, loss)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                else:
+                    loss = _sharded_step(blocks, trainable, optimizer, inputs, targets, kwargs, index, device, amp_dtype,
+                                         scaler, loss_transform, step, sharded_rows)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -278,6 +286,32 @@ def _train(
                 progress.set_postfix(loss=f"{result.epoch_losses[-1]:.4g}")
     optimizer.zero_grad(set_to_none=True)
     return None
+
+
+def _sharded_step(blocks, trainable, optimizer, inputs, targets, kwargs, index, device, amp_dtype, scaler,
+                  loss_transform, step, sharded_rows) -> torch.Tensor:
+    """Backward over this shard's rows of the mini-batch ``index``, then sum gradients and loss over processes.
+
+    The local loss is the squared error of the local rows divided by the size of the *whole* mini-batch, so the
+    summed gradient equals the gradient of the single-process mean.
+    """
+    local = sharded_rows.local(index)
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    if local.numel():
+        x = _fetch(inputs, local, device).float()
+        y = _fetch(targets, local, device).float()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = call_window(blocks, x, kwargs)
+        loss = (out.float() - y).square().sum() / (index.numel() * y[0].numel())
+        if loss_transform is not None:
+            loss = loss_transform(step, loss)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    total = loss.detach().float().reshape(1).clone()
+    sharded_rows.reduce_gradients_(trainable, extra=[total])
+    return total[0]
 
 
 def _mask_grad(not_kept: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -325,14 +359,14 @@ def _describe_window(blocks: Sequence[nn.Module]) -> str:
     return f"window of {len(blocks)} block(s) ({', '.join(type(b).__name__ for b in blocks)})"
 
 
-def _check_arguments(blocks, masks, inputs, targets, kwargs_per_block) -> None:
+def _check_arguments(blocks, masks, inputs, targets, kwargs_per_block, sharded_rows=None) -> None:
     if not blocks:
         raise ValueError("reconstruct_window needs at least one block")
     if len(kwargs_per_block) != len(blocks):
         raise ValueError(f"{len(kwargs_per_block)} kwargs dicts for {len(blocks)} blocks")
     if inputs.ndim != 3 or targets.shape != inputs.shape:
         raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must both be [N, L, d]")
-    if inputs.shape[0] == 0:
+    if (inputs.shape[0] if sharded_rows is None else sharded_rows.total_rows) == 0:
         raise ValueError("reconstruct_window needs at least one calibration row")
     if not (inputs.is_floating_point() and targets.is_floating_point()):
         raise TypeError("inputs and targets must be floating point")
