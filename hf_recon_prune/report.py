@@ -44,6 +44,10 @@ class PruneReport:
     perplexity: dict[str, Any] = field(default_factory=dict)  # {dataset: {"split", "seq_len", "dense", "pruned"}}, see Pruner.record_perplexity
     total_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # {"estimate": memory.MemoryEstimate.to_dict() (planned bytes per process, stream placement, budget),
+    #  "peak_device_bytes_per_window": measured torch.cuda.max_memory_allocated per window (GPU runs only),
+    #  "data_parallel_processes": n}
+    memory: dict[str, Any] = field(default_factory=dict)
     # {"num_fewshot", "metric", "limit", "harness_version", "tasks": {task: {"metric", "dataset", "num_samples",
     #  "version", "dense": {"acc": .., "acc_stderr": .., ...}, "pruned": {...}}}}, see record_evaluation
     zero_shot: dict[str, Any] = field(default_factory=dict)
