@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .block_io import batches, move_to
+from .block_io import batches
 
 
 class _StopForward(Exception):
@@ -60,17 +60,34 @@ def _input_device(model: nn.Module, fallback: torch.device) -> torch.device:
     return fallback if weight.device.type == "meta" else weight.device
 
 
+def _move_once(obj: Any, device: torch.device, moved: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """Like ``move_to``, but a tensor that several blocks receive (rotary embeddings, the mask) is moved once and
+    shared, instead of one device copy per block (an [L, L] mask for every block of a deep model adds up)."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in moved:
+            moved[id(obj)] = (obj, obj.to(device))  # keeping obj alive keeps its id from being reused
+        return moved[id(obj)][1]
+    if isinstance(obj, dict):
+        return {k: _move_once(v, device, moved) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_move_once(v, device, moved) for v in obj)
+    if isinstance(obj, list):
+        return [_move_once(v, device, moved) for v in obj]
+    return obj
+
+
 @torch.no_grad()
 def capture_block_kwargs(
     base_model: nn.Module, blocks: Sequence[nn.Module], sample_ids: torch.Tensor, device: torch.device
 ) -> list[dict[str, Any]]:
     """Keyword arguments every block receives for a batch of one sequence of this length (broadcast over batches)."""
     records: list[Optional[dict]] = [None] * len(blocks)
+    moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def make_forward(index: int):
         def record(*args, **kwargs):
             hidden, rest = _split_hidden(args, kwargs)
-            records[index] = move_to(_clean_kwargs(rest), device)
+            records[index] = _move_once(_clean_kwargs(rest), device, moved)
             return hidden
 
         return record

@@ -8,12 +8,18 @@ Streams (each [rows, seq_len, hidden]):
 A *window* is the set of blocks trained together: one block, or two adjacent blocks with cross-block
 reconstruction (CR), sliding by one. A block is *prepared* (masked, and LR-updated) when it first enters a window and
 *finalised* (its output becomes the next sparse stream) when it leaves the last window it belongs to.
+
+Only the blocks of the current window (and their dense copies when BR needs them) are on the execution device; the
+rest stay where the model keeps them, including Accelerate's CPU/disk offload (``offload.py``). The streams live on
+the device, in (pinned) CPU memory or in a memory-mapped file, as the memory plan decides (``memory.py``). Under
+torch.distributed every process runs this loop on its shard of the rows (``distributed.py``).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +33,9 @@ from .block_io import batches, call_window
 from .capture import capture_block_kwargs, capture_first_block_inputs
 from .config import PruningConfig
 from .criteria import StatisticsRecorder, needs_hessian, needs_statistics, prune_linear
-from .offload import BlockPlacement, allocate_stream, execution_device, resolve_dtype, stream_device
+from .distributed import DataParallel, ShardedRows
+from .memory import estimate_memory, plan_placement
+from .offload import BlockPlacement, StreamFactory, execution_device, resolve_dtype
 from .report import BlockReport, PruneReport
 
 logger = logging.getLogger(__name__)
@@ -104,6 +112,7 @@ class Pruner:
         started = time.perf_counter()
         backups: dict[int, dict[str, torch.Tensor]] = {}
         self._modified: list[int] = []
+        self._placement = None
         was_training = model.training
         use_cache = getattr(model.config, "use_cache", None)
         model.eval()
@@ -129,9 +138,19 @@ class Pruner:
         }
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> str:
-        """Save the pruned model (dense safetensors), tokenizer, PruningConfig in config.json, report and model card."""
+        """Save the pruned model (dense safetensors), tokenizer, PruningConfig in config.json, report and model card.
+
+        In a data-parallel run every process holds the same model: rank 0 writes, the others wait for it.
+        """
         from .hub import save_pruned_model
 
+        data_parallel = getattr(self, "_data_parallel", None)
+        if data_parallel is not None:
+            folder = None
+            if data_parallel.is_main:
+                folder = save_pruned_model(self.model, save_directory, self.config, tokenizer=self.tokenizer,
+                                           report=self._require_report(), **kwargs)
+            return data_parallel.broadcast_object(folder)
         return save_pruned_model(self.model, save_directory, self.config, tokenizer=self.tokenizer,
                                  report=self._require_report(), **kwargs)
 
@@ -161,11 +180,22 @@ class Pruner:
         return self.report
 
     def _handle_failure(self, error: BaseException, backups: dict[int, dict[str, torch.Tensor]]) -> None:
+        placement = getattr(self, "_placement", None)
+        if placement is not None:
+            try:  # the blocks of the failed window go back where they live (and under their accelerate hooks)
+                placement.restore_all(list(self.layout.blocks))
+            except Exception as restore_error:  # noqa: BLE001 - the original error matters more
+                logger.error("could not put the blocks back after the failure: %s", restore_error)
         if not self._modified:
             return
         if self.keep_backup:
             for index, state in backups.items():
-                self.layout.blocks[index].load_state_dict(state)
+                block = self.layout.blocks[index]
+                if placement is not None:
+                    placement.onload(block)  # an offloaded block holds meta tensors: restore through its storage
+                block.load_state_dict(state)
+                if placement is not None:
+                    placement.offload(block)
             logger.error("pruning failed (%s); the %d modified blocks were restored", error, len(backups))
             return
         self.model._hf_recon_prune_incomplete = True
@@ -184,29 +214,49 @@ class Pruner:
         cfg, model, layout = self.config, self.model, self.layout
         blocks = layout.blocks
         num_blocks = len(blocks)
-        device = execution_device(cfg.device)
+        data_parallel = DataParallel.resolve(cfg.data_parallel)
+        self._data_parallel = data_parallel
+        device = data_parallel.device(cfg.device) if data_parallel else execution_device(cfg.device)
         model_dtype = next(model.parameters()).dtype
         dtype = resolve_dtype(cfg.stream_dtype, model_dtype)
-        placement = BlockPlacement(device)
 
-        calibration = self._calibration_set()
+        # Every process must see the same rows: rank 0 builds the set (self-generation included) and shares it.
+        calibration = self._calibration_set() if data_parallel is None or data_parallel.is_main else None
+        if data_parallel is not None:
+            calibration = data_parallel.broadcast_object(calibration)
         ids, heldout_ids = calibration.input_ids, calibration.heldout_ids
-        statistics_rows = calibration.statistics_mask.bool().nonzero().squeeze(1)
-        if statistics_rows.numel() == 0 and needs_statistics(cfg.method, cfg.uses("lr")):
+        statistics_mask = calibration.statistics_mask.bool()
+        if not bool(statistics_mask.any()) and needs_statistics(cfg.method, cfg.uses("lr")):
             raise ValueError(f"method={cfg.method!r} needs calibration rows for its statistics, but none is marked")
+        self._total_rows = {"calibration": ids.shape[0], "heldout": heldout_ids.shape[0]}
+        shards = {split: data_parallel.shard(n) if data_parallel else slice(0, n) for split, n in self._total_rows.items()}
+        local_ids = {"calibration": ids[shards["calibration"]], "heldout": heldout_ids[shards["heldout"]]}
+        statistics_rows = statistics_mask[shards["calibration"]].nonzero().squeeze(1)
         # Real rows come first, so the statistics rows are usually a prefix: a view instead of a copy.
         is_prefix = bool((statistics_rows == torch.arange(statistics_rows.numel())).all())
         stat_rows = slice(0, statistics_rows.numel()) if is_prefix else statistics_rows
+        self._sharded_rows = (
+            ShardedRows(data_parallel, self._total_rows["calibration"], shards["calibration"]) if data_parallel else None
+        )
 
-        hidden = model.config.get_text_config().hidden_size
-        n_rows, n_heldout, seq_len = ids.shape[0], heldout_ids.shape[0], ids.shape[1]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        stream_bytes = 3 * (n_rows + n_heldout) * seq_len * hidden * itemsize
-        where = stream_device(cfg.stream_location, device, stream_bytes)
-        pin = where.type == "cpu" and device.type == "cuda"
+        text_config = model.config.get_text_config()
+        hidden = text_config.hidden_size
+        seq_len = ids.shape[1]
+        estimate = estimate_memory(
+            blocks, cfg, local_ids["calibration"].shape[0], local_ids["heldout"].shape[0], seq_len, hidden, dtype,
+            device, attention=getattr(text_config, "_attn_implementation", None),
+            num_heads=getattr(text_config, "num_attention_heads", 0) or 0,
+        )
+        plan_placement(estimate, cfg, device)
+        logger.info("%s", estimate.summary())
+        if self.show_progress and (data_parallel is None or data_parallel.is_main):
+            print(estimate.summary(), file=sys.stderr)
+        self._stream_factory = StreamFactory(estimate.stream_location, device, dtype, cfg.stream_folder)
+        placement = BlockPlacement(device, cfg.stream_folder)
+        self._placement = placement
 
         def new_stream(rows: int) -> torch.Tensor:
-            return allocate_stream((rows, seq_len, hidden), dtype, where, pin)
+            return self._stream_factory((rows, seq_len, hidden))
 
         report = PruneReport(
             model_name=getattr(model.config, "_name_or_path", "") or type(model).__name__,
@@ -215,18 +265,27 @@ class Pruner:
             blocks=[BlockReport(index=i) for i in range(num_blocks)],
             calibration=dict(getattr(calibration, "description", {}) or {}),
         )
+        report.memory = {"estimate": estimate.to_dict(), "peak_device_bytes_per_window": [],
+                         "data_parallel_processes": data_parallel.world_size if data_parallel else 1}
 
         kwargs = capture_block_kwargs(layout.base_model, blocks, ids[:1], device)
         track_dense = cfg.track_reconstruction_error or cfg.uses("gp")
         streams = {}
-        for split, split_ids in (("calibration", ids), ("heldout", heldout_ids)):
+        for split, split_ids in local_ids.items():
             first_inputs = capture_first_block_inputs(
                 layout.base_model, blocks[0], split_ids, cfg.forward_batch_size, device, new_stream(split_ids.shape[0])
             )
             # Both models share the embeddings, so the dense stream starts equal to the sparse one.
-            streams[split] = _Streams(sparse={0: first_inputs}, dense={0: first_inputs.clone() if track_dense else None})
+            dense_first = None
+            if track_dense:
+                dense_first = new_stream(split_ids.shape[0])
+                dense_first.copy_(first_inputs)
+            streams[split] = _Streams(sparse={0: first_inputs}, dense={0: dense_first})
 
         self._device, self._new_stream = device, new_stream
+        measure_peaks = device.type == "cuda"
+        if measure_peaks:
+            torch.cuda.reset_peak_memory_stats(device)
         windows: list[tuple[int, ...]] = [(i,) for i in range(num_blocks)]
         reconstruct_window = None
         if cfg.uses("br"):
@@ -235,7 +294,7 @@ class Pruner:
             windows = reconstruction_windows(num_blocks, cross_block=cfg.uses("cr"))
         block_masks: dict[int, dict[nn.Linear, torch.Tensor]] = {}
         dense_blocks: dict[int, nn.Module] = {}
-        progress = self._progress(len(windows))
+        progress = self._progress(len(windows)) if data_parallel is None or data_parallel.is_main else None
 
         for window_number, window in enumerate(windows):
             for index in window:
@@ -261,6 +320,9 @@ class Pruner:
                     self.masks[mask_name] = mask.to("cpu")
                 placement.offload(blocks[index])
                 dense_blocks.pop(index, None)
+            if measure_peaks:
+                report.memory["peak_device_bytes_per_window"].append(torch.cuda.max_memory_allocated(device))
+                torch.cuda.reset_peak_memory_stats(device)
             if progress is not None:
                 progress.update(1)
                 last = report.blocks[window[0]].error_after.get("calibration")
@@ -284,21 +346,29 @@ class Pruner:
 
     # ------------------------------------------------------------------ steps
     def _forward(
-        self, blocks: Sequence[nn.Module], kwargs: Sequence[dict], stream: torch.Tensor, reference: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, Optional[float]]:
-        """Run ``blocks`` over every row of ``stream``, batched; optionally the MSE of the output to ``reference``."""
-        out = self._new_stream(stream.shape[0])
-        squared_error, count = 0.0, 0
+        self, blocks: Sequence[nn.Module], kwargs: Sequence[dict], stream: torch.Tensor,
+        reference: Optional[torch.Tensor] = None, keep_output: bool = True,
+    ) -> tuple[Optional[torch.Tensor], Optional[float]]:
+        """Run ``blocks`` over every row of ``stream``, batched; optionally the MSE of the output to ``reference``
+        (over every process's rows in a data-parallel run: then every process must call with a reference)."""
+        out = self._new_stream(stream.shape[0]) if keep_output else None
+        squared_error = torch.zeros((), dtype=torch.float64, device=self._device)
+        count = 0
         for rows in batches(stream.shape[0], self.config.forward_batch_size):
             x = stream[rows].to(self._device, non_blocking=True)
             y = call_window(blocks, x, kwargs)
-            out[rows] = y.to(out.device, out.dtype, non_blocking=True)
+            if out is not None:
+                out[rows] = y.to(out.device, out.dtype, non_blocking=True)
             if reference is not None:
                 ref = reference[rows].to(self._device, non_blocking=True)
-                squared_error += float((y.float() - ref.float()).square().sum())
+                squared_error += (y.float() - ref.float()).square().sum().double()
                 count += y.numel()
-        error = squared_error / count if reference is not None and count else None
-        return out, error
+        if reference is None:
+            return out, None
+        total, count = float(squared_error), float(count)
+        if self._data_parallel is not None:
+            total, count = self._data_parallel.sum_floats([total, count])
+        return out, (total / count if count else None)
 
     def _prepare_block(self, index, window_start, blocks, kwargs, streams, stat_rows, block_report):
         """Advance the dense streams past block ``index``, choose its masks (+ LR), measure the error before BR."""
@@ -328,9 +398,11 @@ class Pruner:
             with _timed(block_report, "statistics"):
                 recorder = StatisticsRecorder(layers, hessian=needs_hessian(cfg.method, lr))
                 try:
-                    self._forward([block], block_kwargs, inputs["calibration"][stat_rows])
+                    self._forward([block], block_kwargs, inputs["calibration"][stat_rows], keep_output=False)
                 finally:
                     recorder.remove()
+                if self._data_parallel is not None:
+                    self._reduce_statistics(recorder)
 
         masks: dict[nn.Linear, torch.Tensor] = {}
         with _timed(block_report, "masks_lr"):
@@ -342,21 +414,30 @@ class Pruner:
                 masks[layer] = result.keep_mask
                 if result.dampening is not None:
                     block_report.dampening[name] = result.dampening
+            if self._data_parallel is not None:
+                self._data_parallel.broadcast_([t for layer, mask in masks.items() for t in (layer.weight.data, mask)])
         del recorder
 
         # Without BR the block is final now: its output is the next sparse stream, so keep it instead of recomputing.
         final_now = not cfg.uses("br")
         with _timed(block_report, "propagation" if final_now else "error"):
             for split, stream in streams.items():
-                if inputs[split].shape[0] == 0:
+                if self._total_rows[split] == 0:
                     block_report.error_before[split] = None
                     continue
                 output, block_report.error_before[split] = self._forward(
-                    [block], block_kwargs, inputs[split], stream.dense[index + 1]
+                    [block], block_kwargs, inputs[split], stream.dense[index + 1], keep_output=final_now
                 )
                 if final_now:
                     stream.sparse[index + 1] = output
         return masks
+
+    def _reduce_statistics(self, recorder: StatisticsRecorder) -> None:
+        stats = list(recorder.stats.values())
+        counts = self._data_parallel.sum_floats(float(s.num_tokens) for s in stats)
+        for statistics, count in zip(stats, counts):
+            statistics.num_tokens = int(count)
+        self._data_parallel.all_reduce_([t for s in stats for t in s.accumulators()])
 
     def _reconstruct(self, window, blocks, kwargs, block_masks, calibration, dense_blocks, report, reconstruct_window):
         cfg = self.config
@@ -369,11 +450,14 @@ class Pruner:
         else:
             targets, _ = self._forward([dense_blocks[i] for i in window], window_kwargs, calibration.sparse[first])
         masks = {layer: mask for i in window for layer, mask in block_masks[i].items()}
+        extra = {} if self._sharded_rows is None else {"sharded_rows": self._sharded_rows}
         with torch.enable_grad():
             result = reconstruct_window(
                 window_blocks, masks, calibration.sparse[first], targets, window_kwargs, cfg, self._device,
-                show_progress=False, window_name=f"blocks {window}",
+                show_progress=False, window_name=f"blocks {window}", **extra,
             )
+        if self._data_parallel is not None:
+            self._data_parallel.broadcast_module_(window_blocks)
         seconds = time.perf_counter() - start
         for i in window:
             block_report = report.blocks[i]
@@ -390,7 +474,7 @@ class Pruner:
         block = blocks[index]
         with _timed(block_report, "propagation"):
             for split, stream in streams.items():
-                if stream.sparse[index].shape[0] == 0:
+                if self._total_rows[split] == 0:
                     stream.sparse.setdefault(index + 1, stream.sparse[index])
                     block_report.error_after[split] = None
                 elif index + 1 in stream.sparse and not self.config.uses("br"):

@@ -1,0 +1,202 @@
+"""Accelerate-offloaded models, disk streams and the memory plan give the model the in-memory run gives."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+import hf_recon_prune.offload as offload
+from conftest import make_tiny_model, random_ids
+from hf_recon_prune import PruningConfig
+from hf_recon_prune.architectures import resolve_layout
+from hf_recon_prune.config import parse_memory_size
+from hf_recon_prune.memory import MemoryBudgetError
+from hf_recon_prune.pruner import Pruner
+from test_pruner import _calibration, _config
+
+RECIPE = dict(method="sparsegpt", reconstruction=["lr", "br", "gp"], br_epochs=3, br_lr=1e-3, br_batch_size=4)
+
+
+def _run(model, **overrides):
+    pruner = Pruner(model, _config(**{**RECIPE, **overrides}), calibration_data=_calibration(), show_progress=False)
+    return pruner, pruner.prune()
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny Llama saved with save_pretrained, and the in-memory run of it (the reference)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama", num_layers=3).save_pretrained(folder)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    pruner, report = _run(reference)
+    with torch.no_grad():
+        logits = reference(random_ids(2, 12, seed=7)).logits
+    return {"folder": folder, "state": reference.state_dict(), "masks": pruner.masks, "report": report,
+            "logits": logits, "size": sum(p.numel() * p.element_size() for p in reference.parameters())}
+
+
+def _assert_same_model(state, masks, saved):
+    assert masks.keys() == saved["masks"].keys() and masks
+    for name, mask in masks.items():
+        assert torch.equal(mask, saved["masks"][name]), name
+    assert state.keys() == saved["state"].keys()
+    for name, value in state.items():
+        torch.testing.assert_close(value, saved["state"][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _track_materialised_blocks(monkeypatch, layout):
+    """Record, at every onload, how many decoder blocks of the model hold real (non-meta) weights."""
+    counts = []
+    real_onload = offload.BlockPlacement.onload
+
+    def onload(self, block):
+        result = real_onload(self, block)
+        counts.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in layout.blocks))
+        return result
+
+    monkeypatch.setattr(offload.BlockPlacement, "onload", onload)
+    return counts
+
+
+@pytest.mark.parametrize("storage", ["disk", "disk-without-offload-folder", "cpu_offload"])
+def test_offloaded_model_prunes_to_the_in_memory_result(saved, storage, tmp_path, monkeypatch):
+    checkpoint = os.path.join(saved["folder"], "model.safetensors")
+    checksum = _sha256(checkpoint)
+    overrides = {}
+    if storage == "cpu_offload":
+        # accelerate.cpu_offload: every weight in a CPU state dict, meta tensors in the model, hooks on every module
+        from accelerate import cpu_offload
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(saved["folder"]).eval()
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    else:
+        kwargs = dict(device_map="auto", max_memory={"cpu": saved["size"] // 4})
+        if storage == "disk":
+            kwargs["offload_folder"] = str(tmp_path / "offload")
+        else:  # transformers then reads offloaded weights from the checkpoint; the pruned ones need another home
+            overrides["stream_folder"] = str(tmp_path / "scratch")
+        model = transformers.AutoModelForCausalLM.from_pretrained(saved["folder"], **kwargs).eval()
+        assert "disk" in set(model.hf_device_map.values())
+    layout = resolve_layout(model)
+    assert all(p.device.type == "meta" for p in layout.blocks.parameters())
+
+    counts = _track_materialised_blocks(monkeypatch, layout)
+    pruner, report = _run(model, **overrides)
+
+    assert counts and max(counts) == 1  # one window (one block with BR+GP) materialised at a time
+    assert all(p.device.type == "meta" for p in layout.blocks.parameters())  # back in the offload storage
+    assert _sha256(checkpoint) == checksum  # the original checkpoint is never written
+    for mine, theirs in zip(report.blocks, saved["report"].blocks):
+        assert mine.error_after["calibration"] == pytest.approx(theirs.error_after["calibration"], rel=1e-4)
+    with torch.no_grad():  # the hooks are back: the offloaded model runs with the pruned weights
+        torch.testing.assert_close(model(random_ids(2, 12, seed=7)).logits, saved["logits"], rtol=1e-4, atol=1e-5)
+
+    if storage == "cpu_offload":  # detaching the hooks restores every weight from the state dict they serve
+        from accelerate.hooks import remove_hook_from_module
+
+        _assert_same_model(remove_hook_from_module(model, recurse=True).state_dict(), pruner.masks, saved)
+    else:  # what transformers saves, reading the offload storage, is the pruned model
+        model.save_pretrained(tmp_path / "saved")
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+        _assert_same_model(reloaded.state_dict(), pruner.masks, saved)
+    if storage == "disk-without-offload-folder":
+        assert any(name.endswith(".dat") for _, _, files in os.walk(tmp_path / "scratch") for name in files)
+
+
+def test_disk_streams_give_the_in_memory_result(saved, tmp_path, monkeypatch):
+    created = []
+    real = offload._disk_tensor
+
+    def spy(shape, dtype, folder):
+        created.append(folder)
+        return real(shape, dtype, folder)
+
+    monkeypatch.setattr(offload, "_disk_tensor", spy)
+    model = transformers.AutoModelForCausalLM.from_pretrained(saved["folder"]).eval()
+    folder = tmp_path / "streams"
+    pruner, report = _run(model, stream_location="disk", stream_folder=str(folder), stream_dtype="float32")
+    assert created and set(created) == {str(folder)}
+    assert report.memory["estimate"]["stream_location"] == "disk"
+    assert os.listdir(folder) == []  # the files are unlinked as soon as they are mapped
+    _assert_same_model(model.state_dict(), pruner.masks, saved)
+
+
+def test_memory_estimate_is_in_the_report():
+    model = make_tiny_model("llama", num_layers=2)
+    _, report = _run(model)
+    estimate = report.memory["estimate"]
+    block = resolve_layout(model).blocks[0]
+    assert estimate["block_weights"] == sum(p.numel() * p.element_size() for p in block.parameters())
+    assert estimate["window_blocks"] == 1 and estimate["dense_copies"] == 0  # GP needs no dense copy of the block
+    rows, seq_len, hidden = 8 + 4, 16, model.config.hidden_size
+    assert estimate["streams"] >= rows * seq_len * hidden * 4 * 4  # sparse and dense, in and out
+    assert estimate["stream_location"] == "cpu" and estimate["reconstruction"] > 0
+    _, report = _run(make_tiny_model("llama", num_layers=2), reconstruction=["lr", "br", "cr"])
+    assert report.memory["estimate"]["window_blocks"] == 2
+    assert report.memory["estimate"]["dense_copies"] == 2 * estimate["block_weights"]
+
+
+def test_a_budget_below_one_window_fails_before_touching_the_model():
+    model = make_tiny_model("llama", num_layers=2)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MemoryBudgetError, match=r"one window of 1 decoder block\(s\) needs about .* GiB on cpu.*"
+                                                r"max_device_memory='64KiB'"):
+        _run(model, max_device_memory="64KiB")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key]), key
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, allowed",
+    [
+        (dict(stream_location="ssd"), "stream_location='ssd'", "'auto', 'device', 'cpu', 'disk'"),
+        (dict(stream_folder=" "), "stream_folder=' '", "folder path"),
+        (dict(max_device_memory="lots"), "max_device_memory='lots'", "'16GiB'"),
+        (dict(max_device_memory=0), "max_device_memory=0", "positive number of bytes"),
+        (dict(max_device_memory="-2GB"), "max_device_memory='-2GB'", "positive number of bytes"),
+        (dict(data_parallel="ddp"), "data_parallel='ddp'", "'auto', 'off'"),
+    ],
+)
+def test_new_execution_fields_validate(kwargs, field, allowed):
+    with pytest.raises(ValueError) as info:
+        PruningConfig(**kwargs)
+    assert field in str(info.value) and allowed in str(info.value)
+
+
+def test_memory_sizes_parse_like_accelerate():
+    assert parse_memory_size("16GiB") == 16 * 2**30
+    assert parse_memory_size("500MB") == 500 * 10**6
+    assert parse_memory_size("1.5 GB") == 1_500_000_000
+    assert parse_memory_size(4096) == 4096
+    config = PruningConfig(max_device_memory="16GiB", stream_location="disk", stream_folder="/tmp/x")
+    assert PruningConfig.from_dict(config.to_dict()) == config
+
+
+def test_import_and_prune_never_load_datasets_evaluate_or_gguf():
+    """The GPU machines have torch, transformers, peft and accelerate only."""
+    code = (
+        "import sys, torch, transformers\n"
+        "import hf_recon_prune\n"
+        "from hf_recon_prune import PruningConfig, Pruner\n"
+        "config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,"
+        " num_attention_heads=2, num_key_value_heads=1, vocab_size=64)\n"
+        "model = transformers.AutoModelForCausalLM.from_config(config)\n"
+        "cfg = PruningConfig(reconstruction=['lr', 'br', 'gp'], br_epochs=1, device='cpu', seq_len=8,"
+        " num_samples=4, sparsegpt_block_size=16)\n"
+        "Pruner(model, cfg, calibration_data=torch.randint(0, 64, (4, 8)), show_progress=False).prune()\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'datasets', 'evaluate', 'gguf'})\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
