@@ -25,7 +25,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/hf-recon-prune prune --output out/smollm2-sparse50 \
 		--method sparsegpt --sparsity 0.5 --reconstruction lr --calibration default \
-		--num-samples 32 --seq-len 512 --eval-source default --eval-seq-len 512
+		--num-samples 16 --seq-len 512 --eval-source default --eval-seq-len 512
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

@@ -459,12 +459,17 @@ def summary_table(report, results: dict[str, float], timings: dict[str, float], 
     if config is not None:
         rows.append(("pruning", _describe_config(config)))
     rows.append(("mean sparsity of pruned layers", f"{report.mean_sparsity:.4f} ({len(report.layer_sparsity)} layers)"))
+    # Without BR nothing changes a block after its masks (and LR): one error per split, not a before/after pair.
+    trained = "br" in ((report.config or {}).get("reconstruction") or [])
     for split, label in (("calibration", "calibration"), ("heldout", "held-out")):
         before = report.final_block_error(split, "before")
         after = report.final_block_error(split, "after")
         if before is None and after is None:
             continue
-        rows.append((f"final-block error, {label} (before -> after BR)", f"{_fmt(before)} -> {_fmt(after)}"))
+        if trained:
+            rows.append((f"final-block error, {label} (before -> after BR)", f"{_fmt(before)} -> {_fmt(after)}"))
+        else:
+            rows.append((f"final-block error, {label}", _fmt(after if after is not None else before)))
     if eval_label and results:
         rows.append(("perplexity measured on", eval_label))
     if "dense" in results:

@@ -172,6 +172,12 @@ def test_summary_table_rows():
     assert rows["perplexity after (pruned)"] == "25.000 (+25.0%)"
     assert rows["time (s): pruning / evaluation / total"] == "3.0 / 1.5 / 5.0"
 
+    report.config = PruningConfig(reconstruction=["lr"]).to_dict()  # no BR: one error per split
+    report.blocks[0].error_before = dict(report.blocks[0].error_after)
+    table = cli.summary_table(report, {}, {})
+    assert "before -> after" not in table and "perplexity" not in table
+    assert re.search(r"final-block error, held-out\s+0\.375\n", table)
+
 
 # ---------------------------------------------------------------------------------------------------- end to end
 def test_prune_eval_info_push(assets, tmp_path, capsys, monkeypatch):
