@@ -668,8 +668,9 @@ def _hint(error: BaseException) -> str:
     text = str(error).lower()
     if offline and any(word in text for word in ("offline", "connect", "internet", "resolve", "hub")):
         return " HF_HUB_OFFLINE is set: only local folders, cached models and the offline default work."
-    if "out of memory" in text:
-        return " Try a smaller --forward-batch-size / --br-batch-size, --stream-location cpu or fewer --num-samples."
+    if "out of memory" in text or type(error).__name__ == "MemoryBudgetError":
+        return (" Try --stream-location cpu (or disk), a smaller --forward-batch-size / --br-batch-size, fewer "
+                "--num-samples, or a larger --max-device-memory if the device has room.")
     return ""
 
 

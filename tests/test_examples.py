@@ -125,8 +125,6 @@ def test_self_generated_calibration(assets, tmp_path):
         assert math.isfinite(run["heldout_error"]) and math.isfinite(run["perplexity"])
 
 
-@pytest.mark.xfail(strict=False, reason="issue 6: Pruner does not yet onload blocks that accelerate offloaded to "
-                                        "disk (meta device); offload.py is being rewritten")
 def test_offload_memory_limit(assets, tmp_path):
     # 200KB of CPU memory holds the embeddings and about one block: the rest goes to disk.
     result = run_example("offload_memory_limit", "--model", assets["model"], "--max-cpu-memory", "200KB",
