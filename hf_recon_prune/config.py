@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -33,10 +32,14 @@ def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
     match = _NM_RE.match(pattern) if isinstance(pattern, str) else None
     if match is None:
         raise ValueError(
-            f"PruningConfig.pattern={pattern!r} is not understood; allowed: 'unstructured' or 'N:M' with "
+            f"PruningConfig.pattern={_short_repr(pattern)} is not understood; allowed: 'unstructured' or 'N:M' with "
             "integers 0 < N < M, e.g. '2:4' or '4:8'."
         )
-    n, m = int(match.group(1)), int(match.group(2))
+    try:
+        n, m = int(match.group(1)), int(match.group(2))
+    except ValueError:  # more digits than int() converts
+        raise ValueError(f"PruningConfig.pattern={_short_repr(pattern)} has numbers too large for an N:M pattern; "
+                         "allowed: 'unstructured' or 'N:M' such as '2:4'.") from None
     if not 0 < n < m:
         raise ValueError(
             f"PruningConfig.pattern={pattern!r} is impossible: N:M keeps N of every M consecutive weights, "
@@ -45,8 +48,31 @@ def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
     return n, m
 
 
+def _short_repr(value: Any, limit: int = 200) -> str:
+    """repr() for messages: cut to ``limit`` characters, and safe for values repr() fails on (a deeply nested list, an
+    int with more digits than Python prints)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError, OverflowError):
+        size = f" of {value.bit_length()} bits" if isinstance(value, int) else ""
+        text = f"<{type(value).__name__}{size} that cannot be printed>"
+    return text if len(text) <= limit else text[:limit] + f"...<{len(text) - limit} more characters>"
+
+
 def _bad(field_name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"PruningConfig.{field_name}={value!r} is not allowed; allowed: {allowed}.")
+    return ValueError(f"PruningConfig.{field_name}={_short_repr(value)} is not allowed; allowed: {allowed}.")
+
+
+def _is_inf(value: Any) -> bool:
+    """math.isinf that treats an int too large for a float as infinite instead of raising OverflowError."""
+    try:
+        return math.isinf(value)
+    except OverflowError:
+        return True
+
+
+#: Integer fields hold 64-bit values (sizes, counts, seeds that reach torch); anything larger is refused up front.
+_INT_RANGE = (-(2**63), 2**63)
 
 
 @dataclass
@@ -94,6 +120,9 @@ class PruningConfig:
     exclude_modules: Optional[list[str]] = None
     sparsegpt_block_size: int = 128
     sparsegpt_dampening: float = 0.01
+    # A model that already has zeros in its linear layers: True keeps them zero (every mask is a subset of the existing
+    # non-zeros) and counts them toward the sparsity; False prunes as if they were ordinary weights (and says so).
+    keep_existing_zeros: bool = False
 
     # Block-wise reconstruction.
     reconstruction_mode: str = "full"
@@ -125,6 +154,10 @@ class PruningConfig:
     forward_batch_size: int = 8
     track_reconstruction_error: bool = True
     data_parallel: str = "auto"
+    # checkpoint_dir: after every finalised block, a checkpoint (weights and masks of the blocks done, the streams,
+    # RNG state, the report so far) is written there, so that Pruner.prune(resume=True) / --resume continues an
+    # interrupted run with the same result. None: no checkpoints.
+    checkpoint_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.reconstruction, str):
@@ -176,6 +209,8 @@ class PruningConfig:
             raise _bad("stream_location", self.stream_location, ", ".join(map(repr, STREAM_LOCATIONS)))
         if self.stream_folder is not None and not self.stream_folder.strip():
             raise _bad("stream_folder", self.stream_folder, "None (the system's temporary folder) or a folder path")
+        if self.checkpoint_dir is not None and not self.checkpoint_dir.strip():
+            raise _bad("checkpoint_dir", self.checkpoint_dir, "None (no checkpoints) or a folder path")
         if self.max_device_memory is not None:
             parse_memory_size(self.max_device_memory)
         if self.data_parallel not in DATA_PARALLEL_MODES:
@@ -184,11 +219,11 @@ class PruningConfig:
             raise _bad("autocast_dtype", self.autocast_dtype, ", ".join(map(repr, AUTOCAST_DTYPES)))
         if self.stream_dtype is not None and self.stream_dtype not in AUTOCAST_DTYPES[1:]:
             raise _bad("stream_dtype", self.stream_dtype, "None (the model's dtype) or " + ", ".join(map(repr, AUTOCAST_DTYPES[1:])))
-        if not self.self_gen_temperature >= 0 or math.isinf(self.self_gen_temperature):
+        if not self.self_gen_temperature >= 0 or _is_inf(self.self_gen_temperature):
             raise _bad("self_gen_temperature", self.self_gen_temperature, "a finite number >= 0 (0 = greedy)")
         for name in ("br_lr", "sparsegpt_dampening", "lora_alpha"):
             value = getattr(self, name)
-            if not value > 0 or math.isinf(value):
+            if not value > 0 or _is_inf(value):
                 raise _bad(name, value, "a finite number > 0")
         if not 0.0 < self.self_gen_top_p <= 1.0:
             raise _bad("self_gen_top_p", self.self_gen_top_p, "a number in (0, 1]")
@@ -200,14 +235,18 @@ class PruningConfig:
             for pattern in getattr(self, name) or []:
                 try:
                     re.compile(pattern)
-                except re.error as err:
+                except (re.error, OverflowError, RecursionError, ValueError) as err:
                     raise _bad(name, pattern, f"regular expressions over module names ({err})") from None
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not _matches(value, f.type):
-                raise TypeError(f"PruningConfig.{f.name}={value!r} has type {type(value).__name__}; expected {f.type}.")
+                raise TypeError(f"PruningConfig.{f.name}={_short_repr(value)} has type {type(value).__name__}; "
+                                f"expected {f.type}.")
+            is_int = isinstance(value, int) and not isinstance(value, bool) and "int" in str(f.type)
+            if is_int and not _INT_RANGE[0] <= value < _INT_RANGE[1]:
+                raise _bad(f.name, value, "a 64-bit integer (between -2**63 and 2**63 - 1)")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -227,7 +266,12 @@ class PruningConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> "PruningConfig":
-        """Build a config from plain data. Unknown keys are reported in a warning and dropped, never evaluated."""
+        """Build a config from plain data. Unknown keys are reported in a warning and dropped, never evaluated.
+
+        Any input yields a PruningConfig or raises TypeError (a wrong type) / ValueError (a bad value), both naming
+        the field. Values are data only: no field is imported, opened, or used as a format string here (the
+        calibration source, a dataset name or file path, is read only when pruning starts).
+        """
         if not isinstance(data, dict):
             raise TypeError(f"PruningConfig.from_dict expects a dict, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -235,13 +279,16 @@ class PruningConfig:
         ignored = []
         for key, value in {**data, **overrides}.items():
             if not isinstance(key, str):
-                raise TypeError(f"PruningConfig keys must be strings, got {key!r}.")
+                raise TypeError(f"PruningConfig keys must be strings, got {_short_repr(key)}.")
             if key in known:
-                values[key] = copy.deepcopy(value)
+                # Valid values are scalars or lists of strings: a shallow copy is a full one (and a deeply nested
+                # invalid value cannot exhaust the recursion limit here; the type check rejects it).
+                values[key] = list(value) if isinstance(value, list) else value
             elif key != "hf_recon_prune_version":
                 ignored.append(key)
         if ignored:
-            logger.warning("PruningConfig: ignoring unknown keys %s (they are not used).", sorted(ignored))
+            logger.warning("PruningConfig: ignoring unknown keys %s (they are not used).",
+                           _short_repr(sorted(ignored), 500))
         return cls(**values)
 
     def to_json_string(self) -> str:
@@ -253,8 +300,7 @@ class PruningConfig:
 
     @classmethod
     def from_json_file(cls, path: Union[str, os.PathLike]) -> "PruningConfig":
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = _read_json(path)
         if isinstance(data, dict) and CONFIG_KEY in data:
             data = data[CONFIG_KEY]
         return cls.from_dict(data)
@@ -271,8 +317,7 @@ class PruningConfig:
             from huggingface_hub import hf_hub_download
 
             config_file = hf_hub_download(path, "config.json", **hub_kwargs)
-        with open(config_file, encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = _read_json(config_file)
         if not isinstance(data, dict) or CONFIG_KEY not in data:
             raise ValueError(f"{path}: config.json has no {CONFIG_KEY!r} entry; was this model pruned by hf-recon-prune?")
         return cls.from_dict(data[CONFIG_KEY])
@@ -304,10 +349,22 @@ def parse_memory_size(value: Union[str, int]) -> int:
         match = _SIZE_RE.match(value) if isinstance(value, str) else None
         if match is None:
             raise _bad("max_device_memory", value, allowed)
-        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()])
+        try:
+            size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()])
+        except (OverflowError, ValueError):  # more bytes than a float holds
+            raise _bad("max_device_memory", value, allowed) from None
     if size <= 0:
         raise _bad("max_device_memory", value, allowed)
     return size
+
+
+def _read_json(path: Union[str, os.PathLike]) -> Any:
+    """json.load, with nesting too deep to parse reported as ValueError (JSONDecodeError, bad UTF-8 already are)."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.load(handle)
+        except RecursionError:
+            raise ValueError(f"{os.fspath(path)}: the JSON is nested too deeply to be a configuration") from None
 
 
 def _matches(value: Any, annotation: Any) -> bool:
