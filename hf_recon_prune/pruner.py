@@ -23,16 +23,20 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
+from . import checkpoint as checkpoints
 from .architectures import prunable_linears, resolve_layout
-from .block_io import batches, call_window
+from .block_io import call_window
 from .capture import capture_block_kwargs, capture_first_block_inputs
 from .config import PruningConfig
-from .criteria import StatisticsRecorder, needs_hessian, needs_statistics, prune_linear
+from .criteria import (
+    LayerPruneResult, StatisticsRecorder, check_nm_shape, inverse_hessian_cholesky, needs_hessian, needs_statistics,
+    nm_mask, prune_linear, prune_lowest, sparsegpt_prune, wanda_scores,
+)
 from .distributed import DataParallel, ShardedRows
 from .memory import estimate_memory, plan_placement
 from .offload import BlockPlacement, StreamFactory, execution_device, resolve_dtype
@@ -43,6 +47,17 @@ logger = logging.getLogger(__name__)
 
 class PruningFailedError(RuntimeError):
     """Raised when prune() fails part-way; says whether the model was restored or is partially modified."""
+
+
+class NonFiniteActivationsError(RuntimeError):
+    """A finalised block produced NaN or Inf activations; the message names the block and the samples."""
+
+
+class _RestartPass(Exception):
+    """A pass that accumulates (mask statistics) ran out of memory: run it again from the start, smaller batches."""
+
+#: Above this fraction of zeros in the prunable layers before pruning, the note about it is a warning in the report.
+ALREADY_SPARSE_WARNING = 0.01
 
 
 @contextmanager
@@ -67,6 +82,8 @@ class Pruner:
             exactly (costs host memory equal to the model's size). Without it, a failure raises
             ``PruningFailedError`` that says which blocks were modified.
         show_progress: tqdm progress bar over the blocks.
+        on_block_end: called as ``on_block_end(index, report)`` after decoder block ``index`` is finalised (its
+            weights will not change again) and, with ``config.checkpoint_dir``, after its checkpoint is on disk.
     """
 
     def __init__(
@@ -77,6 +94,7 @@ class Pruner:
         calibration_data: Any = None,
         keep_backup: bool = False,
         show_progress: bool = True,
+        on_block_end: Optional[Callable[[int, PruneReport], None]] = None,
     ):
         self.model = model
         self.config = config if config is not None else PruningConfig()
@@ -84,6 +102,7 @@ class Pruner:
         self.calibration_data = calibration_data
         self.keep_backup = keep_backup
         self.show_progress = show_progress
+        self.on_block_end = on_block_end
         self.layout = resolve_layout(model)
         self.report: Optional[PruneReport] = None
         self.masks: dict[str, torch.Tensor] = {}
@@ -106,10 +125,23 @@ class Pruner:
         return data
 
     # ------------------------------------------------------------------ public
-    def prune(self) -> PruneReport:
-        """Run the block loop; returns (and keeps in ``self.report``) the PruneReport."""
+    def prune(self, resume: bool = False) -> PruneReport:
+        """Run the block loop; returns (and keeps in ``self.report``) the PruneReport.
+
+        Args:
+            resume: continue from the latest complete checkpoint in ``config.checkpoint_dir`` (one is written after
+                every finalised block). The model must be the same dense model the interrupted run started from,
+                with the same configuration and calibration data (checked: a mismatch raises
+                ``checkpoint.CheckpointError``); the result is the model an uninterrupted run produces (bit for bit
+                on the CPU). Without a checkpoint in the folder the run starts from the first block.
+        """
         model, cfg = self.model, self.config
-        started = time.perf_counter()
+        if resume and not cfg.checkpoint_dir:
+            raise ValueError("prune(resume=True) needs PruningConfig.checkpoint_dir: the folder the interrupted run "
+                             "wrote its checkpoints to")
+        self._resume = resume
+        self._elapsed_before = 0.0
+        started = self._started = time.perf_counter()
         backups: dict[int, dict[str, torch.Tensor]] = {}
         self._modified: list[int] = []
         self._placement = None
@@ -127,7 +159,7 @@ class Pruner:
             model.train(was_training)
             if use_cache is not None:
                 model.config.use_cache = use_cache
-        report.total_seconds = time.perf_counter() - started
+        report.total_seconds = self._elapsed_before + time.perf_counter() - started
         self.report = report
         return report
 
@@ -216,9 +248,14 @@ class Pruner:
         num_blocks = len(blocks)
         data_parallel = DataParallel.resolve(cfg.data_parallel)
         self._data_parallel = data_parallel
+        if cfg.checkpoint_dir and data_parallel is not None:
+            raise ValueError("PruningConfig.checkpoint_dir is not supported in a data-parallel run yet (every process "
+                             "holds its own shard of the streams); run on one process or set checkpoint_dir=None")
         device = data_parallel.device(cfg.device) if data_parallel else execution_device(cfg.device)
         model_dtype = next(model.parameters()).dtype
         dtype = resolve_dtype(cfg.stream_dtype, model_dtype)
+        self._batch_size = cfg.forward_batch_size
+        self._existing_zeros = [0, 0]  # zeros found in the prunable layers before pruning, their size
 
         # Every process must see the same rows: rank 0 builds the set (self-generation included) and shares it.
         calibration = self._calibration_set() if data_parallel is None or data_parallel.is_main else None
@@ -238,6 +275,7 @@ class Pruner:
         self._sharded_rows = (
             ShardedRows(data_parallel, self._total_rows["calibration"], shards["calibration"]) if data_parallel else None
         )
+        saved = self._open_checkpoint(ids, heldout_ids, statistics_mask)
 
         text_config = model.config.get_text_config()
         hidden = text_config.hidden_size
@@ -267,25 +305,11 @@ class Pruner:
         )
         report.memory = {"estimate": estimate.to_dict(), "peak_device_bytes_per_window": [],
                          "data_parallel_processes": data_parallel.world_size if data_parallel else 1}
+        self._report = report
+        self._device, self._new_stream = device, new_stream
 
         kwargs = capture_block_kwargs(layout.base_model, blocks, ids[:1], device)
         track_dense = cfg.track_reconstruction_error or cfg.uses("gp")
-        streams = {}
-        for split, split_ids in local_ids.items():
-            first_inputs = capture_first_block_inputs(
-                layout.base_model, blocks[0], split_ids, cfg.forward_batch_size, device, new_stream(split_ids.shape[0])
-            )
-            # Both models share the embeddings, so the dense stream starts equal to the sparse one.
-            dense_first = None
-            if track_dense:
-                dense_first = new_stream(split_ids.shape[0])
-                dense_first.copy_(first_inputs)
-            streams[split] = _Streams(sparse={0: first_inputs}, dense={0: dense_first})
-
-        self._device, self._new_stream = device, new_stream
-        measure_peaks = device.type == "cuda"
-        if measure_peaks:
-            torch.cuda.reset_peak_memory_stats(device)
         windows: list[tuple[int, ...]] = [(i,) for i in range(num_blocks)]
         reconstruct_window = None
         if cfg.uses("br"):
@@ -294,9 +318,30 @@ class Pruner:
             windows = reconstruction_windows(num_blocks, cross_block=cfg.uses("cr"))
         block_masks: dict[int, dict[nn.Linear, torch.Tensor]] = {}
         dense_blocks: dict[int, nn.Module] = {}
-        progress = self._progress(len(windows)) if data_parallel is None or data_parallel.is_main else None
+        first_window = 0
+        if saved is not None:
+            report, streams, first_window = self._restore(saved, block_masks, dense_blocks, backups, report)
+            self._report = report
+        else:
+            streams = {}
+            for split, split_ids in local_ids.items():
+                first_inputs = self._capture_first_inputs(split_ids, device, new_stream(split_ids.shape[0]))
+                # Both models share the embeddings, so the dense stream starts equal to the sparse one.
+                dense_first = None
+                if track_dense:
+                    dense_first = new_stream(split_ids.shape[0])
+                    dense_first.copy_(first_inputs)
+                streams[split] = _Streams(sparse={0: first_inputs}, dense={0: dense_first})
 
-        for window_number, window in enumerate(windows):
+        measure_peaks = device.type == "cuda"
+        if measure_peaks:
+            torch.cuda.reset_peak_memory_stats(device)
+        progress = self._progress(len(windows)) if data_parallel is None or data_parallel.is_main else None
+        if progress is not None and first_window:
+            progress.update(first_window)
+
+        for window_number in range(first_window, len(windows)):
+            window = windows[window_number]
             for index in window:
                 if index in block_masks:
                     continue
@@ -314,23 +359,170 @@ class Pruner:
                                   reconstruct_window)
 
             is_last = window_number == len(windows) - 1
-            for index in (window if is_last else window[:1]):
+            finalised = list(window if is_last else window[:1])
+            for index in finalised:
                 self._finalise_block(index, blocks, kwargs, streams, report.blocks[index])
                 for mask_name, mask in self._named_masks(index, block_masks[index]).items():
                     self.masks[mask_name] = mask.to("cpu")
+                if self._checkpoint is not None:
+                    with _timed(report.blocks[index], "checkpoint"):
+                        self._save_block(index, block_masks[index])
                 placement.offload(blocks[index])
                 dense_blocks.pop(index, None)
             if measure_peaks:
                 report.memory["peak_device_bytes_per_window"].append(torch.cuda.max_memory_allocated(device))
                 torch.cuda.reset_peak_memory_stats(device)
+            if self._checkpoint is not None:
+                with _timed(report.blocks[finalised[-1]], "checkpoint"):
+                    self._save_step(finalised[-1], window_number + 1, block_masks, dense_blocks, streams, report,
+                                    self._elapsed_before + time.perf_counter() - self._started)
             if progress is not None:
                 progress.update(1)
                 last = report.blocks[window[0]].error_after.get("calibration")
                 if last is not None:
                     progress.set_postfix(block=window[0], err=f"{last:.3g}")
+            if self.on_block_end is not None:
+                for index in finalised:
+                    self.on_block_end(index, report)
         if progress is not None:
             progress.close()
+        self._note_existing_zeros(report)
         return report
+
+    # ------------------------------------------------------------------ checkpoints
+    def _open_checkpoint(self, ids, heldout_ids, statistics_mask) -> Optional[checkpoints.Checkpoint]:
+        """Set up checkpointing (``self._checkpoint``); with resume, the checkpoint to continue from (or None)."""
+        cfg = self.config
+        self._checkpoint = None
+        if not cfg.checkpoint_dir:
+            return None
+        folder = cfg.checkpoint_dir
+        model_info = checkpoints.model_fingerprint(self.model, self.layout.blocks)
+        calibration = checkpoints.tensor_fingerprint(ids, heldout_ids, statistics_mask)
+        config_dict = cfg.to_dict()
+        latest = checkpoints.latest_step(folder)
+        saved = None
+        if getattr(self, "_resume", False):
+            if latest is None:
+                logger.info("no checkpoint in %s yet: starting from the first block", folder)
+            else:
+                saved = checkpoints.Checkpoint(latest)
+                saved.check_matches(config_dict, model_info, calibration)
+                logger.info("resuming from %s (after block %s)", latest, saved.manifest.get("step"))
+        elif latest is not None:
+            logger.warning("starting afresh: the checkpoint in %s will be replaced (pass resume=True, or --resume, "
+                           "to continue it instead)", latest)
+        if saved is not None:
+            run_id, fingerprint = saved.manifest["run_id"], saved.manifest["fingerprint"]
+        else:
+            run_id = checkpoints.new_run_id()
+            fingerprint = checkpoints.run_fingerprint(config_dict, model_info, calibration)
+        self._checkpoint = {"folder": folder, "run_id": run_id, "fingerprint": fingerprint, "config": config_dict,
+                            "model": model_info, "calibration": calibration}
+        return saved
+
+    def _save_block(self, index: int, masks: dict[nn.Linear, torch.Tensor]) -> None:
+        block = self.layout.blocks[index]
+        names = {id(layer): name for name, layer in block.named_modules()}
+        info = self._checkpoint
+        checkpoints.save_block(info["folder"], index, block.state_dict(),
+                               {names[id(layer)]: mask for layer, mask in masks.items()},
+                               info["run_id"], info["fingerprint"])
+
+    def _save_step(self, step, next_window, block_masks, dense_blocks, streams, report, elapsed) -> None:
+        """Everything the next window needs that is not in the block files: pending blocks, streams, RNG, report."""
+        info = self._checkpoint
+        finalised = sorted(set(self._modified) - {i for i in block_masks if i > step})
+        pending = sorted(i for i in block_masks if i > step)
+        state: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
+        if self._device.type == "cuda":
+            state["rng.cuda"] = torch.cuda.get_rng_state(self._device)
+        for index in pending:
+            block = self.layout.blocks[index]
+            names = {id(layer): name for name, layer in block.named_modules()}
+            state.update({f"pending.{index}.state.{k}": v for k, v in block.state_dict().items()})
+            state.update({f"pending.{index}.mask.{names[id(layer)]}": m for layer, m in block_masks[index].items()})
+            if index in dense_blocks:
+                state.update({f"pending.{index}.dense.{k}": v for k, v in dense_blocks[index].state_dict().items()})
+        tensors, layout = {}, {}
+        for split, stream in streams.items():
+            layout[split] = {"sparse": sorted(stream.sparse), "dense": sorted(stream.dense),
+                             "dense_none": sorted(k for k, v in stream.dense.items() if v is None)}
+            for kind in ("sparse", "dense"):
+                for key, tensor in getattr(stream, kind).items():
+                    if tensor is not None:
+                        tensors[f"{split}-{kind}-{key}"] = tensor
+        manifest = {
+            "run_id": info["run_id"], "fingerprint": info["fingerprint"], "config": info["config"],
+            "model": info["model"], "calibration": info["calibration"],
+            "finalised": finalised, "pending": pending, "next_window": next_window, "stream_layout": layout,
+            "forward_batch_size": self._batch_size, "existing_zeros": list(self._existing_zeros),
+            "elapsed_seconds": elapsed,
+        }
+        checkpoints.save_step(info["folder"], step, manifest, report.to_dict(), state, tensors)
+
+    def _restore(self, saved, block_masks, dense_blocks, backups, fresh_report):
+        """Load a checkpoint into the model and the engine state; returns (report, streams, first window)."""
+        cfg, blocks, placement = self.config, self.layout.blocks, self._placement
+        manifest = saved.manifest
+        report = PruneReport.from_dict(saved.report)
+        report.memory["estimate"] = fresh_report.memory["estimate"]
+        self._batch_size = int(manifest["forward_batch_size"])
+        self._existing_zeros = [int(v) for v in manifest["existing_zeros"]]
+        self._elapsed_before = float(manifest.get("elapsed_seconds") or 0.0)
+        if self._batch_size != cfg.forward_batch_size:
+            logger.warning("the interrupted run had reduced the forward micro-batch to %d rows after running out of "
+                           "memory; continuing with that size", self._batch_size)
+
+        def load(index: int, state: dict[str, torch.Tensor]) -> nn.Module:
+            block = placement.onload(blocks[index])
+            if self.keep_backup:
+                backups[index] = {k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()}
+            self._modified.append(index)
+            block.load_state_dict(state, strict=True)
+            return block
+
+        def ordered_masks(block: nn.Module, masks: dict[str, torch.Tensor], device) -> dict[nn.Linear, torch.Tensor]:
+            layers = prunable_linears(block, cfg.include_modules, cfg.exclude_modules)
+            if set(masks) != set(layers):
+                raise checkpoints.CheckpointError(f"{saved.path}: the masks saved for a block do not match its "
+                                                  f"layers ({sorted(masks)} vs {sorted(layers)})")
+            return {layers[name]: masks[name].to(device) for name in layers}
+
+        for index in manifest["finalised"]:
+            state, masks = saved.block(index)
+            block = load(index, state)
+            block_masks[index] = ordered_masks(block, masks, self._device)
+            for mask_name, mask in self._named_masks(index, block_masks[index]).items():
+                self.masks[mask_name] = mask.to("cpu")
+            placement.offload(block)
+        state = saved.state()
+        for index in manifest["pending"]:
+            prefix = f"pending.{index}."
+            part = {kind: {k[len(prefix) + len(kind) + 1:]: v for k, v in state.items()
+                           if k.startswith(f"{prefix}{kind}.")} for kind in ("state", "mask", "dense")}
+            block = load(index, part["state"])
+            block_masks[index] = ordered_masks(block, part["mask"], self._device)
+            if part["dense"]:
+                dense_blocks[index] = copy.deepcopy(block)
+                dense_blocks[index].load_state_dict(part["dense"], strict=True)
+        streams = {}
+        for split, layout in manifest["stream_layout"].items():
+            parts: dict[str, dict[int, Optional[torch.Tensor]]] = {"sparse": {}, "dense": {}}
+            for kind in ("sparse", "dense"):
+                for key in layout[kind]:
+                    if kind == "dense" and key in layout["dense_none"]:
+                        parts[kind][int(key)] = None
+                        continue
+                    loaded = saved.stream(f"{split}-{kind}-{key}")
+                    stream = self._new_stream(loaded.shape[0])
+                    stream.copy_(loaded)
+                    parts[kind][int(key)] = stream
+            streams[split] = _Streams(sparse=parts["sparse"], dense=parts["dense"])
+        torch.set_rng_state(state["rng.cpu"])
+        if "rng.cuda" in state and self._device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng.cuda"], self._device)
+        return report, streams, int(manifest["next_window"])
 
     def _named_masks(self, index: int, masks: dict[nn.Linear, torch.Tensor]) -> dict[str, torch.Tensor]:
         block = self.layout.blocks[index]
@@ -347,22 +539,50 @@ class Pruner:
     # ------------------------------------------------------------------ steps
     def _forward(
         self, blocks: Sequence[nn.Module], kwargs: Sequence[dict], stream: torch.Tensor,
-        reference: Optional[torch.Tensor] = None, keep_output: bool = True,
+        reference: Optional[torch.Tensor] = None, keep_output: bool = True, *, block: int,
+        split: str = "calibration", check_finite: bool = False, restart_on_oom: bool = False,
     ) -> tuple[Optional[torch.Tensor], Optional[float]]:
         """Run ``blocks`` over every row of ``stream``, batched; optionally the MSE of the output to ``reference``
-        (over every process's rows in a data-parallel run: then every process must call with a reference)."""
+        (over every process's rows in a data-parallel run: then every process must call with a reference).
+
+        ``block`` (the decoder block being worked on) and ``split`` name it in messages. Out of memory in a batch
+        halves the micro-batch for the rest of the run and retries the batch (``restart_on_oom``: raises
+        ``_RestartPass`` instead, for passes whose hooks have accumulated part of the batch already).
+        ``check_finite``: raise NonFiniteActivationsError when an output holds NaN or Inf.
+        """
         out = self._new_stream(stream.shape[0]) if keep_output else None
         squared_error = torch.zeros((), dtype=torch.float64, device=self._device)
-        count = 0
-        for rows in batches(stream.shape[0], self.config.forward_batch_size):
-            x = stream[rows].to(self._device, non_blocking=True)
-            y = call_window(blocks, x, kwargs)
-            if out is not None:
-                out[rows] = y.to(out.device, out.dtype, non_blocking=True)
-            if reference is not None:
-                ref = reference[rows].to(self._device, non_blocking=True)
-                squared_error += (y.float() - ref.float()).square().sum().double()
+        finite = torch.ones((), dtype=torch.bool, device=self._device)
+        count, start, num_rows = 0, 0, stream.shape[0]
+        while start < num_rows:
+            rows = slice(start, min(start + self._batch_size, num_rows))
+            try:
+                x = stream[rows].to(self._device, non_blocking=True)
+                y = call_window(blocks, x, kwargs)
+                if out is not None:
+                    out[rows] = y.to(out.device, out.dtype, non_blocking=True)
+                batch_error = None
+                if reference is not None:
+                    ref = reference[rows].to(self._device, non_blocking=True)
+                    batch_error = (y.float() - ref.float()).square().sum().double()
+                if check_finite:
+                    finite &= torch.isfinite(y).all()
+            except torch.OutOfMemoryError as error:
+                x = y = ref = None
+                self._out_of_memory(block, error)
+                if restart_on_oom:
+                    raise _RestartPass() from None
+                continue
+            if batch_error is not None:
+                squared_error += batch_error
                 count += y.numel()
+            start = rows.stop
+        if check_finite and not bool(finite):
+            raise NonFiniteActivationsError(
+                f"decoder block {block} produced non-finite activations (NaN or Inf) on the {split} samples; pruning "
+                f"stopped at block {block}. Check that the dense model is finite on this data, or try "
+                "stream_dtype='float32', a lower br_lr, or a lower sparsity."
+            )
         if reference is None:
             return out, None
         total, count = float(squared_error), float(count)
@@ -370,14 +590,77 @@ class Pruner:
             total, count = self._data_parallel.sum_floats([total, count])
         return out, (total / count if count else None)
 
+    def _out_of_memory(self, block: Optional[int], error: BaseException) -> None:
+        """Halve the forward micro-batch after an out-of-memory error, and say so; at one row, give up clearly."""
+        where = f"decoder block {block}" if block is not None else "the embedding pass"
+        size = self._batch_size
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if size <= 1:
+            raise torch.OutOfMemoryError(
+                f"{where}: out of memory even with a forward micro-batch of one row ({error}). Lower "
+                "max_device_memory or set stream_location='cpu' (or 'disk') so the streams leave the device, use "
+                "stream_dtype='bfloat16', a shorter seq_len, or a device with more memory."
+            ) from error
+        self._batch_size = size // 2
+        message = (f"{where}: out of memory with a forward micro-batch of {size} rows; retrying with "
+                   f"{self._batch_size} (set forward_batch_size={self._batch_size} to start there)")
+        logger.warning(message)
+        report = getattr(self, "_report", None)
+        if report is not None:
+            report.warnings.append(message)
+            if block is not None:
+                report.blocks[block].warnings.append(message)
+
+    def _capture_first_inputs(self, split_ids: torch.Tensor, device: torch.device, out: torch.Tensor) -> torch.Tensor:
+        """The hidden states entering block 0 (``out``), retried with smaller batches when memory runs out."""
+        while True:
+            try:
+                return capture_first_block_inputs(self.layout.base_model, self.layout.blocks[0], split_ids,
+                                                  self._batch_size, device, out)
+            except torch.OutOfMemoryError as error:
+                self._out_of_memory(None, error)
+
+    def _prune_layer(self, index: int, name: str, layer: nn.Linear, stats) -> LayerPruneResult:
+        """Mask (and LR-update) one linear layer; with ``keep_existing_zeros`` its zeros stay and count."""
+        cfg = self.config
+        existing = layer.weight == 0
+        zeros = int(existing.sum())
+        self._existing_zeros[0] += zeros
+        self._existing_zeros[1] += existing.numel()
+        args = (cfg.sparsegpt_block_size, cfg.sparsegpt_dampening)
+        if not (cfg.keep_existing_zeros and zeros):
+            return prune_linear(layer, cfg.method, cfg.sparsity, cfg.nm, stats, cfg.uses("lr"), *args,
+                                name=f"block {index} {name}")
+        return _prune_keeping_zeros(layer, existing, cfg, stats, name=f"block {index} {name}")
+
+    def _note_existing_zeros(self, report: PruneReport) -> None:
+        zeros, total = self._existing_zeros
+        if not zeros or not total:
+            return
+        fraction = zeros / total
+        if self.config.keep_existing_zeros:
+            message = (f"the model already had {fraction:.2%} zeros in its pruned layers; they were kept and count "
+                       "toward the sparsity (keep_existing_zeros=True)")
+        else:
+            message = (f"the model already had {fraction:.2%} zeros in its pruned layers; the masks did not treat "
+                       "them specially, so some may have been revived (set keep_existing_zeros=True to keep them and "
+                       "count them toward the sparsity)")
+        if fraction >= ALREADY_SPARSE_WARNING:
+            logger.warning(message)
+            report.warnings.append(message)
+        else:
+            logger.info(message)
+
     def _prepare_block(self, index, window_start, blocks, kwargs, streams, stat_rows, block_report):
         """Advance the dense streams past block ``index``, choose its masks (+ LR), measure the error before BR."""
         cfg = self.config
         block, block_kwargs = blocks[index], [kwargs[index]]
         with _timed(block_report, "dense_forward"):
-            for stream in streams.values():
+            for split, stream in streams.items():
                 if stream.dense[index] is not None:
-                    stream.dense[index + 1], _ = self._forward([block], block_kwargs, stream.dense[index])
+                    stream.dense[index + 1], _ = self._forward([block], block_kwargs, stream.dense[index],
+                                                               block=index, split=split)
                 else:
                     stream.dense[index + 1] = None
 
@@ -389,28 +672,30 @@ class Pruner:
                     inputs[split] = stream.sparse[index]
                 else:
                     inputs[split], _ = self._forward(blocks[window_start:index], kwargs[window_start:index],
-                                                     stream.sparse[window_start])
+                                                     stream.sparse[window_start], block=index, split=split)
 
         layers = prunable_linears(block, cfg.include_modules, cfg.exclude_modules)
         lr = cfg.uses("lr")
         recorder = None
         if needs_statistics(cfg.method, lr) and layers:
             with _timed(block_report, "statistics"):
-                recorder = StatisticsRecorder(layers, hessian=needs_hessian(cfg.method, lr))
-                try:
-                    self._forward([block], block_kwargs, inputs["calibration"][stat_rows], keep_output=False)
-                finally:
-                    recorder.remove()
+                while True:  # out of memory part-way: the hooks hold part of a batch, so start the pass again
+                    recorder = StatisticsRecorder(layers, hessian=needs_hessian(cfg.method, lr))
+                    try:
+                        self._forward([block], block_kwargs, inputs["calibration"][stat_rows], keep_output=False,
+                                      block=index, restart_on_oom=True)
+                        break
+                    except _RestartPass:
+                        continue
+                    finally:
+                        recorder.remove()
                 if self._data_parallel is not None:
                     self._reduce_statistics(recorder)
 
         masks: dict[nn.Linear, torch.Tensor] = {}
         with _timed(block_report, "masks_lr"):
             for name, layer in layers.items():
-                result = prune_linear(
-                    layer, cfg.method, cfg.sparsity, cfg.nm, recorder.stats[name] if recorder else None, lr,
-                    cfg.sparsegpt_block_size, cfg.sparsegpt_dampening, name=f"block {index} {name}",
-                )
+                result = self._prune_layer(index, name, layer, recorder.stats[name] if recorder else None)
                 masks[layer] = result.keep_mask
                 if result.dampening is not None:
                     block_report.dampening[name] = result.dampening
@@ -426,7 +711,8 @@ class Pruner:
                     block_report.error_before[split] = None
                     continue
                 output, block_report.error_before[split] = self._forward(
-                    [block], block_kwargs, inputs[split], stream.dense[index + 1], keep_output=final_now
+                    [block], block_kwargs, inputs[split], stream.dense[index + 1], keep_output=final_now,
+                    block=index, split=split, check_finite=final_now,
                 )
                 if final_now:
                     stream.sparse[index + 1] = output
@@ -448,14 +734,23 @@ class Pruner:
         if cfg.uses("gp"):
             targets = calibration.dense[last + 1]
         else:
-            targets, _ = self._forward([dense_blocks[i] for i in window], window_kwargs, calibration.sparse[first])
+            targets, _ = self._forward([dense_blocks[i] for i in window], window_kwargs, calibration.sparse[first],
+                                       block=first)
         masks = {layer: mask for i in window for layer, mask in block_masks[i].items()}
         extra = {} if self._sharded_rows is None else {"sharded_rows": self._sharded_rows}
-        with torch.enable_grad():
-            result = reconstruct_window(
-                window_blocks, masks, calibration.sparse[first], targets, window_kwargs, cfg, self._device,
-                show_progress=False, window_name=f"blocks {window}", **extra,
-            )
+        try:
+            with torch.enable_grad():
+                result = reconstruct_window(
+                    window_blocks, masks, calibration.sparse[first], targets, window_kwargs, cfg, self._device,
+                    show_progress=False, window_name=f"blocks {window}", **extra,
+                )
+        except torch.OutOfMemoryError as error:  # the trainer has restored the window's weights already
+            raise torch.OutOfMemoryError(
+                f"block reconstruction of decoder blocks {list(window)} ran out of memory with "
+                f"br_batch_size={cfg.br_batch_size} ({error}). Lower br_batch_size (this changes the optimisation), "
+                "use reconstruction_mode='lora', autocast_dtype='bfloat16', stream_location='cpu', or a device with "
+                "more memory."
+            ) from error
         if self._data_parallel is not None:
             self._data_parallel.broadcast_module_(window_blocks)
         seconds = time.perf_counter() - start
@@ -481,13 +776,62 @@ class Pruner:
                     block_report.error_after[split] = block_report.error_before[split]
                 else:
                     stream.sparse[index + 1], block_report.error_after[split] = self._forward(
-                        [block], [kwargs[index]], stream.sparse[index], stream.dense[index + 1]
+                        [block], [kwargs[index]], stream.sparse[index], stream.dense[index + 1],
+                        block=index, split=split, check_finite=True,
                     )
                 stream.drop(index)
         block_report.layer_sparsity = {
             name: float((layer.weight == 0).float().mean())
             for name, layer in prunable_linears(block, self.config.include_modules, self.config.exclude_modules).items()
         }
+
+
+@torch.no_grad()
+def _prune_keeping_zeros(layer: nn.Linear, existing: torch.Tensor, cfg: PruningConfig, stats, name: str):
+    """Like ``prune_linear``, for a layer that already has zeros that must stay zero and count toward the sparsity.
+
+    The criterion's scores are taken on the weights as they are, with every existing zero scored lowest, so each
+    group (an output row for magnitude and Wanda, a lazy column block for SparseGPT, N:M groups) prunes its existing
+    zeros first and only the rest by score; a group with more zeros than the target keeps all of them. For SparseGPT
+    the mask is therefore chosen from the OBS saliency ``w^2 / [H^-1]_jj^2`` of the weights before the update (in the
+    usual solver, later column blocks see weights already updated by earlier ones). The OBS update (LR) then runs with
+    that mask fixed, so the existing zeros are never revived.
+    """
+    weight = layer.weight
+    check_nm_shape(weight.shape[1], cfg.nm, name)
+    lr = cfg.uses("lr")
+    dampening = None
+    w = weight.detach().float()
+    if cfg.method == "magnitude":
+        scores = w.abs()
+    elif cfg.method == "wanda":
+        scores = wanda_scores(weight, stats.column_norms)
+    else:
+        hessian = stats.hessian.to(device=w.device, dtype=torch.float32).clone()
+        dead = torch.diagonal(hessian) == 0
+        hessian[dead, dead] = 1.0
+        factor, dampening = inverse_hessian_cholesky(hessian, cfg.sparsegpt_dampening)
+        scores = (w.square() / torch.diagonal(factor).square().unsqueeze(0)).masked_fill(dead, 0.0)
+    scores = scores.masked_fill(existing, -1.0)  # every other score is >= 0
+    if cfg.nm is not None:
+        keep = nm_mask(scores, *cfg.nm)
+    elif cfg.method == "sparsegpt":
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        for start in range(0, scores.shape[1], cfg.sparsegpt_block_size):
+            group = scores[:, start:start + cfg.sparsegpt_block_size]
+            keep[:, start:start + group.shape[1]] = prune_lowest(
+                group.reshape(1, -1), int(cfg.sparsity * group.numel())).reshape(group.shape)
+    else:
+        keep = prune_lowest(scores, int(cfg.sparsity * scores.shape[1]))
+    keep &= ~existing
+    if lr:
+        result = sparsegpt_prune(weight, stats.hessian, cfg.sparsity, cfg.nm, cfg.sparsegpt_block_size,
+                                 cfg.sparsegpt_dampening, fixed_keep_mask=keep)
+        weight.copy_(result.weight.to(weight.dtype))
+        dampening = result.dampening
+    else:
+        weight.mul_(keep)
+    return LayerPruneResult(keep, dampening)
 
 
 @dataclass
