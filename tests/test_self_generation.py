@@ -221,3 +221,15 @@ def test_generated_ids_can_be_used_under_autograd(model, tokenizer):
     model(data.input_ids[:2]).logits.float().mean().backward()  # an inference tensor would raise here
     assert model.model.embed_tokens.weight.grad is not None
     model.zero_grad()
+
+
+def test_model_fingerprint_ignores_use_cache_but_not_weights(tokenizer):
+    from hf_recon_prune.calibration.self_generation import model_fingerprint
+
+    model = make_tiny_llama(len(tokenizer))
+    before = model_fingerprint(model)
+    model.config.use_cache = not model.config.use_cache  # the pruner flips it while it runs: the cache must still hit
+    assert model_fingerprint(model) == before
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0
+    assert model_fingerprint(model)["sha256"] != before["sha256"]

@@ -346,7 +346,8 @@ def model_fingerprint(model: Any) -> dict[str, Any]:
     """What identifies the model's outputs: its class, name, config and a strided sample of a few weight tensors."""
     config = getattr(model, "config", None)
     config_dict = config.to_dict() if hasattr(config, "to_dict") else {}
-    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype"):
+    # use_cache changes speed, not the generated tokens (the pruner switches it off while it runs).
+    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype", "use_cache"):
         config_dict.pop(volatile, None)
     digest = hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode("utf-8"))
     parameters = [p for p in model.parameters() if p.device.type != "meta" and p.numel() > 0]
