@@ -126,3 +126,33 @@ def test_overfitting_is_visible_in_the_report():
     calibration_gain = block.error_before["calibration"] / block.error_after["calibration"]
     heldout_gain = block.error_before["heldout"] / block.error_after["heldout"]
     assert calibration_gain > 2 * heldout_gain
+
+
+def test_heldout_rows_never_reach_the_optimiser():
+    """A forward pre-hook on block 0 sees every row the optimiser trains on (grad enabled): each is a calibration row's
+    embedding, every calibration row is used, and no held-out row ever appears."""
+    model = make_tiny_model("llama", num_layers=2)
+    calibration = _calibration(num=8, heldout=6)
+    with torch.no_grad():
+        embed = model.get_input_embeddings()
+        calibration_rows = embed(calibration.input_ids).flatten(1)
+        heldout_rows = embed(calibration.heldout_ids).flatten(1)
+    seen = []
+
+    def record(module, args, kwargs):
+        if torch.is_grad_enabled():
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen.append(hidden.detach().flatten(1).clone())
+
+    handle = resolve_layout(model).blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        _run(model, calibration, reconstruction=["lr", "br", "gp"], br_epochs=2)
+    finally:
+        handle.remove()
+    trained = torch.cat(seen)
+    assert trained.shape[0] == 2 * calibration_rows.shape[0]  # two epochs over every calibration row
+    distance_to_calibration = torch.cdist(trained, calibration_rows).min(dim=1).values
+    distance_to_heldout = torch.cdist(trained, heldout_rows).min(dim=1).values
+    assert distance_to_calibration.max() < 1e-5
+    assert distance_to_heldout.min() > 1e-2
+    assert torch.cdist(calibration_rows, trained).min(dim=1).values.max() < 1e-5  # every calibration row was used
