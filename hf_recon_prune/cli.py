@@ -68,6 +68,8 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "exclude_modules": ("layer-wise", "comma-separated regexes: never prune linear layers whose name matches"),
     "sparsegpt_block_size": ("layer-wise", "columns processed together by SparseGPT / LR"),
     "sparsegpt_dampening": ("layer-wise", "Hessian dampening, as a fraction of its mean diagonal"),
+    "keep_existing_zeros": ("layer-wise", "an already sparse model keeps its zeros, and they count toward the "
+                                          "sparsity (true/false)"),
     "calibration": ("calibration", "default (offline), c4, wikitext2, ptb, self, an HF dataset id or a local "
                                    "file/folder (.txt, .jsonl, .json, .csv, .parquet)"),
     "calibration_split": ("calibration", "split of the calibration source (default: train)"),
@@ -105,6 +107,8 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "autocast_dtype": ("execution", "autocast dtype of BR: " + _choices("AUTOCAST_DTYPES")),
     "forward_batch_size": ("execution", "windows per forward pass"),
     "track_reconstruction_error": ("execution", "measure the per-block error against the dense model (true/false)"),
+    "checkpoint_dir": ("execution", "write a checkpoint after every block to this folder; with --resume, continue "
+                                    "from the latest one"),
 }
 
 
@@ -257,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from a saved PruningConfig (saved model folder, config.json or bare JSON); "
                             "flags given override it")
     prune.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
+    prune.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from the latest checkpoint in --checkpoint-dir (same model, "
+                            "flags and calibration data; starts from the first block when there is none yet)")
     prune.add_argument("--print-config", action="store_true",
                        help="print the resolved PruningConfig as JSON and exit without loading the model")
     prune.add_argument("--base-model", default=None, metavar="ID",
@@ -409,6 +416,8 @@ def _cmd_prune(args) -> int:
         return EXIT_OK
     _check_eval_flags(args)
     _check_output_folder(args.output)
+    if args.resume and not config.checkpoint_dir:
+        raise UsageError("--resume needs --checkpoint-dir DIR: the folder the interrupted run wrote its checkpoints to")
     from .pruner import Pruner
 
     started = time.perf_counter()
@@ -423,7 +432,7 @@ def _cmd_prune(args) -> int:
         _status(f"dense perplexity: {results['dense']:.3f}")
     _status(f"pruning: {_describe_config(config)}")
     pruner = Pruner(model, config, tokenizer=tokenizer)
-    report = pruner.prune()
+    report = pruner.prune(resume=args.resume)
     if not args.no_eval:
         _status("perplexity of the pruned model ...")
         t0 = time.perf_counter()
@@ -683,6 +692,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"\n{prefix}: interrupted (saving is atomic: no half-written folder was left)", file=sys.stderr)
+        if getattr(args, "checkpoint_dir", None):
+            print(f"{prefix}: the same command with --resume continues from the last checkpoint in "
+                  f"{args.checkpoint_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except UsageError as error:
         print(f"{prefix}: error: {error}", file=sys.stderr)
