@@ -156,21 +156,16 @@ def save_step(folder: str, step: int, manifest: dict[str, Any], report: dict[str
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(folder)
+    # Older steps, and what a run killed while writing left under temporary names, are no longer needed.
     for name in os.listdir(folder):
         match = _STEP_RE.match(name)
-        if match and int(match.group(1)) != step:
+        if (match and int(match.group(1)) != step) or name.startswith(_TMP_PREFIX):
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    blocks = os.path.join(folder, BLOCKS)
+    for name in os.listdir(blocks) if os.path.isdir(blocks) else []:
+        if _TMP_PREFIX in name:
+            os.remove(os.path.join(blocks, name))
     return final
-
-
-def clear(folder: str) -> None:
-    """Remove what earlier runs left in ``folder`` (steps, block files, temporary folders); other files stay."""
-    if not os.path.isdir(folder):
-        return
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if _STEP_RE.match(name) or name.startswith(_TMP_PREFIX) or name == BLOCKS:
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 # ---------------------------------------------------------------------------------------------------- reading

@@ -369,6 +369,8 @@ class Pruner:
                         self._save_block(index, block_masks[index])
                 placement.offload(blocks[index])
                 dense_blocks.pop(index, None)
+                # The key stays (the block is done); its device masks go, or they would pile up block after block.
+                block_masks[index] = {}
             if measure_peaks:
                 report.memory["peak_device_bytes_per_window"].append(torch.cuda.max_memory_allocated(device))
                 torch.cuda.reset_peak_memory_stats(device)
@@ -466,6 +468,7 @@ class Pruner:
         cfg, blocks, placement = self.config, self.layout.blocks, self._placement
         manifest = saved.manifest
         report = PruneReport.from_dict(saved.report)
+        report.config = fresh_report.config  # execution-only fields (e.g. checkpoint_dir) may have changed
         report.memory["estimate"] = fresh_report.memory["estimate"]
         self._batch_size = int(manifest["forward_batch_size"])
         self._existing_zeros = [int(v) for v in manifest["existing_zeros"]]
@@ -492,9 +495,9 @@ class Pruner:
         for index in manifest["finalised"]:
             state, masks = saved.block(index)
             block = load(index, state)
-            block_masks[index] = ordered_masks(block, masks, self._device)
-            for mask_name, mask in self._named_masks(index, block_masks[index]).items():
-                self.masks[mask_name] = mask.to("cpu")
+            for mask_name, mask in self._named_masks(index, ordered_masks(block, masks, "cpu")).items():
+                self.masks[mask_name] = mask
+            block_masks[index] = {}  # finished: only the key matters (see the block loop)
             placement.offload(block)
         state = saved.state()
         for index in manifest["pending"]:

@@ -27,9 +27,12 @@ VARIANTS = {
     "br_gp_cr": dict(reconstruction=["lr", "br", "gp", "cr"]),
 }
 
-# The pruning run of the subprocess tests: a tiny 4-block Llama, SparseGPT + LR + BR (+ GP, CR), 2 epochs.
-SCRIPT = textwrap.dedent('''
-    import json, os, signal, sys
+# The subprocess of the SIGKILL tests imports torch and transformers once (seconds), then runs every step of a plan
+# in a *fresh forked child* that has never pruned anything: a pruning run that kills itself with SIGKILL right after
+# the checkpoint of block k, or a resumed run. The parent only imports, forks and waits (no torch computation, so the
+# children start from a clean state); it reports how every child ended and which step folders it left.
+DRIVER = textwrap.dedent('''
+    import json, os, signal, sys, traceback
     sys.path.insert(0, {tests!r})
     import torch
     from safetensors.torch import save_file
@@ -37,30 +40,60 @@ SCRIPT = textwrap.dedent('''
     from hf_recon_prune import PruningConfig
     from hf_recon_prune.calibration import CalibrationSet
     from hf_recon_prune.pruner import Pruner
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imported before forking, like everything else)
 
-    variant, checkpoint_dir, output = sys.argv[1], sys.argv[2], sys.argv[3]
-    resume = os.environ.get("RESUME") == "1"
-    kill_after = int(os.environ.get("KILL_AFTER", "-1"))
-    settings = json.loads(os.environ["SETTINGS"])
-    calibration = CalibrationSet(
-        input_ids=random_ids(8, 16, seed=1), is_self_generated=torch.zeros(8, dtype=torch.bool),
-        heldout_ids=random_ids(4, 16, seed=101), statistics_mask=torch.ones(8, dtype=torch.bool),
-        description={{"source": "test"}},
-    )
-    config = PruningConfig(**settings, checkpoint_dir=None if checkpoint_dir == "-" else checkpoint_dir)
-    finished = []
 
-    def on_block_end(index, report):
-        finished.append(index)
-        if index == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)  # as hard as a crash: nothing after this line runs
+    def run(step):
+        calibration = CalibrationSet(
+            input_ids=random_ids(8, 16, seed=1), is_self_generated=torch.zeros(8, dtype=torch.bool),
+            heldout_ids=random_ids(4, 16, seed=101), statistics_mask=torch.ones(8, dtype=torch.bool),
+            description={{"source": "test"}},
+        )
+        config = PruningConfig(**step["settings"], checkpoint_dir=step["checkpoint_dir"])
+        finished = []
 
-    model = make_tiny_model("llama", num_layers={num_blocks})
-    Pruner(model, config, calibration_data=calibration, show_progress=False, on_block_end=on_block_end).prune(resume=resume)
-    save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, output)
-    with open(output + ".blocks.json", "w") as handle:
-        json.dump(finished, handle)
+        def on_block_end(index, report):
+            finished.append(index)
+            if index == step["kill_after"]:
+                os.kill(os.getpid(), signal.SIGKILL)  # as hard as a crash: nothing after this line runs
+
+        model = make_tiny_model("llama", num_layers={num_blocks})
+        Pruner(model, config, calibration_data=calibration, show_progress=False,
+               on_block_end=on_block_end).prune(resume=step["resume"])
+        save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, step["output"])
+        with open(step["output"] + ".blocks.json", "w") as handle:
+            json.dump(finished, handle)
+
+
+    with open(sys.argv[1]) as handle:
+        plan = json.load(handle)
+    results = []
+    for step in plan:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                run(step)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        folder = step["checkpoint_dir"]
+        results.append({{
+            "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+            "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+            "steps": sorted(n for n in os.listdir(folder) if n.startswith("step-")) if os.path.isdir(folder) else [],
+        }})
+    with open(sys.argv[2], "w") as handle:
+        json.dump(results, handle)
 ''').format(tests=TESTS, num_blocks=NUM_BLOCKS)
+
+KILLS = {"br_gp": [0, 1, 2], "br_gp_cr": [0, 1]}  # with CR, blocks 2 and 3 are finalised by the same last window
+CHAIN = [0, 1, 2]
 
 
 def _settings(variant: str) -> dict:
@@ -68,15 +101,47 @@ def _settings(variant: str) -> dict:
                 forward_batch_size=4, device="cpu", br_epochs=2, **VARIANTS[variant])
 
 
-def _run_script(tmp_path, variant, checkpoint_dir, output, kill_after=None, resume=False):
-    script = tmp_path / "prune_script.py"
-    if not script.exists():
-        script.write_text(SCRIPT)
-    env = dict(os.environ, SETTINGS=json.dumps(_settings(variant)), RESUME="1" if resume else "0",
-               KILL_AFTER=str(-1 if kill_after is None else kill_after), HF_HUB_OFFLINE="1")
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """Runs the plan: for every variant and k, a run killed after block k and a resume in another process; and a
+    chain (killed after 0, resumed and killed after 1, resumed and killed after 2, resumed to the end)."""
+    folder = tmp_path_factory.mktemp("sigkill")
+    plan, cases = [], {}
+
+    def step(variant, name, kill_after=None, resume=False):
+        plan.append(dict(settings=_settings(variant), checkpoint_dir=str(folder / name / "checkpoints"),
+                         output=str(folder / name / "model.safetensors"), resume=resume,
+                         kill_after=-1 if kill_after is None else kill_after))
+        os.makedirs(folder / name, exist_ok=True)
+        return len(plan) - 1
+
+    for variant, kills in KILLS.items():
+        for k in kills:
+            name = f"{variant}-{k}"
+            cases[name] = ([step(variant, name, kill_after=k)], step(variant, name, resume=True), folder / name)
+    chain = [step("br_gp", "chain", kill_after=k, resume=i > 0) for i, k in enumerate(CHAIN)]
+    cases["chain"] = (chain, step("br_gp", "chain", resume=True), folder / "chain")
+    (folder / "plan.json").write_text(json.dumps(plan))
+    (folder / "driver.py").write_text(DRIVER)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.setdefault("OMP_NUM_THREADS", "2")
-    return subprocess.run([sys.executable, str(script), variant, str(checkpoint_dir), str(output)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(folder / "driver.py"), str(folder / "plan.json"),
+                             str(folder / "results.json")], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    results = json.loads((folder / "results.json").read_text())
+    return {name: ([results[i] for i in kills], results[last], path, result.stderr)
+            for name, (kills, last, path) in cases.items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    """The uninterrupted run of every variant, without checkpoints."""
+    models = {}
+    for variant in VARIANTS:
+        model = make_tiny_model("llama", num_layers=NUM_BLOCKS)
+        Pruner(model, PruningConfig(**_settings(variant)), calibration_data=_calibration(), show_progress=False).prune()
+        models[variant] = model.state_dict()
+    return models
 
 
 def _assert_identical(state, reference):
@@ -85,29 +150,20 @@ def _assert_identical(state, reference):
         assert torch.equal(state[key], value), f"{key} differs from the uninterrupted run"
 
 
-@pytest.mark.parametrize("variant, kills", [("br_gp", [0, 1, 2]), ("br_gp_cr", [0, 1])])
-def test_sigkill_after_block_k_then_resume_equals_uninterrupted_run(tmp_path, variant, kills):
-    """The run is killed (SIGKILL) right after the checkpoint of block k, resumed in a new process that is killed
-    after the next k, and so on; the last process runs to the end. Every resume must start right after its k, and
-    the final model must equal the uninterrupted run's bit for bit (any wrong state would propagate into it)."""
-    checkpoint_dir, output = tmp_path / "checkpoints", tmp_path / "model.safetensors"
-    done = -1
-    for k in kills:
-        killed = _run_script(tmp_path, variant, checkpoint_dir, output, kill_after=k, resume=done >= 0)
-        assert killed.returncode == -signal.SIGKILL, killed.stderr
-        assert not output.exists()
-        steps = [name for name in os.listdir(checkpoint_dir) if name.startswith("step-")]
-        assert steps == [f"step-{k:05d}"]  # only the latest complete checkpoint is kept
-        done = k
-    resumed = _run_script(tmp_path, variant, checkpoint_dir, output, resume=True)
-    assert resumed.returncode == 0, resumed.stderr
+@pytest.mark.parametrize("case", [f"{variant}-{k}" for variant, kills in KILLS.items() for k in kills] + ["chain"])
+def test_sigkill_after_block_k_then_resume_equals_uninterrupted_run(killed_and_resumed, uninterrupted, case):
+    """Killed with SIGKILL right after the checkpoint of block k, resumed in a new process: the resumed process
+    starts after block k and the model equals the uninterrupted run's bit for bit. The chain resumes three times."""
+    killed, resumed, folder, stderr = killed_and_resumed[case]
+    kills = CHAIN if case == "chain" else [int(case.rsplit("-", 1)[1])]
+    for k, outcome in zip(kills, killed):
+        assert outcome["signal"] == signal.SIGKILL, (outcome, stderr[-3000:])
+        assert outcome["steps"] == [f"step-{k:05d}"]  # only the latest complete checkpoint is kept
+    assert resumed["exit"] == 0, (resumed, stderr[-3000:])
     # The last process started after the last k: it finalised only the blocks after it.
-    assert json.loads((tmp_path / "model.safetensors.blocks.json").read_text()) == list(range(done + 1, NUM_BLOCKS))
-
-    reference = make_tiny_model("llama", num_layers=NUM_BLOCKS)  # the uninterrupted run, without checkpoints
-    Pruner(reference, PruningConfig(**_settings(variant)), calibration_data=_calibration(),
-           show_progress=False).prune()
-    _assert_identical(load_file(str(output)), reference.state_dict())
+    assert json.loads((folder / "model.safetensors.blocks.json").read_text()) == list(range(kills[-1] + 1, NUM_BLOCKS))
+    variant = "br_gp" if case == "chain" else case.rsplit("-", 1)[0]
+    _assert_identical(load_file(str(folder / "model.safetensors")), uninterrupted[variant])
 
 
 # ---------------------------------------------------------------------------------------------------- in-process
@@ -187,10 +243,12 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path
         _pruned(config)
     monkeypatch.setattr(checkpoints.os, "replace", real_replace)
     assert os.path.basename(checkpoints.latest_step(str(tmp_path))) == "step-00001"
+    assert any(name.startswith(".tmp-step-00002") for name in os.listdir(tmp_path))  # the half-written step
     seen = []
     model, _, _ = _pruned(config, resume=True, on_block_end=lambda index, report: seen.append(index))
     assert seen == [2, 3]
     _assert_identical(model.state_dict(), reference.state_dict())
+    assert sorted(os.listdir(tmp_path)) == ["blocks", "step-00003"]  # leftovers of the crash are cleaned up
 
 
 def test_checkpoint_holds_only_safetensors_and_json(tmp_path):
@@ -267,3 +325,32 @@ def test_cli_resume_needs_checkpoint_dir(tmp_path, capsys):
     code = main(["prune", "--resume", "--output", str(tmp_path / "out"), "--no-eval"])
     assert code == EXIT_USAGE
     assert "--resume needs --checkpoint-dir" in capsys.readouterr().err
+
+
+def test_resume_of_a_disk_offloaded_model(tmp_path):
+    """Blocks that Accelerate keeps on disk: the checkpointed weights are written back through the offload storage,
+    and the resumed model saves like the uninterrupted in-memory run."""
+    import transformers
+
+    folder = tmp_path / "tiny"
+    make_tiny_model("llama", num_layers=3).save_pretrained(folder)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    Pruner(reference, _config(), calibration_data=_calibration(), show_progress=False).prune()
+    size = sum(p.numel() * p.element_size() for p in reference.parameters())
+
+    def offloaded(name):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, device_map="auto", max_memory={"cpu": size // 4}, offload_folder=str(tmp_path / name)).eval()
+        assert "disk" in set(model.hf_device_map.values())
+        return model
+
+    config = _config(tmp_path / "checkpoints")
+    with pytest.raises(PruningFailedError):
+        Pruner(offloaded("first"), config, calibration_data=_calibration(), show_progress=False,
+               on_block_end=_stop_after(0)).prune()
+    model = offloaded("second")
+    Pruner(model, config, calibration_data=_calibration(), show_progress=False).prune(resume=True)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
