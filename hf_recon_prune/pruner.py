@@ -56,6 +56,7 @@ class NonFiniteActivationsError(RuntimeError):
 class _RestartPass(Exception):
     """A pass that accumulates (mask statistics) ran out of memory: run it again from the start, smaller batches."""
 
+
 #: Above this fraction of zeros in the prunable layers before pruning, the note about it is a warning in the report.
 ALREADY_SPARSE_WARNING = 0.01
 
