@@ -115,3 +115,14 @@ def test_gram_update_cuda_low_precision_is_exact_products(dtype):
     gram_update_(gram, x)
     reference = x.double().T @ x.double()
     torch.testing.assert_close(gram.double(), reference, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned-stream fetch needs CUDA")
+def test_fetch_from_pinned_stream_equals_gather():
+    from hf_recon_prune.reconstruction.block_trainer import _fetch
+
+    stream = torch.randn(16, 5, 7).to(torch.bfloat16).pin_memory()
+    index = torch.tensor([9, 2, 2, 15, 0])
+    fetched = _fetch(stream, index, torch.device("cuda", torch.cuda.current_device()))
+    torch.cuda.synchronize()
+    assert fetched.device.type == "cuda" and torch.equal(fetched.cpu(), stream[index])
