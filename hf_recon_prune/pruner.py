@@ -135,6 +135,10 @@ class Pruner:
                 with the same configuration and calibration data (checked: a mismatch raises
                 ``checkpoint.CheckpointError``); the result is the model an uninterrupted run produces (bit for bit
                 on the CPU). Without a checkpoint in the folder the run starts from the first block.
+
+        On a CUDA device the engine resets ``torch.cuda``'s peak-memory statistics before every window, to report
+        the peak of each window in ``report.memory["peak_device_bytes_per_window"]``: read peaks from there, not from
+        ``torch.cuda.max_memory_allocated()`` after the call.
         """
         model, cfg = self.model, self.config
         if resume and not cfg.checkpoint_dir:
