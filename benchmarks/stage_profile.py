@@ -273,7 +273,6 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any]) -> dict[str, Any]:
             "ratio_to_floor": median / floor if floor > 0 and median > 0 else None,
         }
     peaks = report.memory.get("peak_device_bytes_per_window") or []
-    num_blocks = len(per_block)
     result = {
         "recipe": recipe, "reconstruction": RECIPES[recipe], "method": args.method, "pattern": args.pattern,
         "total_seconds": seconds, "model_build_seconds": build_seconds,

@@ -507,7 +507,7 @@ def _cmd_eval(args) -> int:
     tasks = _zero_shot_args(args)
     if args.no_perplexity and not tasks:
         raise UsageError("--no-perplexity without --tasks leaves nothing to measure")
-    from .evaluation import EvalResults, compare, evaluate
+    from .evaluation import compare, evaluate
     from .report import PruneReport
 
     manager = None

@@ -887,7 +887,7 @@ def push_folder_to_hub(
         if private:
             info = api.repo_info(repo_id, repo_type="model")
             if getattr(info, "private", None) is False:
-                raise _Refused(f"the repo already exists and is public, but private=True was asked; nothing was "
+                raise _Refused("the repo already exists and is public, but private=True was asked; nothing was "
                                "uploaded (make the repo private on the Hub, or push without --private)")
         if revision and revision != "main" and not revision.startswith("refs/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")

@@ -34,8 +34,7 @@ from .block_io import call_window
 from .capture import capture_block_kwargs, capture_first_block_inputs
 from .config import PruningConfig
 from .criteria import (
-    LayerPruneResult, StatisticsRecorder, check_nm_shape, inverse_hessian_cholesky, needs_hessian, needs_statistics,
-    nm_mask, prune_linear, prune_lowest, sparsegpt_prune, wanda_scores,
+    LayerPruneResult, StatisticsRecorder, needs_hessian, needs_statistics, prune_linear, prune_linear_keeping_zeros,
 )
 from .distributed import DataParallel, ShardedRows
 from .memory import estimate_memory, plan_placement
@@ -640,7 +639,8 @@ class Pruner:
         if not (cfg.keep_existing_zeros and zeros):
             return prune_linear(layer, cfg.method, cfg.sparsity, cfg.nm, stats, cfg.uses("lr"), *args,
                                 name=f"block {index} {name}")
-        return _prune_keeping_zeros(layer, existing, cfg, stats, name=f"block {index} {name}")
+        return prune_linear_keeping_zeros(layer, existing, cfg.method, cfg.sparsity, cfg.nm, stats, cfg.uses("lr"), *args,
+                                          name=f"block {index} {name}")
 
     def _note_existing_zeros(self, report: PruneReport) -> None:
         zeros, total = self._existing_zeros
@@ -792,54 +792,6 @@ class Pruner:
             name: float((layer.weight == 0).float().mean())
             for name, layer in prunable_linears(block, self.config.include_modules, self.config.exclude_modules).items()
         }
-
-
-@torch.no_grad()
-def _prune_keeping_zeros(layer: nn.Linear, existing: torch.Tensor, cfg: PruningConfig, stats, name: str):
-    """Like ``prune_linear``, for a layer that already has zeros that must stay zero and count toward the sparsity.
-
-    The criterion's scores are taken on the weights as they are, with every existing zero scored lowest, so each
-    group (an output row for magnitude and Wanda, a lazy column block for SparseGPT, N:M groups) prunes its existing
-    zeros first and only the rest by score; a group with more zeros than the target keeps all of them. For SparseGPT
-    the mask is therefore chosen from the OBS saliency ``w^2 / [H^-1]_jj^2`` of the weights before the update (in the
-    usual solver, later column blocks see weights already updated by earlier ones). The OBS update (LR) then runs with
-    that mask fixed, so the existing zeros are never revived.
-    """
-    weight = layer.weight
-    check_nm_shape(weight.shape[1], cfg.nm, name)
-    lr = cfg.uses("lr")
-    dampening = None
-    w = weight.detach().float()
-    if cfg.method == "magnitude":
-        scores = w.abs()
-    elif cfg.method == "wanda":
-        scores = wanda_scores(weight, stats.column_norms)
-    else:
-        hessian = stats.hessian.to(device=w.device, dtype=torch.float32).clone()
-        dead = torch.diagonal(hessian) == 0
-        hessian[dead, dead] = 1.0
-        factor, dampening = inverse_hessian_cholesky(hessian, cfg.sparsegpt_dampening)
-        scores = (w.square() / torch.diagonal(factor).square().unsqueeze(0)).masked_fill(dead, 0.0)
-    scores = scores.masked_fill(existing, -1.0)  # every other score is >= 0
-    if cfg.nm is not None:
-        keep = nm_mask(scores, *cfg.nm)
-    elif cfg.method == "sparsegpt":
-        keep = torch.ones_like(scores, dtype=torch.bool)
-        for start in range(0, scores.shape[1], cfg.sparsegpt_block_size):
-            group = scores[:, start:start + cfg.sparsegpt_block_size]
-            keep[:, start:start + group.shape[1]] = prune_lowest(
-                group.reshape(1, -1), int(cfg.sparsity * group.numel())).reshape(group.shape)
-    else:
-        keep = prune_lowest(scores, int(cfg.sparsity * scores.shape[1]))
-    keep &= ~existing
-    if lr:
-        result = sparsegpt_prune(weight, stats.hessian, cfg.sparsity, cfg.nm, cfg.sparsegpt_block_size,
-                                 cfg.sparsegpt_dampening, fixed_keep_mask=keep)
-        weight.copy_(result.weight.to(weight.dtype))
-        dampening = result.dampening
-    else:
-        weight.mul_(keep)
-    return LayerPruneResult(keep, dampening)
 
 
 @dataclass

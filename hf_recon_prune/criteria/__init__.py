@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .existing_zeros import prune_linear_keeping_zeros as _keeping_zeros
 from .magnitude import magnitude_mask
 from .masks import check_nm_shape, nm_mask, prune_lowest, row_mask
 from .sparsegpt import SparseGPTResult, inverse_hessian_cholesky, sparsegpt_prune
@@ -20,7 +21,7 @@ from .wanda import wanda_mask, wanda_scores
 __all__ = [
     "InputStatistics", "StatisticsRecorder", "LayerPruneResult", "prune_linear", "needs_hessian", "needs_statistics",
     "magnitude_mask", "wanda_mask", "wanda_scores", "sparsegpt_prune", "inverse_hessian_cholesky", "row_mask",
-    "nm_mask", "prune_lowest", "check_nm_shape", "SparseGPTResult",
+    "nm_mask", "prune_lowest", "check_nm_shape", "SparseGPTResult", "prune_linear_keeping_zeros",
 ]
 
 
@@ -73,3 +74,14 @@ def prune_linear(
         return LayerPruneResult(keep, result.dampening)
     weight.mul_(keep)
     return LayerPruneResult(keep)
+
+
+def prune_linear_keeping_zeros(layer: nn.Linear, existing: torch.Tensor, method: str, sparsity: float,
+                               nm: Optional[tuple[int, int]], stats: Optional[InputStatistics],
+                               layer_wise_reconstruction: bool, block_size: int = 128, dampening: float = 0.01,
+                               name: str = "layer") -> LayerPruneResult:
+    """``prune_linear`` for a layer whose zeros (``existing``) stay zero and count toward the sparsity
+    (``PruningConfig.keep_existing_zeros``); see ``existing_zeros.py``."""
+    keep, used_dampening = _keeping_zeros(layer, existing, method, sparsity, nm, stats, layer_wise_reconstruction,
+                                          block_size, dampening, name)
+    return LayerPruneResult(keep, used_dampening)
