@@ -83,6 +83,25 @@ def model_fingerprint(model: torch.nn.Module, blocks: Iterable[torch.nn.Module])
     return {"class": type(model).__name__, "num_blocks": len(blocks), "first_block": _digest(tensors)}
 
 
+def block_weights_sample(block: torch.nn.Module, elements: int = 256) -> Optional[str]:
+    """sha256 of a strided sample of every materialised tensor of ``block`` (None when all are offloaded to meta).
+
+    Cheap enough to take for every block at the start of a run, and it tells a dense block from a modified one or
+    from another model's block of the same shape."""
+    digest = hashlib.sha256()
+    seen = False
+    with torch.no_grad():
+        for name, tensor in block.state_dict().items():
+            if tensor.device.type == "meta" or tensor.numel() == 0:
+                continue
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(flat.numel() // elements, 1)][:elements].to("cpu", torch.float64).contiguous()
+            digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
+            digest.update(sample.numpy().tobytes())
+            seen = True
+    return digest.hexdigest() if seen else None
+
+
 # ---------------------------------------------------------------------------------------------------- writing
 def _fsync_dir(path: str) -> None:
     try:
@@ -225,6 +244,23 @@ class Checkpoint:
             raise CheckpointError(
                 f"the calibration data differs from the one the checkpoint in {self.path} was made with (its token "
                 "ids have another fingerprint); resume with the same calibration source, samples and seed"
+            )
+
+    def check_dense_blocks(self, samples: list[Optional[str]]) -> None:
+        """The blocks this resume takes from the model (neither finalised nor pending in the checkpoint) must hold the
+        dense weights the run started from: a reloaded or another model, or one a failed run left half-pruned, would
+        otherwise be mixed silently with the checkpoint's blocks."""
+        recorded = self.manifest.get("dense_block_samples")
+        if not recorded or len(recorded) != len(samples):
+            return
+        covered = set(self.manifest.get("finalised", [])) | set(self.manifest.get("pending", []))
+        differ = [i for i, (then, now) in enumerate(zip(recorded, samples))
+                  if i not in covered and then is not None and now is not None and then != now]
+        if differ:
+            raise CheckpointError(
+                f"decoder blocks {differ} of this model do not hold the dense weights the checkpoint in {self.path} "
+                "started from (another model, or one a failed run already modified); load the original dense model "
+                "again and resume with it"
             )
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -406,6 +406,9 @@ class Pruner:
         model_info = checkpoints.model_fingerprint(self.model, self.layout.blocks)
         calibration = checkpoints.tensor_fingerprint(ids, heldout_ids, statistics_mask)
         config_dict = cfg.to_dict()
+        # The weights the run starts from, block by block (a strided sample): a resume checks that the blocks it
+        # takes from the model are still these.
+        current_samples = [checkpoints.block_weights_sample(block) for block in self.layout.blocks]
         latest = checkpoints.latest_step(folder)
         saved = None
         if getattr(self, "_resume", False):
@@ -414,17 +417,20 @@ class Pruner:
             else:
                 saved = checkpoints.Checkpoint(latest)
                 saved.check_matches(config_dict, model_info, calibration)
+                saved.check_dense_blocks(current_samples)
                 logger.info("resuming from %s (after block %s)", latest, saved.manifest.get("step"))
         elif latest is not None:
             logger.warning("starting afresh: the checkpoint in %s will be replaced (pass resume=True, or --resume, "
                            "to continue it instead)", latest)
         if saved is not None:
             run_id, fingerprint = saved.manifest["run_id"], saved.manifest["fingerprint"]
+            dense_samples = saved.manifest.get("dense_block_samples") or current_samples
         else:
             run_id = checkpoints.new_run_id()
             fingerprint = checkpoints.run_fingerprint(config_dict, model_info, calibration)
+            dense_samples = current_samples
         self._checkpoint = {"folder": folder, "run_id": run_id, "fingerprint": fingerprint, "config": config_dict,
-                            "model": model_info, "calibration": calibration}
+                            "model": model_info, "calibration": calibration, "dense_block_samples": dense_samples}
         return saved
 
     def _save_block(self, index: int, masks: dict[nn.Linear, torch.Tensor]) -> None:
@@ -461,6 +467,7 @@ class Pruner:
         manifest = {
             "run_id": info["run_id"], "fingerprint": info["fingerprint"], "config": info["config"],
             "model": info["model"], "calibration": info["calibration"],
+            "dense_block_samples": info["dense_block_samples"],
             "finalised": finalised, "pending": pending, "next_window": next_window, "stream_layout": layout,
             "forward_batch_size": self._batch_size, "existing_zeros": list(self._existing_zeros),
             "elapsed_seconds": elapsed,

@@ -354,3 +354,25 @@ def test_resume_of_a_disk_offloaded_model(tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_refuses_a_model_whose_remaining_blocks_are_not_the_dense_ones(tmp_path):
+    """The blocks a resume takes from the model (after the checkpoint) must be the dense weights the run started
+    from: a fine-tune of the same shape, or a model a failed run already modified, is refused instead of mixed in."""
+    _interrupted(_config(tmp_path), 1)
+    other = make_tiny_model("llama", num_layers=NUM_BLOCKS)
+    with torch.no_grad():
+        other.model.layers[3].mlp.down_proj.weight.mul_(1.01)
+    with pytest.raises(checkpoints.CheckpointError, match=r"decoder blocks \[3\] .* dense weights"):
+        Pruner(other, _config(tmp_path), calibration_data=_calibration(), show_progress=False).prune(resume=True)
+
+
+def test_resume_with_the_interrupted_model_object_itself(tmp_path):
+    """In the same process, the model left by the interrupted run (blocks 0-1 final, 2-3 untouched) resumes."""
+    reference, _, _ = _pruned(_config())
+    config = _config(tmp_path)
+    model = make_tiny_model("llama", num_layers=NUM_BLOCKS)
+    with pytest.raises(PruningFailedError):
+        Pruner(model, config, calibration_data=_calibration(), show_progress=False, on_block_end=_stop_after(1)).prune()
+    Pruner(model, config, calibration_data=_calibration(), show_progress=False).prune(resume=True)
+    _assert_identical(model.state_dict(), reference.state_dict())
