@@ -43,8 +43,8 @@ PAPER_PEAK_GB = {"lr": 3.9, "br+gp": 5.7, "br+gp+cr": 10.6}
 GiB = float(1 << 30)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The random model's shape (Llama-2-7B by default) and dtype; ``random_model`` reads these fields."""
     shape = parser.add_argument_group("model shape (Llama-2-7B by default)")
     shape.add_argument("--layers", type=int, default=32)
     shape.add_argument("--hidden", type=int, default=4096)
@@ -52,6 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     shape.add_argument("--heads", type=int, default=32)
     shape.add_argument("--vocab", type=int, default=32000)
     shape.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_arguments(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated subset of {list(RECIPES)}")
     run.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])

@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from scale_gpu import machine, random_model  # noqa: E402
+from scale_gpu import add_shape_arguments, machine, random_model  # noqa: E402
 
 from hf_recon_prune import PruningConfig  # noqa: E402
 from hf_recon_prune.pruner import Pruner  # noqa: E402
@@ -63,13 +63,7 @@ GiB = float(1 << 30)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    shape = parser.add_argument_group("model shape (Llama-2-7B by default)")
-    shape.add_argument("--layers", type=int, default=32)
-    shape.add_argument("--hidden", type=int, default=4096)
-    shape.add_argument("--intermediate", type=int, default=11008)
-    shape.add_argument("--heads", type=int, default=32)
-    shape.add_argument("--vocab", type=int, default=32000)
-    shape.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    add_shape_arguments(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--recipes", default="lr,br+gp,br+gp+cr", help=f"comma-separated subset of {list(RECIPES)}")
     run.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
