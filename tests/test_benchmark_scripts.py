@@ -1,0 +1,53 @@
+"""The GPU benchmark scripts at tiny CPU settings: they run, and their FLOP model and CR accounting are right."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture(scope="module")
+def stage_profile():
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import stage_profile as module
+    finally:
+        sys.path.remove(BENCHMARKS)
+    return module
+
+
+def test_stage_profile_flop_model_and_cross_block_medians(stage_profile, tmp_path):
+    hidden, intermediate, samples, seq_len = 128, 344, 8, 32
+    out = tmp_path / "profile.json"
+    assert stage_profile.main([
+        "--device", "cpu", "--layers", "3", "--hidden", str(hidden), "--intermediate", str(intermediate),
+        "--heads", "4", "--vocab", "256", "--samples", str(samples), "--seq-len", str(seq_len), "--epochs", "1",
+        "--recipes", "lr,br+gp+cr", "--out", str(out),
+    ]) == 0
+    runs = {run["recipe"]: run for run in json.loads(out.read_text())["runs"]}
+    assert (tmp_path / "profile.md").is_file()
+
+    # Hand count for one block over T tokens: a forward is T * (2 * linear params + 4 * seq_len * hidden) FLOPs;
+    # the statistics pass is one forward plus 2 * T * d_in^2 per distinct linear input (q/k/v share the normed
+    # hidden states, o_proj has its own, gate/up share one, down_proj reads the intermediate activations).
+    tokens = samples * seq_len
+    params = 4 * hidden * hidden + 3 * hidden * intermediate
+    forward = tokens * (2 * params + 4 * seq_len * hidden)
+    gram = 2 * tokens * (3 * hidden * hidden + intermediate * intermediate)
+    assert runs["lr"]["stages"]["statistics"]["flops_per_block"] == forward + gram
+    assert runs["lr"]["stages"]["propagation"]["flops_per_block"] == forward
+    # BR: forward + backward = 3 forwards per token and epoch (1 epoch here); with CR every block is trained twice.
+    assert runs["br+gp+cr"]["stages"]["reconstruction"]["flops_per_block"] == 2 * 3 * 1 * forward
+
+    # With CR the first and last block carry half a window each: the median is over the interior block only.
+    cross = runs["br+gp+cr"]
+    assert cross["blocks_in_median"] == 1
+    interior = cross["blocks"][1]["seconds"]["reconstruction"]
+    assert cross["stages"]["reconstruction"]["median_seconds_per_block"] == pytest.approx(interior)
+    assert cross["stages"]["reconstruction"]["total_seconds"] == pytest.approx(
+        sum(b["seconds"].get("reconstruction", 0.0) for b in cross["blocks"]))
