@@ -769,8 +769,11 @@ class Pruner:
         if self._data_parallel is not None:
             self._data_parallel.broadcast_module_(window_blocks)
         seconds = time.perf_counter() - start
+        for note in result.notes:
+            report.warnings.append(f"window {window}: {note}")
         for i in window:
             block_report = report.blocks[i]
+            block_report.warnings.extend(result.notes)
             block_report.train_losses.append(list(result.epoch_losses))
             block_report.add_time("reconstruction", seconds / len(window))
             if result.reverted:

@@ -208,3 +208,54 @@ def test_keep_existing_zeros_changes_nothing_for_a_dense_model():
     _prune(plain, _config())
     _assert_identical(kept, plain)
     assert not report.warnings
+
+
+def test_out_of_memory_in_block_training_accumulates_smaller_micro_batches(monkeypatch, caplog):
+    """BR's mini-batch of 4 rows 'runs out of memory' above 1 row: the step is redone in micro-batches whose
+    gradients add up to the mini-batch's, so the trained weights equal the unforced run's up to float rounding."""
+    import hf_recon_prune.reconstruction.block_trainer as trainer
+
+    base = make_tiny_model("llama", num_layers=2)
+    config = _config(br_batch_size=4, br_epochs=3, br_lr=1e-3)
+    reference = copy.deepcopy(base)
+    _, reference_report = _prune(reference, config)
+
+    real_call = trainer.call_window
+    attempts = {"too_big": 0}
+
+    def limited(blocks, x, kwargs):
+        if torch.is_grad_enabled() and x.shape[0] > 1:
+            attempts["too_big"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_call(blocks, x, kwargs)
+
+    monkeypatch.setattr(trainer, "call_window", limited)
+    forced = copy.deepcopy(base)
+    with caplog.at_level(logging.WARNING):
+        _, report = _prune(forced, config)
+    assert attempts["too_big"] == 2 * 2  # per window: 4 rows fail, then 2 rows fail, then 1 row works from then on
+    assert "micro-batches of 1" in caplog.text
+    assert any("micro-batch" in w for w in report.warnings) and any("micro-batch" in w for w in report.blocks[0].warnings)
+    for (name, x), y in zip(forced.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+        assert torch.equal(x == 0, y == 0), name  # the same masks
+    for mine, theirs in zip(report.blocks, reference_report.blocks):
+        assert mine.train_losses[0] == pytest.approx(theirs.train_losses[0], rel=1e-4)
+
+
+def test_out_of_memory_in_block_training_at_one_row_says_what_to_change(monkeypatch):
+    import hf_recon_prune.reconstruction.block_trainer as trainer
+
+    real_call = trainer.call_window
+
+    def always(blocks, x, kwargs):
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_call(blocks, x, kwargs)
+
+    monkeypatch.setattr(trainer, "call_window", always)
+    with pytest.raises(PruningFailedError) as failure:
+        _prune(make_tiny_model("llama", num_layers=2), _config(br_batch_size=2))
+    cause = failure.value.__cause__
+    assert isinstance(cause, torch.OutOfMemoryError) and "micro-batch of one row" in str(cause)
+    assert "reconstruction_mode='lora'" in str(cause)

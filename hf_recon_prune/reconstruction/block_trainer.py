@@ -42,6 +42,7 @@ class TrainResult:
     warning: Optional[str] = None
     seconds: float = 0.0
     num_steps: int = 0
+    notes: list[str] = field(default_factory=list)  # e.g. the micro-batch was halved after running out of memory
 
 
 def resolve_autocast_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
@@ -243,6 +244,7 @@ def _train(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     generator = torch.Generator().manual_seed(config.seed)
     step = 0
+    micro_batch = batch_size  # halved after an out-of-memory error; the optimiser still sees whole mini-batches
     with torch.enable_grad():
         for _epoch in range(config.br_epochs):
             order = torch.randperm(num_rows, generator=generator)
@@ -251,15 +253,14 @@ def _train(
             for i, rows in enumerate(batches(num_rows, batch_size)):
                 index = order[rows]
                 if sharded_rows is None:
-                    x = _fetch(inputs, index, device).float()
-                    y = _fetch(targets, index, device).float()
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        out = call_window(blocks, x, kwargs)
-                    loss = F.mse_loss(out.float(), y)
-                    if loss_transform is not None:
-                        loss = loss_transform(step, loss)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
+                    while True:
+                        try:
+                            loss = _step(blocks, optimizer, inputs, targets, kwargs, index, device, amp_dtype, scaler,
+                                         loss_transform, step, micro_batch)
+                            break
+                        except torch.OutOfMemoryError as error:
+                            optimizer.zero_grad(set_to_none=True)
+                            micro_batch = _smaller_micro_batch(micro_batch, index.numel(), error, result)
                 else:
                     loss = _sharded_step(blocks, trainable, optimizer, inputs, targets, kwargs, index, device, amp_dtype,
                                          scaler, loss_transform, step, sharded_rows)
@@ -286,6 +287,62 @@ def _train(
                 progress.set_postfix(loss=f"{result.epoch_losses[-1]:.4g}")
     optimizer.zero_grad(set_to_none=True)
     return None
+
+
+def _step(blocks, optimizer, inputs, targets, kwargs, index, device, amp_dtype, scaler, loss_transform, step,
+          micro_batch) -> torch.Tensor:
+    """Gradients of the mean squared error over the mini-batch ``index``, in micro-batches of ``micro_batch`` rows.
+
+    Each micro-batch's loss is its squared error divided by the size of the whole mini-batch, so the accumulated
+    gradient is the mini-batch's (up to float rounding); a micro-batch as large as the mini-batch is the plain step.
+    """
+    # The previous step's gradients are cleared only now, right before the first backward (a loss_transform may
+    # inspect them).
+    if micro_batch >= index.numel():
+        x = _fetch(inputs, index, device).float()
+        y = _fetch(targets, index, device).float()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = call_window(blocks, x, kwargs)
+        loss = F.mse_loss(out.float(), y)
+        if loss_transform is not None:
+            loss = loss_transform(step, loss)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        return loss
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for number, part in enumerate(index.split(micro_batch)):
+        x = _fetch(inputs, part, device).float()
+        y = _fetch(targets, part, device).float()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = call_window(blocks, x, kwargs)
+        loss = (out.float() - y).square().sum() / (index.numel() * y[0].numel())
+        if loss_transform is not None:
+            loss = loss_transform(step, loss)
+        if number == 0:
+            optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        total += loss.detach()
+        del x, y, out, loss
+    return total
+
+
+def _smaller_micro_batch(micro_batch: int, batch: int, error: BaseException, result: TrainResult) -> int:
+    """Halve the training micro-batch after running out of memory (and say so); at one row, give up clearly."""
+    current = min(micro_batch, batch)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if current <= 1:
+        raise torch.OutOfMemoryError(
+            f"block-wise reconstruction ran out of memory even with a micro-batch of one row ({error}). Use "
+            "reconstruction_mode='lora', a shorter seq_len, stream_location='cpu', or a device with more memory."
+        ) from error
+    smaller = current // 2
+    note = (f"block-wise reconstruction ran out of memory with a micro-batch of {current} rows; continuing with "
+            f"micro-batches of {smaller} (gradients accumulated over the br_batch_size mini-batch, so the optimiser "
+            "steps are unchanged)")
+    logger.warning(note)
+    result.notes.append(note)
+    return smaller
 
 
 def _sharded_step(blocks, trainable, optimizer, inputs, targets, kwargs, index, device, amp_dtype, scaler,
