@@ -46,3 +46,14 @@ def call_window(blocks: Sequence[nn.Module], hidden_states: torch.Tensor, kwargs
 def batches(num_rows: int, batch_size: int) -> Iterable[slice]:
     for start in range(0, num_rows, batch_size):
         yield slice(start, min(start + batch_size, num_rows))
+
+
+def halved_after_out_of_memory(size: int, error: BaseException, at_one_row: str) -> int:
+    """The micro-batch to retry with after ``error`` (out of memory) at ``size`` rows: half of it, with the device's
+    cached blocks released; at one row there is nothing left to halve, so raise ``at_one_row`` (which should say
+    what to change) chained to ``error``."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if size <= 1:
+        raise torch.OutOfMemoryError(f"{at_one_row} ({error})") from error
+    return size // 2

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import checkpoint as checkpoints
 from .architectures import prunable_linears, resolve_layout
-from .block_io import call_window
+from .block_io import call_window, halved_after_out_of_memory
 from .capture import capture_block_kwargs, capture_first_block_inputs
 from .config import PruningConfig
 from .criteria import (
@@ -608,15 +608,10 @@ class Pruner:
         """Halve the forward micro-batch after an out-of-memory error, and say so; at one row, give up clearly."""
         where = f"decoder block {block}" if block is not None else "the embedding pass"
         size = self._batch_size
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if size <= 1:
-            raise torch.OutOfMemoryError(
-                f"{where}: out of memory even with a forward micro-batch of one row ({error}). Lower "
-                "max_device_memory or set stream_location='cpu' (or 'disk') so the streams leave the device, use "
-                "stream_dtype='bfloat16', a shorter seq_len, or a device with more memory."
-            ) from error
-        self._batch_size = size // 2
+        self._batch_size = halved_after_out_of_memory(size, error, (
+            f"{where}: out of memory even with a forward micro-batch of one row. Lower max_device_memory or set "
+            "stream_location='cpu' (or 'disk') so the streams leave the device, use stream_dtype='bfloat16', a "
+            "shorter seq_len, or a device with more memory."))
         message = (f"{where}: out of memory with a forward micro-batch of {size} rows; retrying with "
                    f"{self._batch_size} (set forward_batch_size={self._batch_size} to start there)")
         logger.warning(message)

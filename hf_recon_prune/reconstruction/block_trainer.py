@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..block_io import batches, call_window, move_to
+from ..block_io import batches, call_window, halved_after_out_of_memory, move_to
 from ..config import PruningConfig
 from ..distributed import ShardedRows
 from .masked_lora import MaskedLoraHandle, attach_masked_lora, merge_masked_lora, unload_masked_lora
@@ -329,14 +329,9 @@ def _step(blocks, optimizer, inputs, targets, kwargs, index, device, amp_dtype, 
 def _smaller_micro_batch(micro_batch: int, batch: int, error: BaseException, result: TrainResult) -> int:
     """Halve the training micro-batch after running out of memory (and say so); at one row, give up clearly."""
     current = min(micro_batch, batch)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if current <= 1:
-        raise torch.OutOfMemoryError(
-            f"block-wise reconstruction ran out of memory even with a micro-batch of one row ({error}). Use "
-            "reconstruction_mode='lora', a shorter seq_len, stream_location='cpu', or a device with more memory."
-        ) from error
-    smaller = current // 2
+    smaller = halved_after_out_of_memory(current, error, (
+        "block-wise reconstruction ran out of memory even with a micro-batch of one row. Use "
+        "reconstruction_mode='lora', a shorter seq_len, stream_location='cpu', or a device with more memory."))
     note = (f"block-wise reconstruction ran out of memory with a micro-batch of {current} rows; continuing with "
             f"micro-batches of {smaller} (gradients accumulated over the br_batch_size mini-batch, so the optimiser "
             "steps are unchanged)")
