@@ -54,6 +54,15 @@ def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 
 
+def split_recipes(parser: argparse.ArgumentParser, value: str, known) -> list[str]:
+    """``--recipes a,b`` as a list, every name checked against ``known`` (a parser error names the bad ones)."""
+    recipes = [r.strip() for r in value.split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in known]
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; choose from {list(known)}")
+    return recipes
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_arguments(parser)
@@ -83,10 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--markdown", default=None, help="default: --out with .md")
     out.add_argument("--baseline", default=None, help="a one-process JSON of this script, for the speed-up column")
     args = parser.parse_args(argv)
-    args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    unknown = [r for r in args.recipes if r not in RECIPES]
-    if unknown:
-        parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
+    args.recipes = split_recipes(parser, args.recipes, RECIPES)
     args.markdown = args.markdown or os.path.splitext(args.out)[0] + ".md"
     return args
 

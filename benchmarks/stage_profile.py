@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from scale_gpu import add_shape_arguments, machine, random_model  # noqa: E402
+from scale_gpu import add_shape_arguments, machine, random_model, split_recipes  # noqa: E402
 
 from hf_recon_prune import PruningConfig  # noqa: E402
 from hf_recon_prune.pruner import Pruner  # noqa: E402
@@ -84,10 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--out", default="benchmarks/results/stage_profile.json")
     out.add_argument("--markdown", default=None, help="default: --out with .md")
     args = parser.parse_args(argv)
-    args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    unknown = [r for r in args.recipes if r not in RECIPES]
-    if unknown:
-        parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
+    args.recipes = split_recipes(parser, args.recipes, RECIPES)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.markdown = args.markdown or os.path.splitext(args.out)[0] + ".md"
     return args

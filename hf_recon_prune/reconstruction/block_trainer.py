@@ -311,19 +311,24 @@ def _step(blocks, optimizer, inputs, targets, kwargs, index, device, amp_dtype, 
         return loss
     total = torch.zeros((), dtype=torch.float32, device=device)
     for number, part in enumerate(index.split(micro_batch)):
-        x = _fetch(inputs, part, device).float()
-        y = _fetch(targets, part, device).float()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = call_window(blocks, x, kwargs)
-        loss = (out.float() - y).square().sum() / (index.numel() * y[0].numel())
-        if loss_transform is not None:
-            loss = loss_transform(step, loss)
+        loss = _part_loss(blocks, inputs, targets, kwargs, part, index.numel(), device, amp_dtype, loss_transform, step)
         if number == 0:
             optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         total += loss.detach()
-        del x, y, out, loss
+        del loss
     return total
+
+
+def _part_loss(blocks, inputs, targets, kwargs, rows, batch_rows, device, amp_dtype, loss_transform, step):
+    """Squared error of the window's output on ``rows`` (part of a mini-batch of ``batch_rows`` rows) divided by
+    the whole mini-batch's element count: the parts' gradients add up to the mini-batch mean's."""
+    x = _fetch(inputs, rows, device).float()
+    y = _fetch(targets, rows, device).float()
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = call_window(blocks, x, kwargs)
+    loss = (out.float() - y).square().sum() / (batch_rows * y[0].numel())
+    return loss_transform(step, loss) if loss_transform is not None else loss
 
 
 def _smaller_micro_batch(micro_batch: int, batch: int, error: BaseException, result: TrainResult) -> int:
@@ -350,13 +355,8 @@ def _sharded_step(blocks, trainable, optimizer, inputs, targets, kwargs, index, 
     local = sharded_rows.local(index)
     loss = torch.zeros((), dtype=torch.float32, device=device)
     if local.numel():
-        x = _fetch(inputs, local, device).float()
-        y = _fetch(targets, local, device).float()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = call_window(blocks, x, kwargs)
-        loss = (out.float() - y).square().sum() / (index.numel() * y[0].numel())
-        if loss_transform is not None:
-            loss = loss_transform(step, loss)
+        loss = _part_loss(blocks, inputs, targets, kwargs, local, index.numel(), device, amp_dtype, loss_transform,
+                          step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
     else:
