@@ -79,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--max-device-memory", default="16GiB")
     run.add_argument("--stream-location", default="cpu", choices=["auto", "device", "cpu", "disk"])
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--compile", default="off", choices=["off", "on", "both"],
+                     help="compile_blocks for BR; 'both' runs every recipe eager, then compiled")
     run.add_argument("--ceiling-size", type=int, default=None, help="matmul size of the ceiling (default 8192, CPU 512)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="benchmarks/results/stage_profile.json")
@@ -213,7 +215,7 @@ def stage_floor(entry: dict[str, float], ceilings: dict[str, Any]) -> float:
 
 
 # ====================================================================================================== run
-def run_recipe(args, recipe: str, ceilings: dict[str, Any]) -> dict[str, Any]:
+def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled: bool = False) -> dict[str, Any]:
     from hf_recon_prune.calibration import CalibrationSet
 
     device = torch.device(args.device)
@@ -232,7 +234,7 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any]) -> dict[str, Any]:
         num_samples=args.samples, seq_len=args.seq_len, br_epochs=args.epochs, br_batch_size=args.br_batch_size,
         forward_batch_size=args.forward_batch_size, device=args.device, stream_location=args.stream_location,
         max_device_memory=args.max_device_memory if device.type == "cuda" else None, seed=args.seed,
-        track_reconstruction_error=args.track_error, heldout_fraction=0.0,
+        track_reconstruction_error=args.track_error, heldout_fraction=0.0, compile_blocks=compiled,
     )
     _sync(device)
     started = time.perf_counter()
@@ -265,7 +267,8 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any]) -> dict[str, Any]:
         }
     peaks = report.memory.get("peak_device_bytes_per_window") or []
     result = {
-        "recipe": recipe, "reconstruction": RECIPES[recipe], "method": args.method, "pattern": args.pattern,
+        "recipe": recipe + (" compiled" if compiled else ""), "reconstruction": RECIPES[recipe],
+        "compile_blocks": compiled, "method": args.method, "pattern": args.pattern,
         "total_seconds": seconds, "model_build_seconds": build_seconds,
         "setup_seconds": max(seconds - block_sum, 0.0),
         "seconds_per_block_median": statistics.median([sum(s.values()) for s in steady]) if steady else None,
@@ -285,7 +288,9 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any]) -> dict[str, Any]:
     }
     if result["seconds_per_block_median"] is not None:
         result["ratio_to_floor"] = result["seconds_per_block_median"] / floor_per_block if floor_per_block else None
-        result["projected_seconds_32_blocks"] = result["setup_seconds"] + 32 * result["seconds_per_block_median"]
+        # The blocks run, then the rest at the steady median: one-off costs (setup, compiling) count once.
+        remaining = max(32 - len(per_block), 0)
+        result["projected_seconds_32_blocks"] = seconds + remaining * result["seconds_per_block_median"]
     del report, model
     gc.collect()
     if device.type == "cuda":
@@ -359,12 +364,13 @@ def main(argv=None) -> int:
     print(f"ceilings: {ceilings['lowp']['tflops']:.1f} TFLOP/s {ceilings['lowp']['dtype']}, "
           f"{ceilings['fp32']['tflops']:.1f} TFLOP/s float32, copies {ceilings['copy']}", flush=True)
     results = {"machine": machine(device, 1), "settings": vars(args), "ceilings": ceilings, "runs": []}
-    for recipe in args.recipes:
-        result = run_recipe(args, recipe, ceilings)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    for recipe, compiled in [(r, c) for r in args.recipes for c in modes]:
+        result = run_recipe(args, recipe, ceilings, compiled)
         results["runs"].append(result)
         stage_text = ", ".join(f"{k} {v['median_seconds_per_block']:.2f}" for k, v in result["stages"].items()
                                if v["total_seconds"])
-        print(f"{recipe}: {result['total_seconds']:.1f} s, {_f(result['seconds_per_block_median'], '.2f')} s/block "
+        print(f"{result['recipe']}: {result['total_seconds']:.1f} s, {_f(result['seconds_per_block_median'], '.2f')} s/block "
               f"(floor {result['floor_seconds_per_block']:.2f}; {stage_text}), peak GPU "
               f"{_f(result['peak_gpu_gib'], '.2f')} GiB", flush=True)
         results["optional_modules_imported"] = sorted({m.split(".")[0] for m in sys.modules} & {"datasets", "evaluate", "gguf"})

@@ -145,12 +145,15 @@ class PruningConfig:
     # is what the run may hold on the execution device, model weights resident there included; None: the device's free
     # memory at the start (no check on the CPU). data_parallel "auto" shards the calibration rows over the processes of
     # an initialised torch.distributed group (or one that `accelerate launch` / torchrun describe in the environment).
+    # compile_blocks: torch.compile the window's forward/backward in BR (the first window pays the compilation, tens
+    # of seconds; later windows of the same block class reuse it).
     device: Optional[str] = None
     stream_location: str = "auto"
     stream_dtype: Optional[str] = None
     stream_folder: Optional[str] = None
     max_device_memory: Optional[Union[str, int]] = None
     autocast_dtype: str = "auto"
+    compile_blocks: bool = False
     forward_batch_size: int = 8
     track_reconstruction_error: bool = True
     data_parallel: str = "auto"

@@ -243,6 +243,11 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     generator = torch.Generator().manual_seed(config.seed)
+    window_forward = _compiled_call_window() if config.compile_blocks else call_window
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return window_forward(blocks, x, kwargs)
+
     step = 0
     micro_batch = batch_size  # halved after an out-of-memory error; the optimiser still sees whole mini-batches
     with torch.enable_grad():
@@ -255,14 +260,14 @@ def _train(
                 if sharded_rows is None:
                     while True:
                         try:
-                            loss = _step(blocks, optimizer, inputs, targets, kwargs, index, device, amp_dtype, scaler,
+                            loss = _step(forward, optimizer, inputs, targets, index, device, amp_dtype, scaler,
                                          loss_transform, step, micro_batch)
                             break
                         except torch.OutOfMemoryError as error:
                             optimizer.zero_grad(set_to_none=True)
                             micro_batch = _smaller_micro_batch(micro_batch, index.numel(), error, result)
                 else:
-                    loss = _sharded_step(blocks, trainable, optimizer, inputs, targets, kwargs, index, device, amp_dtype,
+                    loss = _sharded_step(forward, trainable, optimizer, inputs, targets, index, device, amp_dtype,
                                          scaler, loss_transform, step, sharded_rows)
                 scaler.step(optimizer)
                 scaler.update()
@@ -289,7 +294,7 @@ def _train(
     return None
 
 
-def _step(blocks, optimizer, inputs, targets, kwargs, index, device, amp_dtype, scaler, loss_transform, step,
+def _step(forward, optimizer, inputs, targets, index, device, amp_dtype, scaler, loss_transform, step,
           micro_batch) -> torch.Tensor:
     """Gradients of the mean squared error over the mini-batch ``index``, in micro-batches of ``micro_batch`` rows.
 
@@ -302,7 +307,7 @@ def _step(blocks, optimizer, inputs, targets, kwargs, index, device, amp_dtype, 
         x = _fetch(inputs, index, device).float()
         y = _fetch(targets, index, device).float()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = call_window(blocks, x, kwargs)
+            out = forward(x)
         loss = F.mse_loss(out.float(), y)
         if loss_transform is not None:
             loss = loss_transform(step, loss)
@@ -311,7 +316,7 @@ def _step(blocks, optimizer, inputs, targets, kwargs, index, device, amp_dtype, 
         return loss
     total = torch.zeros((), dtype=torch.float32, device=device)
     for number, part in enumerate(index.split(micro_batch)):
-        loss = _part_loss(blocks, inputs, targets, kwargs, part, index.numel(), device, amp_dtype, loss_transform, step)
+        loss = _part_loss(forward, inputs, targets, part, index.numel(), device, amp_dtype, loss_transform, step)
         if number == 0:
             optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -320,13 +325,13 @@ def _step(blocks, optimizer, inputs, targets, kwargs, index, device, amp_dtype, 
     return total
 
 
-def _part_loss(blocks, inputs, targets, kwargs, rows, batch_rows, device, amp_dtype, loss_transform, step):
+def _part_loss(forward, inputs, targets, rows, batch_rows, device, amp_dtype, loss_transform, step):
     """Squared error of the window's output on ``rows`` (part of a mini-batch of ``batch_rows`` rows) divided by
     the whole mini-batch's element count: the parts' gradients add up to the mini-batch mean's."""
     x = _fetch(inputs, rows, device).float()
     y = _fetch(targets, rows, device).float()
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        out = call_window(blocks, x, kwargs)
+        out = forward(x)
     loss = (out.float() - y).square().sum() / (batch_rows * y[0].numel())
     return loss_transform(step, loss) if loss_transform is not None else loss
 
@@ -345,7 +350,7 @@ def _smaller_micro_batch(micro_batch: int, batch: int, error: BaseException, res
     return smaller
 
 
-def _sharded_step(blocks, trainable, optimizer, inputs, targets, kwargs, index, device, amp_dtype, scaler,
+def _sharded_step(forward, trainable, optimizer, inputs, targets, index, device, amp_dtype, scaler,
                   loss_transform, step, sharded_rows) -> torch.Tensor:
     """Backward over this shard's rows of the mini-batch ``index``, then sum gradients and loss over processes.
 
@@ -355,7 +360,7 @@ def _sharded_step(blocks, trainable, optimizer, inputs, targets, kwargs, index, 
     local = sharded_rows.local(index)
     loss = torch.zeros((), dtype=torch.float32, device=device)
     if local.numel():
-        loss = _part_loss(blocks, inputs, targets, kwargs, local, index.numel(), device, amp_dtype, loss_transform,
+        loss = _part_loss(forward, inputs, targets, local, index.numel(), device, amp_dtype, loss_transform,
                           step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -364,6 +369,19 @@ def _sharded_step(blocks, trainable, optimizer, inputs, targets, kwargs, index, 
     total = loss.detach().float().reshape(1).clone()
     sharded_rows.reduce_gradients_(trainable, extra=[total])
     return total[0]
+
+
+_COMPILED_CALL_WINDOW: Optional[Callable] = None
+
+
+def _compiled_call_window() -> Callable:
+    """``torch.compile(call_window)``, made once per process: dynamo treats the blocks' parameters as inputs, so
+    every later window of the same block class reuses the first window's compiled code instead of compiling again
+    (a window of two blocks, or a new batch shape, compiles once more)."""
+    global _COMPILED_CALL_WINDOW
+    if _COMPILED_CALL_WINDOW is None:
+        _COMPILED_CALL_WINDOW = torch.compile(call_window)
+    return _COMPILED_CALL_WINDOW
 
 
 def _mask_grad(not_kept: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
