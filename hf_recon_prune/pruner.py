@@ -34,7 +34,8 @@ from .block_io import call_window, halved_after_out_of_memory
 from .capture import capture_block_kwargs, capture_first_block_inputs
 from .config import PruningConfig
 from .criteria import (
-    LayerPruneResult, StatisticsRecorder, needs_hessian, needs_statistics, prune_linear, prune_linear_keeping_zeros,
+    HessianFactors, LayerPruneResult, StatisticsRecorder, needs_hessian, needs_statistics, prune_linear,
+    prune_linear_keeping_zeros,
 )
 from .distributed import DataParallel, ShardedRows
 from .memory import estimate_memory, plan_placement
@@ -630,7 +631,7 @@ class Pruner:
             except torch.OutOfMemoryError as error:
                 self._out_of_memory(None, error)
 
-    def _prune_layer(self, index: int, name: str, layer: nn.Linear, stats) -> LayerPruneResult:
+    def _prune_layer(self, index: int, name: str, layer: nn.Linear, stats, factor) -> LayerPruneResult:
         """Mask (and LR-update) one linear layer; with ``keep_existing_zeros`` its zeros stay and count."""
         cfg = self.config
         existing = layer.weight == 0
@@ -640,9 +641,9 @@ class Pruner:
         args = (cfg.sparsegpt_block_size, cfg.sparsegpt_dampening)
         if not (cfg.keep_existing_zeros and zeros):
             return prune_linear(layer, cfg.method, cfg.sparsity, cfg.nm, stats, cfg.uses("lr"), *args,
-                                name=f"block {index} {name}")
+                                name=f"block {index} {name}", factor=factor)
         return prune_linear_keeping_zeros(layer, existing, cfg.method, cfg.sparsity, cfg.nm, stats, cfg.uses("lr"), *args,
-                                          name=f"block {index} {name}")
+                                          name=f"block {index} {name}", factor=factor)
 
     def _note_existing_zeros(self, report: PruneReport) -> None:
         zeros, total = self._existing_zeros
@@ -703,15 +704,19 @@ class Pruner:
                     self._reduce_statistics(recorder)
 
         masks: dict[nn.Linear, torch.Tensor] = {}
+        factors = None
+        if recorder is not None and needs_hessian(cfg.method, lr):
+            factors = HessianFactors(recorder.stats, cfg.sparsegpt_dampening)
         with _timed(block_report, "masks_lr"):
             for name, layer in layers.items():
-                result = self._prune_layer(index, name, layer, recorder.stats[name] if recorder else None)
+                result = self._prune_layer(index, name, layer, recorder.stats[name] if recorder else None,
+                                           factors.for_layer(name) if factors else None)
                 masks[layer] = result.keep_mask
                 if result.dampening is not None:
                     block_report.dampening[name] = result.dampening
             if self._data_parallel is not None:
                 self._data_parallel.broadcast_([t for layer, mask in masks.items() for t in (layer.weight.data, mask)])
-        del recorder
+        del recorder, factors
 
         # Without BR the block is final now: its output is the next sparse stream, so keep it instead of recomputing.
         final_now = not cfg.uses("br")
@@ -729,7 +734,7 @@ class Pruner:
         return masks
 
     def _reduce_statistics(self, recorder: StatisticsRecorder) -> None:
-        stats = list(recorder.stats.values())
+        stats = recorder.unique_stats()
         counts = self._data_parallel.sum_floats(float(s.num_tokens) for s in stats)
         for statistics, count in zip(stats, counts):
             statistics.num_tokens = int(count)

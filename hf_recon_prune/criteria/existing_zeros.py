@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .masks import check_nm_shape, nm_mask, prune_lowest
-from .sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
+from .sparsegpt import HessianFactor, factor_hessian, sparsegpt_prune
 from .statistics import InputStatistics
 from .wanda import wanda_scores
 
@@ -25,6 +25,7 @@ def prune_linear_keeping_zeros(
     block_size: int = 128,
     dampening: float = 0.01,
     name: str = "layer",
+    factor: Optional[HessianFactor] = None,
 ) -> tuple[torch.Tensor, Optional[float]]:
     """Like ``prune_linear``, for a layer whose zeros (``existing``) must stay zero and count toward the sparsity.
 
@@ -44,11 +45,10 @@ def prune_linear_keeping_zeros(
     elif method == "wanda":
         scores = wanda_scores(weight, stats.column_norms)
     elif method == "sparsegpt":
-        hessian = stats.hessian.to(device=w.device, dtype=torch.float32).clone()
-        dead = torch.diagonal(hessian) == 0
-        hessian[dead, dead] = 1.0
-        factor, used_dampening = inverse_hessian_cholesky(hessian, dampening)
-        scores = (w.square() / torch.diagonal(factor).square().unsqueeze(0)).masked_fill(dead, 0.0)
+        factor = factor or factor_hessian(stats.hessian, dampening, consume=True, device=w.device)
+        used_dampening = factor.dampening
+        diagonal = torch.diagonal(factor.inverse_cholesky)
+        scores = (w.square() / diagonal.square().unsqueeze(0)).masked_fill(factor.dead, 0.0)
     else:
         raise ValueError(f"unknown pruning method {method!r}; allowed: 'magnitude', 'wanda', 'sparsegpt'")
     scores = scores.masked_fill(existing, -1.0)  # every other score is >= 0
@@ -64,7 +64,8 @@ def prune_linear_keeping_zeros(
         keep = prune_lowest(scores, int(sparsity * scores.shape[1]))
     keep &= ~existing
     if layer_wise_reconstruction:
-        result = sparsegpt_prune(weight, stats.hessian, sparsity, nm, block_size, dampening, fixed_keep_mask=keep)
+        factor = factor or factor_hessian(stats.hessian, dampening, consume=True, device=w.device)
+        result = sparsegpt_prune(weight, None, sparsity, nm, block_size, dampening, fixed_keep_mask=keep, factor=factor)
         weight.copy_(result.weight.to(weight.dtype))
         used_dampening = result.dampening
     else:

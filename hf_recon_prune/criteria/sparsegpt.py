@@ -30,41 +30,101 @@ class SparseGPTResult:
     dampening: float  # the relative dampening that made the Hessian positive definite
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float]:
+def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float, overwrite: bool = False) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of H^-1 after dampening ``H += dampening * mean(diag H) * I``.
 
     A Hessian that is still not positive definite (rank deficient, tiny calibration set) gets ten times more
     dampening, a few times, before giving up; the dampening actually used is returned so the report can show it.
+    ``overwrite=True`` dampens ``hessian`` itself instead of a copy (its diagonal is left dampened): for the engine,
+    whose Hessians are used once, at most three d_in x d_in matrices (H, then H^-1 or its factors) exist at a time.
     """
-    H = hessian.clone()
+    H = hessian if overwrite else hessian.clone()
     diag = torch.diagonal(H)
     mean_diag = diag.mean().clamp_min(1e-8) if diag.numel() else torch.tensor(1.0)
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    added = 0.0
     for attempt in range(MAX_DAMPENING_RETRIES):
         damp = dampening * (10.0**attempt)
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                if attempt:
-                    logger.warning("Hessian was singular; solved with dampening %.3g instead of %.3g", damp, dampening)
-                return U, damp
+        diag.add_((damp - added) * mean_diag)
+        added = damp
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) != 0:
+            del L
+            continue
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        del Hinv
+        if int(info) == 0 and torch.isfinite(U).all():
+            if attempt:
+                logger.warning("Hessian was singular; solved with dampening %.3g instead of %.3g", damp, dampening)
+            return U, damp
     raise RuntimeError(
         f"SparseGPT: the Hessian is not positive definite even with dampening {damp:g}; the calibration inputs of "
         "this layer are degenerate (all zero or non-finite)."
     )
 
 
+@dataclass
+class HessianFactor:
+    """What SparseGPT needs of a layer's Hessian; layers that read the same input (q/k/v, gate/up) share one."""
+
+    inverse_cholesky: torch.Tensor  # upper Cholesky factor of the dampened H^-1, float32
+    dead: torch.Tensor  # bool [d_in]: inputs that were zero on every calibration token
+    dampening: float  # the relative dampening that made H positive definite
+
+
+def factor_hessian(hessian: torch.Tensor, dampening: float, consume: bool = False,
+                   device: Optional[torch.device] = None) -> HessianFactor:
+    """Factor ``hessian`` for SparseGPT. ``consume=True`` works in the given float32 tensor (which the caller gives
+    up) instead of a copy, so that only the factor outlives the call."""
+    owned = consume and hessian.dtype == torch.float32 and (device is None or hessian.device == torch.device(device))
+    H = hessian.detach() if owned else hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+    # Inputs that are always zero on the calibration data: H needs a non-zero diagonal there, and their weights are
+    # the cheapest to prune (saliency 0), but they are not zeroed beyond the mask, so the sparsity stays exact.
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    U, used = inverse_hessian_cholesky(H, dampening, overwrite=True)
+    return HessianFactor(U, dead, used)
+
+
+class HessianFactors:
+    """The factors of one block's Hessians, made when a layer first needs one and freed after its last layer.
+
+    ``stats`` maps layer names to their InputStatistics, shared ones as the same object (see StatisticsRecorder):
+    a shared Hessian is factored once for all its layers, and each Gram matrix is consumed in place by its
+    factorisation, so the block holds one factor at a time instead of every layer's Hessian and its copies.
+    """
+
+    def __init__(self, stats: dict, dampening: float):
+        self._stats = stats
+        self._dampening = dampening
+        self._remaining_users: dict[int, int] = {}
+        for statistics in stats.values():
+            self._remaining_users[id(statistics)] = self._remaining_users.get(id(statistics), 0) + 1
+        self._factors: dict[int, HessianFactor] = {}
+
+    def for_layer(self, name: str) -> HessianFactor:
+        statistics = self._stats[name]
+        key = id(statistics)
+        if key not in self._factors:
+            self._factors[key] = factor_hessian(statistics.take_hessian(), self._dampening, consume=True)
+        factor = self._factors[key]
+        self._remaining_users[key] -= 1
+        if self._remaining_users[key] == 0:
+            del self._factors[key]
+        return factor
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: Optional[torch.Tensor],
     sparsity: float,
     nm: Optional[tuple[int, int]] = None,
     block_size: int = 128,
     dampening: float = 0.01,
     fixed_keep_mask: Optional[torch.Tensor] = None,
     batched: Optional[bool] = None,
+    factor: Optional[HessianFactor] = None,
 ) -> SparseGPTResult:
     """Prune ``weight`` [out, in] and update the kept weights to minimise ||W X - W' X||^2 given H = X^T X.
 
@@ -75,20 +135,18 @@ def sparsegpt_prune(
     When a column block's mask is known before it is solved (unstructured masks, and any ``fixed_keep_mask``), its
     OBS updates are one batched triangular solve over the rows (``_obs_block_batched``); N:M selection runs the
     column-by-column loop. ``batched=False`` forces the loop everywhere (the reference the tests compare against);
-    ``None`` follows the module's ``BATCHED_SOLVE``.
+    ``None`` follows the module's ``BATCHED_SOLVE``. ``factor`` (from :func:`factor_hessian`) replaces ``hessian`` and
+    ``dampening``: the engine factors each distinct Hessian once for the layers that share it.
     """
     if batched is None:
         batched = BATCHED_SOLVE
     W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
     out_features, in_features = W.shape
-
-    # Inputs that are always zero on the calibration data: H needs a non-zero diagonal there, and their weights are
-    # the cheapest to prune (saliency 0), but they are not zeroed beyond the mask, so the sparsity stays exact.
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-
-    Hinv, used_damp = inverse_hessian_cholesky(H, dampening)
+    if factor is None:
+        if hessian is None:
+            raise ValueError("sparsegpt_prune needs a hessian or a factor")
+        factor = factor_hessian(hessian, dampening, device=W.device)
+    Hinv, used_damp, dead = factor.inverse_cholesky, factor.dampening, factor.dead
     keep = torch.ones_like(W, dtype=torch.bool)
     if fixed_keep_mask is not None:
         keep = fixed_keep_mask.to(W.device, torch.bool).clone()
