@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import hf_recon_prune.reconstruction as reconstruction
-from conftest import make_tiny_model
+from conftest import make_tiny_model, random_ids
 from hf_recon_prune.architectures import prunable_linears, resolve_layout
 from hf_recon_prune.block_io import call_block
 from hf_recon_prune.capture import capture_block_kwargs
+from hf_recon_prune.config import PruningConfig
 from hf_recon_prune.pruner import Pruner
 from test_pruner import _calibration, _config
 
@@ -156,3 +157,33 @@ def test_heldout_rows_never_reach_the_optimiser():
     assert distance_to_calibration.max() < 1e-5
     assert distance_to_heldout.min() > 1e-2
     assert torch.cdist(calibration_rows, trained).min(dim=1).values.max() < 1e-5  # every calibration row was used
+
+
+def test_compiled_block_training_matches_eager_and_compiles_once_for_every_window():
+    """compile_blocks=True: the same training up to float rounding, and the second window (another block of the same
+    class) reuses the first window's compiled graph instead of compiling again."""
+    import torch._dynamo
+
+    import hf_recon_prune.reconstruction.block_trainer as trainer
+
+    ids = random_ids(8, 16)
+    base = make_tiny_model("llama", num_layers=2)
+    models, reports = {}, {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        trainer._COMPILED.clear()
+        torch._dynamo.utils.counters.clear()
+        model = copy.deepcopy(base)
+        config = PruningConfig(method="wanda", sparsity=0.5, reconstruction=["br", "gp"], num_samples=8, seq_len=16,
+                               heldout_fraction=0.0, device="cpu", br_epochs=2, br_batch_size=4, br_lr=1e-3,
+                               compile_blocks=compiled)
+        reports[compiled] = Pruner(model, config, calibration_data=ids, show_progress=False).prune()
+        models[compiled] = model
+        if compiled:
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for (name, x), y in zip(models[True].state_dict().items(), models[False].state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+        assert torch.equal(x == 0, y == 0), name
+    for eager, compiled in zip(reports[False].blocks, reports[True].blocks):
+        assert compiled.train_losses[0] == pytest.approx(eager.train_losses[0], rel=1e-4)
+        assert compiled.train_losses[0][-1] < compiled.train_losses[0][0]

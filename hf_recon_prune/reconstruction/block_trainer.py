@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..block_io import batches, call_window, halved_after_out_of_memory, move_to
@@ -115,8 +114,8 @@ def reconstruct_window(
             shard of the rows. Every process draws the permutation of all rows, runs the part of each mini-batch in
             its shard, and the summed gradient (and loss) is that of the whole mini-batch; all processes must call.
 
-    To be able to revert, a copy of every parameter of the window (original dtype) is kept on its device during
-    the call. A non-finite loss (checked once per epoch, which costs one device synchronisation per epoch) stops training and
+    To be able to revert, a copy of every parameter of the window (original dtype) is kept during the call, in
+    pinned CPU memory when the window is on a GPU (on its device otherwise). A non-finite loss (checked once per epoch, which costs one device synchronisation per epoch) stops training and
     restores every parameter of the window bit-exactly to its value before the call; the result then has
     ``reverted=True`` and a warning naming the window, and the caller can carry on. On any exception the window is
     restored the same way before the exception propagates. Afterwards, nothing in the blocks requires grad or holds a
@@ -135,12 +134,13 @@ def reconstruct_window(
     amp_dtype = resolve_autocast_dtype(config.autocast_dtype, device)
 
     params = _unique_parameters(blocks)
-    snapshot = [p.detach().clone() for p in params]  # exact pre-training values, original dtypes
+    snapshot = [_snapshot(p) for p in params]  # exact pre-training values, original dtypes
     requires_grad = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     original_dtypes = [p.dtype for p in params]
     training_modes = [block.training for block in blocks]
-    pruned = {layer: ~mask.to(device=layer.weight.device, dtype=torch.bool) for layer, mask in masks.items()}
+    # Keep-masks as given (no inverted copies: ``~keep`` is formed per use, one layer at a time).
+    kept = {layer: mask.to(device=layer.weight.device, dtype=torch.bool) for layer, mask in masks.items()}
 
     result = TrainResult()
     handle: Optional[MaskedLoraHandle] = None
@@ -155,24 +155,22 @@ def reconstruct_window(
                 param.data = param.data.float()  # float32 master weights, same Parameter objects
         for block in blocks:
             block.eval()
-        with torch.no_grad():
-            for layer, not_kept in pruned.items():
-                layer.weight.masked_fill_(not_kept, 0)
+        _apply_masks(kept)
         train_kwargs = [move_to(kw, dtype=torch.float32) for kw in kwargs_per_block]
 
-        pruned_weight_ids = {id(layer.weight) for layer in pruned}
+        pruned_weight_ids = {id(layer.weight) for layer in kept}
         others = [p for p in params if id(p) not in pruned_weight_ids and p.is_floating_point()]
         trainable: list[nn.Parameter] = []
         if config.reconstruction_mode == "lora":
             handle = attach_masked_lora(
-                blocks, {layer: ~not_kept for layer, not_kept in pruned.items()}, config.lora_rank,
+                blocks, kept, config.lora_rank,
                 config.lora_alpha, config.lora_target_modules, seed=config.seed,
             )
             for param in params:  # peft froze the blocks; start again from "nothing trains"
                 param.requires_grad_(False)
             trainable.extend(handle.parameters())
         elif config.reconstruction_mode == "full":
-            trainable.extend(layer.weight for layer in pruned)
+            trainable.extend(layer.weight for layer in kept)
         else:
             raise ValueError(f"unknown reconstruction_mode {config.reconstruction_mode!r}")
         if config.br_train_other_params:
@@ -180,8 +178,8 @@ def reconstruct_window(
         for param in trainable:
             param.requires_grad_(True)
         if config.reconstruction_mode == "full":
-            for layer, not_kept in pruned.items():
-                hooks.append(layer.weight.register_hook(functools.partial(_mask_grad, not_kept)))
+            for layer, keep in kept.items():
+                hooks.append(layer.weight.register_hook(functools.partial(_mask_grad, keep)))
 
         if not trainable:
             result.warning = f"reconstruction of {name}: nothing to train (no pruned linear matched, no other parameters)"
@@ -192,7 +190,7 @@ def reconstruct_window(
 
                 progress = tqdm(total=total_steps, desc=f"reconstructing {name}", unit="step", leave=False)
             bad = _train(
-                blocks, pruned if config.reconstruction_mode == "full" else {}, trainable, inputs, targets,
+                blocks, kept if config.reconstruction_mode == "full" else {}, trainable, inputs, targets,
                 train_kwargs, config, device, batch_size, steps_per_epoch, total_steps, amp_dtype, loss_transform,
                 result, progress, num_rows, sharded_rows,
             )
@@ -222,10 +220,9 @@ def reconstruct_window(
                     if param.dtype != dtype:
                         param.data = param.data.to(dtype)
                 else:
-                    param.data = saved
+                    param.data = saved.to(param.device)
             if finished and not result.reverted:
-                for layer, not_kept in pruned.items():  # a no-op unless a float cast could have touched zeros
-                    layer.weight.masked_fill_(not_kept, 0)
+                _apply_masks(kept)  # a no-op unless a float cast could have touched zeros
         for param, flag, grad in zip(params, requires_grad, grads):
             param.grad = grad
             param.requires_grad_(flag)
@@ -235,7 +232,7 @@ def reconstruct_window(
 
 
 def _train(
-    blocks, pruned, trainable, inputs, targets, kwargs, config, device, batch_size, steps_per_epoch, total_steps,
+    blocks, kept, trainable, inputs, targets, kwargs, config, device, batch_size, steps_per_epoch, total_steps,
     amp_dtype, loss_transform, result, progress, num_rows, sharded_rows=None,
 ) -> Optional[tuple[int, float]]:
     """The optimisation loop; returns (step, loss) of the first non-finite loss, or None."""
@@ -243,10 +240,10 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     generator = torch.Generator().manual_seed(config.seed)
-    window_forward = _compiled_call_window() if config.compile_blocks else call_window
+    squared_error = _compiled_window_squared_error() if config.compile_blocks else _window_squared_error
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return window_forward(blocks, x, kwargs)
+    def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return squared_error(blocks, kwargs, x, y)
 
     step = 0
     micro_batch = batch_size  # halved after an out-of-memory error; the optimiser still sees whole mini-batches
@@ -272,9 +269,7 @@ def _train(
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                with torch.no_grad():
-                    for layer, not_kept in pruned.items():
-                        layer.weight.masked_fill_(not_kept, 0)
+                _apply_masks(kept)
                 losses[i] = loss.detach()
                 rows_per_step.append(index.numel())
                 step += 1
@@ -303,37 +298,37 @@ def _step(forward, optimizer, inputs, targets, index, device, amp_dtype, scaler,
     """
     # The previous step's gradients are cleared only now, right before the first backward (a loss_transform may
     # inspect them).
-    if micro_batch >= index.numel():
-        x = _fetch(inputs, index, device).float()
-        y = _fetch(targets, index, device).float()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = forward(x)
-        loss = F.mse_loss(out.float(), y)
-        if loss_transform is not None:
-            loss = loss_transform(step, loss)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        return loss
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    total = None
     for number, part in enumerate(index.split(micro_batch)):
         loss = _part_loss(forward, inputs, targets, part, index.numel(), device, amp_dtype, loss_transform, step)
         if number == 0:
             optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        total += loss.detach()
+        total = loss.detach() if total is None else total + loss.detach()
         del loss
     return total
 
 
 def _part_loss(forward, inputs, targets, rows, batch_rows, device, amp_dtype, loss_transform, step):
     """Squared error of the window's output on ``rows`` (part of a mini-batch of ``batch_rows`` rows) divided by
-    the whole mini-batch's element count: the parts' gradients add up to the mini-batch mean's."""
-    x = _fetch(inputs, rows, device).float()
-    y = _fetch(targets, rows, device).float()
+    the whole mini-batch's element count: the parts' gradients add up to the mini-batch mean's (a part that is the
+    whole mini-batch gives its mean squared error)."""
+    x = _fetch(inputs, rows, device)
+    y = _fetch(targets, rows, device)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        out = forward(x)
-    loss = (out.float() - y).square().sum() / (batch_rows * y[0].numel())
+        squared_error = forward(x, y)
+    loss = squared_error / (batch_rows * y[0].numel())
     return loss_transform(step, loss) if loss_transform is not None else loss
+
+
+def _window_squared_error(blocks, kwargs, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed squared error of the window's output on ``x`` against ``y``, in float32.
+
+    ``x`` and ``y`` come in the streams' dtype and are upcast here, inside what ``compile_blocks`` compiles, so that
+    the compiled graph can fuse the casts instead of holding float32 copies of both for the whole step.
+    """
+    out = call_window(blocks, x.float(), kwargs)
+    return (out.float() - y.float()).square().sum()
 
 
 def _smaller_micro_batch(micro_batch: int, batch: int, error: BaseException, result: TrainResult) -> int:
@@ -371,21 +366,35 @@ def _sharded_step(forward, trainable, optimizer, inputs, targets, index, device,
     return total[0]
 
 
-_COMPILED_CALL_WINDOW: Optional[Callable] = None
+_COMPILED: dict[str, Callable] = {}
 
 
-def _compiled_call_window() -> Callable:
-    """``torch.compile(call_window)``, made once per process: dynamo treats the blocks' parameters as inputs, so
-    every later window of the same block class reuses the first window's compiled code instead of compiling again
-    (a window of two blocks, or a new batch shape, compiles once more)."""
-    global _COMPILED_CALL_WINDOW
-    if _COMPILED_CALL_WINDOW is None:
-        _COMPILED_CALL_WINDOW = torch.compile(call_window)
-    return _COMPILED_CALL_WINDOW
+def _compiled_window_squared_error() -> Callable:
+    """``torch.compile(_window_squared_error)``, made once per process: dynamo treats the blocks' parameters as
+    inputs, so every later window of the same block class reuses the first window's compiled code instead of
+    compiling again (a window of two blocks, or a new batch shape, compiles once more)."""
+    if "squared_error" not in _COMPILED:
+        _COMPILED["squared_error"] = torch.compile(_window_squared_error)
+    return _COMPILED["squared_error"]
 
 
-def _mask_grad(not_kept: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return grad.masked_fill(not_kept, 0)
+def _mask_grad(keep: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad.masked_fill(~keep, 0)
+
+
+@torch.no_grad()
+def _apply_masks(kept: Mapping[nn.Linear, torch.Tensor]) -> None:
+    for layer, keep in kept.items():
+        layer.weight.masked_fill_(~keep, 0)
+
+
+def _snapshot(param: torch.Tensor) -> torch.Tensor:
+    """A copy of ``param`` to restore it from: in pinned CPU memory when it lives on a GPU, where the window's
+    memory is scarcest (restoring is rare; copying out costs milliseconds)."""
+    if param.device.type == "cuda":
+        copy = torch.empty(param.shape, dtype=param.dtype, pin_memory=True)
+        return copy.copy_(param.detach())
+    return param.detach().clone()
 
 
 def _fetch(stream: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
