@@ -238,7 +238,10 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled: bool = Fal
     )
     _sync(device)
     started = time.perf_counter()
-    report = Pruner(model, config, calibration_data=calibration, show_progress=False).prune()
+    def block_done(index: int, report) -> None:  # a run cut short by a time limit still shows how far it got
+        print(f"  block {index} done at {time.perf_counter() - started:.1f} s", flush=True)
+
+    report = Pruner(model, config, calibration_data=calibration, show_progress=False, on_block_end=block_done).prune()
     _sync(device)
     seconds = time.perf_counter() - started
     model_flops = flop_model(args, recipe)

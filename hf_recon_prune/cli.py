@@ -105,6 +105,7 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                                    + _choices("DATA_PARALLEL_MODES")),
     "stream_dtype": ("execution", "dtype of the activation streams: bfloat16, float16, float32 (default: the model's)"),
     "autocast_dtype": ("execution", "autocast dtype of BR: " + _choices("AUTOCAST_DTYPES")),
+    "compile_blocks": ("execution", "torch.compile the blocks during BR: true, false or auto (on CUDA only)"),
     "forward_batch_size": ("execution", "windows per forward pass"),
     "track_reconstruction_error": ("execution", "measure the per-block error against the dense model (true/false)"),
     "checkpoint_dir": ("execution", "write a checkpoint after every block to this folder; with --resume, continue "
@@ -130,12 +131,14 @@ def _field_parser(annotation: str) -> Callable[[str], Any]:
             if text.lower() == "none":
                 return []
             return [part.strip() for part in text.split(",") if part.strip()]
-        if inner == "bool":
+        if inner in ("bool", "Union[bool,str]"):
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
             if text.lower() in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(text)
+            if inner == "bool":
+                raise ValueError(text)
+            return text  # e.g. "auto"; PruningConfig names what is allowed
         if inner == "int":
             return int(text)
         if inner == "float":

@@ -87,7 +87,7 @@ def test_flags_round_trip_every_field(capsys, no_model_loading):
     config = PruningConfig(method="wanda", pattern="4:8", reconstruction=["lr", "br", "gp", "cr"], calibration="ptb",
                            num_samples=7, seq_len=33, num_self_samples=5, self_gen_language=None,
                            include_modules=["mlp", "attn"], br_train_other_params=False, br_lr=3e-4,
-                           reconstruction_mode="lora", stream_dtype="bfloat16", device="cpu")
+                           reconstruction_mode="lora", stream_dtype="bfloat16", device="cpu", compile_blocks=False)
     code, out, err = run(capsys, "prune", "-o", "unused", "--print-config", *as_flags(config))
     assert code == 0, err
     assert PruningConfig.from_dict(json.loads(out)) == config
@@ -114,6 +114,7 @@ def test_config_file_then_flags_override(tmp_path, capsys, no_model_loading):
     (["--reconstruction", "gp"], ["--reconstruction", "only together with 'br'"]),
     (["--config", "/nonexistent/pruning.json"], ["--config", "no such file"]),
     (["--eval-seq-len", "1"], ["--eval-seq-len", "at least 2"]),
+    (["--compile-blocks", "sometimes"], ["--compile-blocks", "True, False or 'auto'"]),
 ])
 def test_bad_configuration_exits_2_naming_the_flag(argv, names, tmp_path, capsys, no_model_loading):
     code, out, err = run(capsys, "prune", "-o", tmp_path / "out", *argv)

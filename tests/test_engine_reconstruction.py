@@ -172,6 +172,7 @@ def test_compiled_block_training_matches_eager_and_compiles_once_for_every_windo
     for compiled in (False, True):
         torch._dynamo.reset()
         trainer._COMPILED.clear()
+        trainer._COMPILE_FAILED.clear()
         torch._dynamo.utils.counters.clear()
         model = copy.deepcopy(base)
         config = PruningConfig(method="wanda", sparsity=0.5, reconstruction=["br", "gp"], num_samples=8, seq_len=16,
@@ -187,3 +188,33 @@ def test_compiled_block_training_matches_eager_and_compiles_once_for_every_windo
     for eager, compiled in zip(reports[False].blocks, reports[True].blocks):
         assert compiled.train_losses[0] == pytest.approx(eager.train_losses[0], rel=1e-4)
         assert compiled.train_losses[0][-1] < compiled.train_losses[0][0]
+
+
+def test_a_failing_compilation_falls_back_to_eager_training_with_a_note(monkeypatch):
+    import torch._dynamo
+
+    import hf_recon_prune.reconstruction.block_trainer as trainer
+
+    def broken():
+        def fail(*args, **kwargs):
+            raise torch._dynamo.exc.TorchDynamoException("simulated: no C compiler found")
+        return fail
+
+    monkeypatch.setattr(trainer, "_COMPILE_FAILED", [])
+    ids = random_ids(8, 16)
+    base = make_tiny_model("llama", num_layers=2)
+    results = {}
+    for compiled in (False, True):
+        if compiled:
+            monkeypatch.setattr(trainer, "_compiled_window_squared_error", broken)
+        model = copy.deepcopy(base)
+        config = PruningConfig(method="wanda", sparsity=0.5, reconstruction=["br", "gp"], num_samples=8, seq_len=16,
+                               heldout_fraction=0.0, device="cpu", br_epochs=2, br_batch_size=4,
+                               compile_blocks=compiled)
+        results[compiled] = (model, Pruner(model, config, calibration_data=ids, show_progress=False).prune())
+    (eager, _), (fallen_back, report) = results[False], results[True]
+    for (name, x), y in zip(fallen_back.state_dict().items(), eager.state_dict().values()):
+        assert torch.equal(x, y), name
+    notes = [w for w in report.warnings if "torch.compile failed" in w]
+    assert len(notes) == 1 and "no C compiler found" in notes[0]  # the second window did not try again
+    assert trainer._COMPILE_FAILED

@@ -240,10 +240,7 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     generator = torch.Generator().manual_seed(config.seed)
-    squared_error = _compiled_window_squared_error() if config.compile_blocks else _window_squared_error
-
-    def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return squared_error(blocks, kwargs, x, y)
+    forward = _WindowLoss(blocks, kwargs, _use_compile(config.compile_blocks, device))
 
     step = 0
     micro_batch = batch_size  # halved after an out-of-memory error; the optimiser still sees whole mini-batches
@@ -254,18 +251,25 @@ def _train(
             rows_per_step = []
             for i, rows in enumerate(batches(num_rows, batch_size)):
                 index = order[rows]
-                if sharded_rows is None:
-                    while True:
-                        try:
+                while True:  # no optimiser step has been taken when an error ends an attempt: retrying is exact
+                    try:
+                        if sharded_rows is None:
                             loss = _step(forward, optimizer, inputs, targets, index, device, amp_dtype, scaler,
                                          loss_transform, step, micro_batch)
-                            break
-                        except torch.OutOfMemoryError as error:
-                            optimizer.zero_grad(set_to_none=True)
-                            micro_batch = _smaller_micro_batch(micro_batch, index.numel(), error, result)
-                else:
-                    loss = _sharded_step(forward, trainable, optimizer, inputs, targets, index, device, amp_dtype,
-                                         scaler, loss_transform, step, sharded_rows)
+                        else:
+                            loss = _sharded_step(forward, trainable, optimizer, inputs, targets, index, device,
+                                                 amp_dtype, scaler, loss_transform, step, sharded_rows)
+                        break
+                    except torch.OutOfMemoryError as error:
+                        if sharded_rows is not None:
+                            raise
+                        optimizer.zero_grad(set_to_none=True)
+                        micro_batch = _smaller_micro_batch(micro_batch, index.numel(), error, result)
+                    except Exception as error:
+                        if not (forward.compiled and _is_compile_error(error)):
+                            raise
+                        optimizer.zero_grad(set_to_none=True)
+                        forward.fall_back_to_eager(error, result)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -366,7 +370,40 @@ def _sharded_step(forward, trainable, optimizer, inputs, targets, index, device,
     return total[0]
 
 
-_COMPILED: dict[str, Callable] = {}
+_COMPILED: dict[str, Callable] = {}  # the compiled loss, made once per process
+_COMPILE_FAILED: list[str] = []  # why compiling failed in this process: later windows do not try again
+
+
+def _use_compile(setting, device: torch.device) -> bool:
+    if _COMPILE_FAILED:
+        return False
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def _is_compile_error(error: BaseException) -> bool:
+    """An error of torch.compile itself (dynamo, inductor, a missing compiler), not of the computation."""
+    dynamo_error = getattr(getattr(getattr(torch, "_dynamo", None), "exc", None), "TorchDynamoException", None)
+    return dynamo_error is not None and isinstance(error, dynamo_error)
+
+
+class _WindowLoss:
+    """``(x, y) -> summed squared error`` of the window, compiled (``compile_blocks``) or eager."""
+
+    def __init__(self, blocks, kwargs, compiled: bool):
+        self.blocks, self.kwargs, self.compiled = blocks, kwargs, compiled
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        squared_error = _compiled_window_squared_error() if self.compiled else _window_squared_error
+        return squared_error(self.blocks, self.kwargs, x, y)
+
+    def fall_back_to_eager(self, error: BaseException, result: TrainResult) -> None:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        note = (f"torch.compile failed ({type(error).__name__}: {reason[:300]}); block-wise reconstruction carries on "
+                "uncompiled, with the same result up to float rounding (compile_blocks=False skips the attempt)")
+        logger.warning(note)
+        result.notes.append(note)
+        _COMPILE_FAILED.append(note)
+        self.compiled = False
 
 
 def _compiled_window_squared_error() -> Callable:
