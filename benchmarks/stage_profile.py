@@ -4,6 +4,7 @@ On a Llama-2-7B-shaped model with random weights (built by ``scale_gpu.random_mo
 and random calibration token ids (256 x 1024 by default), run ``Pruner`` with one or more recipes and read the
 per-block stage times that the engine records in ``report.blocks[i].seconds``:
 
+    placement       the block's weights onto the device and back to CPU RAM, its masks out (model in CPU RAM)
     dense_forward   dense block on the dense stream (GP target / error reference)
     statistics      calibration forward with input hooks (Wanda norms, SparseGPT Hessians)
     masks_lr        mask selection (+ the SparseGPT/OBS solve of LR)
@@ -57,7 +58,7 @@ from hf_recon_prune.pruner import Pruner  # noqa: E402
 RECIPES = {"none": [], "lr": ["lr"], "br": ["lr", "br"], "br+gp": ["lr", "br", "gp"],
            "br+gp+cr": ["lr", "br", "gp", "cr"]}
 PAPER_PEAK_GB = {"lr": 3.9, "br+gp": 5.7, "br+gp+cr": 10.6}
-STAGES = ("dense_forward", "statistics", "masks_lr", "error", "reconstruction", "propagation")
+STAGES = ("placement", "dense_forward", "statistics", "masks_lr", "error", "reconstruction", "propagation")
 GiB = float(1 << 30)
 
 
@@ -176,6 +177,7 @@ def flop_model(args, recipe: str) -> dict[str, Any]:
     on_host = args.stream_location in ("cpu", "disk") and torch.device(args.device).type == "cuda"
     # number of block forwards of each stage, and stream passes (in, out) over PCIe
     forwards = {
+        "placement": 0.0,
         "dense_forward": 1.0 if track_dense else 0.0,
         "statistics": 1.0 if stats_needed else 0.0,
         "masks_lr": 0.0,
@@ -189,6 +191,7 @@ def flop_model(args, recipe: str) -> dict[str, Any]:
     if br and not gp:
         forwards["reconstruction"] += 1.0 * windows_per_block
     passes = {  # stream transfers (in + out + reference) per stage, in stream sizes
+        "placement": 0.0,
         "dense_forward": 2.0 * forwards["dense_forward"],
         "statistics": 1.0 * forwards["statistics"],
         "masks_lr": 0.0,
@@ -196,12 +199,16 @@ def flop_model(args, recipe: str) -> dict[str, Any]:
         "reconstruction": 2.0 * args.epochs * windows_per_block if br else 0.0,  # inputs + targets each epoch
         "propagation": 2.0 * forwards["propagation"] + (1.0 if track_dense else 0.0),
     }
+    # the block's weights onto the device and back (the model lives in CPU RAM), and its masks (bool) out
+    weight_bytes = params * (2.0 * torch.finfo(getattr(torch, args.dtype)).bits / 8 + 1.0)
     stages = {}
     for stage in STAGES:
         bf16 = forwards[stage] * forward + (hessian_flops if stage == "statistics" else 0.0)
         fp32 = solve_flops if stage == "masks_lr" else 0.0
+        traffic = weight_bytes if stage == "placement" else passes[stage] * stream_bytes
         stages[stage] = {"forwards": forwards[stage], "flops_lowp": bf16, "flops_fp32": fp32,
-                         "pcie_bytes": passes[stage] * stream_bytes if on_host else 0.0}
+                         "pcie_bytes": traffic if torch.device(args.device).type == "cuda" and
+                         (on_host or stage == "placement") else 0.0}
     return {"tokens": tokens, "block_linear_params": params, "forward_flops": forward, "hessian_flops": hessian_flops,
             "solve_flops": solve_flops, "stream_bytes": stream_bytes, "streams_cross_pcie": on_host, "stages": stages}
 

@@ -350,7 +350,8 @@ class Pruner:
             for index in window:
                 if index in block_masks:
                     continue
-                block = placement.onload(blocks[index])
+                with _timed(report.blocks[index], "placement"):
+                    block = placement.onload(blocks[index])
                 if self.keep_backup:
                     backups[index] = {k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()}
                 if cfg.uses("br") and not cfg.uses("gp"):
@@ -367,12 +368,14 @@ class Pruner:
             finalised = list(window if is_last else window[:1])
             for index in finalised:
                 self._finalise_block(index, blocks, kwargs, streams, report.blocks[index])
-                for mask_name, mask in self._named_masks(index, block_masks[index]).items():
-                    self.masks[mask_name] = mask.to("cpu")
+                with _timed(report.blocks[index], "placement"):
+                    for mask_name, mask in self._named_masks(index, block_masks[index]).items():
+                        self.masks[mask_name] = mask.to("cpu")
                 if self._checkpoint is not None:
                     with _timed(report.blocks[index], "checkpoint"):
                         self._save_block(index, block_masks[index])
-                placement.offload(blocks[index])
+                with _timed(report.blocks[index], "placement"):
+                    placement.offload(blocks[index])
                 dense_blocks.pop(index, None)
                 # The key stays (the block is done); its device masks go, or they would pile up block after block.
                 block_masks[index] = {}
