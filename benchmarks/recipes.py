@@ -82,16 +82,21 @@ def run(args: argparse.Namespace) -> dict:
             modes = args.modes if "br" in RECIPES[recipe] else ["-"]
             for mode in modes:
                 for num_self in (args.self_samples if "br" in RECIPES[recipe] else [0]):
-                    results["runs"].append(
-                        one_run(dense, tokenizer, calibration_sets[num_self], eval_windows, method, recipe, mode,
-                                num_self, device, args)
-                    )
-                    with open(args.out, "w", encoding="utf-8") as handle:
-                        json.dump(results, handle, indent=2)
+                    for compiled in (args.compile if "br" in RECIPES[recipe] else ["auto"]):
+                        results["runs"].append(
+                            one_run(dense, tokenizer, calibration_sets[num_self], eval_windows, method, recipe, mode,
+                                    num_self, device, args, compiled)
+                        )
+                        with open(args.out, "w", encoding="utf-8") as handle:
+                            json.dump(results, handle, indent=2)
     return results
 
 
-def one_run(dense, tokenizer, calibration, eval_windows, method, recipe, mode, num_self, device, args) -> dict:
+COMPILE_SETTINGS = {"off": False, "on": True, "auto": "auto"}
+
+
+def one_run(dense, tokenizer, calibration, eval_windows, method, recipe, mode, num_self, device, args,
+            compiled: str = "auto") -> dict:
     model = copy.deepcopy(dense)
     config = PruningConfig(
         method=method, sparsity=args.sparsity, pattern=args.pattern, reconstruction=RECIPES[recipe],
@@ -99,6 +104,7 @@ def one_run(dense, tokenizer, calibration, eval_windows, method, recipe, mode, n
         num_samples=args.num_samples, seq_len=args.seq_len, num_self_samples=num_self, seed=args.seed,
         br_epochs=args.epochs, br_lr=args.br_lr, br_batch_size=args.br_batch_size, lora_rank=args.lora_rank,
         lora_alpha=2.0 * args.lora_rank, forward_batch_size=args.forward_batch_size, device=str(device),
+        compile_blocks=COMPILE_SETTINGS[compiled],
     )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -108,11 +114,14 @@ def one_run(dense, tokenizer, calibration, eval_windows, method, recipe, mode, n
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    peak = peak_memory_gib(device)
+    # the engine resets CUDA's peak statistics per window: its own list has every window's peak
+    window_peaks = report.memory.get("peak_device_bytes_per_window") or []
+    peak = max(window_peaks) / 2**30 if window_peaks else peak_memory_gib(device)
     ppl = perplexity_of_ids(model, eval_windows, batch_size=args.eval_batch_size)
     last = report.blocks[-1]
     row = {
-        "method": method, "recipe": recipe, "mode": mode, "self_samples": num_self, "perplexity": ppl,
+        "method": method, "recipe": recipe, "mode": mode, "self_samples": num_self, "compile_blocks": compiled,
+        "perplexity": ppl,
         "final_error_calibration_before": last.error_before.get("calibration"),
         "final_error_calibration": last.error_after.get("calibration"),
         "final_error_heldout_before": last.error_before.get("heldout"),
@@ -141,13 +150,14 @@ def to_markdown(results: dict) -> str:
         f"Machine: {results['machine']}; model: {results['model']}; dense held-out perplexity "
         f"{results['dense_perplexity']:.3f}.",
         "",
-        "| method | recipe | mode | self samples | held-out ppl | final-block err. calib. (LR → after) | "
+        "| method | recipe | mode | self samples | compile | held-out ppl | final-block err. calib. (LR → after) | "
         "final-block err. held-out (LR → after) | time (s) | peak mem (GiB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in results["runs"]:
         lines.append(
-            f"| {r['method']} | {r['recipe']} | {r['mode']} | {r['self_samples']} | {r['perplexity']:.3f} | "
+            f"| {r['method']} | {r['recipe']} | {r['mode']} | {r['self_samples']} | {r.get('compile_blocks', 'off')} | "
+            f"{r['perplexity']:.3f} | "
             f"{fmt(r['final_error_calibration_before'])} → {fmt(r['final_error_calibration'])} | "
             f"{fmt(r['final_error_heldout_before'])} → {fmt(r['final_error_heldout'])} | {r['seconds']:.1f} | "
             f"{r['peak_memory_gib']:.2f} |"
@@ -162,6 +172,8 @@ def main(argv=None) -> None:
     parser.add_argument("--recipes", default="mask,lr,br,br+gp,br+gp+cr", type=lambda s: s.split(","))
     parser.add_argument("--modes", default="full,lora", type=lambda s: s.split(","))
     parser.add_argument("--self-samples", default="0", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--compile", default="auto", type=lambda s: s.split(","),
+                        help="compile_blocks settings to run side by side, of off,on,auto (auto: on CUDA only)")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--pattern", default="unstructured")
     parser.add_argument("--calibration", default="default")
@@ -183,6 +195,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="recipes.json")
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args(argv)
+    unknown = [c for c in args.compile if c not in COMPILE_SETTINGS]
+    if unknown:
+        parser.error(f"--compile {','.join(unknown)}: allowed values are {', '.join(COMPILE_SETTINGS)}")
     results = run(args)
     table = to_markdown(results)
     print(table)
