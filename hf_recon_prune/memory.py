@@ -107,12 +107,16 @@ def estimate_memory(
         # float32 master copy (or, for float32 models, the revert snapshot) + float32 gradient + two Adam moments
         reconstruction = window * (4 * block_params + 12 * trainable)
 
-    statistics = 0
+    # The statistics pass holds every layer's input norms and Gram matrix (an upper bound: layers that read one input
+    # share one). Solving a layer consumes its Gram matrix in place and adds at most two more d_in^2 float32 matrices
+    # (the Cholesky factor, then H^-1 and its factor) and float32 copies of the weight.
+    statistics = gram_bytes = 0
     hessian = config.method == "sparsegpt" or config.uses("lr")
     if config.method != "magnitude" or config.uses("lr"):
-        statistics = sum(4 * layer.in_features * ((layer.in_features if hessian else 0) + 1) for layer in layers.values())
+        gram_bytes = sum(4 * layer.in_features * ((layer.in_features if hessian else 0) + 1) for layer in layers.values())
+        statistics = gram_bytes
         if hessian and layers:
-            statistics += max(16 * layer.in_features * layer.out_features + 12 * layer.in_features**2
+            statistics += max(16 * layer.in_features * layer.out_features + 8 * layer.in_features**2
                               for layer in layers.values())
 
     model_bytes = block_dtype_bytes
@@ -135,7 +139,8 @@ def estimate_memory(
     heldout_streams = 2 + dense + cr
     streams = per_row * (rows * calibration_streams + heldout_rows * heldout_streams)
 
-    working = max(statistics + forward_activations, (reconstruction + activations) if uses_br else 0, activations)
+    working = max(gram_bytes + forward_activations, statistics, (reconstruction + activations) if uses_br else 0,
+                  activations)
     window_peak = window * block_bytes + dense_copies + working
     return MemoryEstimate(
         device=str(device), window_blocks=window, block_weights=block_bytes, window_weights=window * block_bytes,

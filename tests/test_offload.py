@@ -200,3 +200,18 @@ def test_import_and_prune_never_load_datasets_evaluate_or_gguf():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_memory_estimate_of_the_statistics_by_hand():
+    """SparseGPT + LR on a tiny Llama block (hidden 64, FFN 128): every layer's Gram matrix and norms, then the
+    largest layer's solve on top (two more d_in^2 float32 matrices, float32 copies of the weight)."""
+    model = make_tiny_model("llama", num_layers=2)
+    _, report = _run(model, reconstruction=["lr"])
+    estimate = report.memory["estimate"]
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]  # (out, in): q k v o gate up down
+    grams = sum(4 * i * (i + 1) for _, i in shapes)
+    solve = max(16 * i * o + 8 * i * i for o, i in shapes)
+    assert estimate["statistics"] == grams + solve
+    hidden, ffn, tokens = 64, 128, 4 * 16  # forward_batch_size 4 of _run, seq_len 16
+    forward = tokens * ((4 * hidden + 3 * ffn) * 4 + 8 * hidden)
+    assert estimate["window_peak"] == estimate["block_weights"] + max(grams + forward, grams + solve)
