@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--compile", default="off", choices=["off", "on", "both"],
                      help="compile_blocks for BR; 'both' runs every recipe eager, then compiled")
+    run.add_argument("--overlap-copies", default="on", choices=["off", "on", "both"],
+                     help="offload.OVERLAP_COPIES (stream rows copied ahead on a side CUDA stream); 'both': off, then on")
     run.add_argument("--ceiling-size", type=int, default=None, help="matmul size of the ceiling (default 8192, CPU 512)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="benchmarks/results/stage_profile.json")
@@ -222,7 +224,10 @@ def stage_floor(entry: dict[str, float], ceilings: dict[str, Any]) -> float:
 
 
 # ====================================================================================================== run
-def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled: bool = False) -> dict[str, Any]:
+def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled: bool = False,
+               overlap: bool = True) -> dict[str, Any]:
+    import hf_recon_prune.offload as offload
+
     from hf_recon_prune.calibration import CalibrationSet
 
     device = torch.device(args.device)
@@ -248,7 +253,12 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled: bool = Fal
     def block_done(index: int, report) -> None:  # a run cut short by a time limit still shows how far it got
         print(f"  block {index} done at {time.perf_counter() - started:.1f} s", flush=True)
 
-    report = Pruner(model, config, calibration_data=calibration, show_progress=False, on_block_end=block_done).prune()
+    offload.OVERLAP_COPIES = overlap
+    try:
+        report = Pruner(model, config, calibration_data=calibration, show_progress=False,
+                        on_block_end=block_done).prune()
+    finally:
+        offload.OVERLAP_COPIES = True
     _sync(device)
     seconds = time.perf_counter() - started
     model_flops = flop_model(args, recipe)
@@ -277,8 +287,8 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled: bool = Fal
         }
     peaks = report.memory.get("peak_device_bytes_per_window") or []
     result = {
-        "recipe": recipe + (" compiled" if compiled else ""), "reconstruction": RECIPES[recipe],
-        "compile_blocks": compiled, "method": args.method, "pattern": args.pattern,
+        "recipe": recipe + (" compiled" if compiled else "") + ("" if overlap else " no-overlap"),
+        "reconstruction": RECIPES[recipe], "compile_blocks": compiled, "overlap_copies": overlap, "method": args.method, "pattern": args.pattern,
         "total_seconds": seconds, "model_build_seconds": build_seconds,
         "setup_seconds": max(seconds - block_sum, 0.0),
         "seconds_per_block_median": statistics.median([sum(s.values()) for s in steady]) if steady else None,
@@ -374,9 +384,10 @@ def main(argv=None) -> int:
     print(f"ceilings: {ceilings['lowp']['tflops']:.1f} TFLOP/s {ceilings['lowp']['dtype']}, "
           f"{ceilings['fp32']['tflops']:.1f} TFLOP/s float32, copies {ceilings['copy']}", flush=True)
     results = {"machine": machine(device, 1), "settings": vars(args), "ceilings": ceilings, "runs": []}
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    for recipe, compiled in [(r, c) for r in args.recipes for c in modes]:
-        result = run_recipe(args, recipe, ceilings, compiled)
+    switch = {"off": [False], "on": [True], "both": [False, True]}
+    runs = [(r, c, o) for r in args.recipes for c in switch[args.compile] for o in switch[args.overlap_copies]]
+    for recipe, compiled, overlap in runs:
+        result = run_recipe(args, recipe, ceilings, compiled, overlap)
         results["runs"].append(result)
         stage_text = ", ".join(f"{k} {v['median_seconds_per_block']:.2f}" for k, v in result["stages"].items()
                                if v["total_seconds"])

@@ -73,6 +73,102 @@ class StreamFactory:
         return torch.empty(shape, dtype=self.dtype, device=self.torch_device, pin_memory=self.pin)
 
 
+#: Copy stream rows ahead on a side CUDA stream (StreamRows); benchmarks switch it off to time the difference.
+OVERLAP_COPIES = True
+
+Rows = Any  # a slice of rows, or a 1-D LongTensor of row indices
+
+
+class StreamRows:
+    """Host<->device traffic of activation-stream rows, overlapped with the computation on the device.
+
+    When the device is a GPU and a stream lives in pinned CPU memory, ``load(rows, next_rows)`` returns ``rows`` on
+    the device and at once starts copying ``next_rows`` on a side CUDA stream, so that copy runs while the device
+    computes on ``rows``; ``store(out, rows, value)`` copies a result back to pinned memory on the same side stream,
+    after the computation that made it. The side stream is FIFO, so a row stored and then loaded again arrives in
+    order; ``finish()`` waits for every copy (before the CPU reads stored rows). Anywhere else (CPU, device-resident
+    or disk streams, ``OVERLAP_COPIES = False``) these are plain copies on the current stream.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._side: Optional[torch.cuda.Stream] = None
+        if device.type == "cuda" and OVERLAP_COPIES:
+            self._side = torch.cuda.Stream(device)
+        self._ahead: list[tuple[torch.Tensor, Rows, torch.Tensor]] = []  # (source, rows, their device copy)
+
+    def _overlaps(self, host: torch.Tensor) -> bool:
+        return self._side is not None and host.device.type == "cpu" and host.is_pinned()
+
+    def load(self, source: torch.Tensor, rows: Rows, next_rows: Optional[Rows] = None) -> torch.Tensor:
+        """``source[rows]`` on the device; with ``next_rows``, their copy starts now (see the class docstring)."""
+        if not self._overlaps(source):
+            return _rows_on_device(source, rows, self.device)
+        on_device = None
+        kept = []
+        for entry in self._ahead:
+            if entry[0] is source:  # copied ahead for this source: used if they are these rows, else dropped
+                if on_device is None and _same_rows(entry[1], rows):
+                    on_device = entry[2]
+            else:
+                kept.append(entry)
+        self._ahead = kept
+        if on_device is None:
+            on_device = self._copy_in(source, rows)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self._side)
+        on_device.record_stream(current)  # made on the side stream, used (and freed) on the current one
+        if next_rows is not None:
+            self._ahead.append((source, next_rows, self._copy_in(source, next_rows)))
+        return on_device
+
+    def store(self, out: torch.Tensor, rows: slice, value: torch.Tensor) -> None:
+        """``out[rows] = value`` (``value`` on the device, ``out`` anywhere)."""
+        if not (self._overlaps(out) and value.device.type == "cuda"):
+            out[rows] = value.to(out.device, out.dtype, non_blocking=True)
+            return
+        value = value.to(out.dtype)
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            out[rows].copy_(value, non_blocking=True)
+        value.record_stream(self._side)
+
+    def finish(self) -> None:
+        """Wait for every copy: the rows stored so far can be read on the CPU."""
+        self._ahead.clear()
+        if self._side is not None:
+            self._side.synchronize()
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
+
+    def _copy_in(self, source: torch.Tensor, rows: Rows) -> torch.Tensor:
+        if isinstance(rows, slice):
+            host = source[rows]  # a view of pinned memory: copied asynchronously
+        else:  # gather into pinned memory (the caching host allocator keeps it until the copy is done)
+            host = torch.empty((rows.numel(), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+            torch.index_select(source, 0, rows, out=host)
+        with torch.cuda.stream(self._side):
+            return host.to(self.device, non_blocking=True)
+
+
+def _same_rows(a: Rows, b: Rows) -> bool:
+    if isinstance(a, slice) or isinstance(b, slice):
+        return isinstance(a, slice) and isinstance(b, slice) and (a.start, a.stop, a.step) == (b.start, b.stop, b.step)
+    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))  # a handful of CPU indices
+
+
+def _rows_on_device(source: torch.Tensor, rows: Rows, device: torch.device) -> torch.Tensor:
+    if isinstance(rows, slice):
+        return source[rows].to(device, non_blocking=True)
+    if source.device == device or (device.type == "cuda" and source.device.type == "cuda"
+                                   and source.device.index == device.index):
+        return source.index_select(0, rows.to(source.device))
+    if device.type == "cuda" and source.is_pinned():
+        staging = torch.empty((rows.numel(), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+        torch.index_select(source, 0, rows, out=staging)
+        return staging.to(device, non_blocking=True)
+    return source.index_select(0, rows.to(source.device)).to(device)
+
+
 def _disk_tensor(shape: tuple[int, ...], dtype: torch.dtype, folder: str) -> torch.Tensor:
     numel = 1
     for size in shape:

@@ -39,7 +39,7 @@ from .criteria import (
 )
 from .distributed import DataParallel, ShardedRows
 from .memory import estimate_memory, plan_placement
-from .offload import BlockPlacement, StreamFactory, execution_device, resolve_dtype
+from .offload import BlockPlacement, StreamFactory, StreamRows, execution_device, resolve_dtype
 from .report import BlockReport, PruneReport
 
 logger = logging.getLogger(__name__)
@@ -577,16 +577,18 @@ class Pruner:
         squared_error = torch.zeros((), dtype=torch.float64, device=self._device)
         finite = torch.ones((), dtype=torch.bool, device=self._device)
         count, start, num_rows = 0, 0, stream.shape[0]
+        transfers = StreamRows(self._device)
         while start < num_rows:
             rows = slice(start, min(start + self._batch_size, num_rows))
+            following = slice(rows.stop, min(rows.stop + self._batch_size, num_rows)) if rows.stop < num_rows else None
             try:
-                x = stream[rows].to(self._device, non_blocking=True)
+                x = transfers.load(stream, rows, following)
                 y = call_window(blocks, x, kwargs)
                 if out is not None:
-                    out[rows] = y.to(out.device, out.dtype, non_blocking=True)
+                    transfers.store(out, rows, y)
                 batch_error = None
                 if reference is not None:
-                    ref = reference[rows].to(self._device, non_blocking=True)
+                    ref = transfers.load(reference, rows, following)
                     batch_error = (y.float() - ref.float()).square().sum().double()
                 if check_finite:
                     finite &= torch.isfinite(y).all()
@@ -600,6 +602,7 @@ class Pruner:
                 squared_error += batch_error
                 count += y.numel()
             start = rows.stop
+        transfers.finish()  # the CPU may read the output rows next (BR gathers its mini-batches there)
         if check_finite and not bool(finite):
             raise NonFiniteActivationsError(
                 f"decoder block {block} produced non-finite activations (NaN or Inf) on the {split} samples; pruning "

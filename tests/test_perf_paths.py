@@ -117,12 +117,38 @@ def test_gram_update_cuda_low_precision_is_exact_products(dtype):
     torch.testing.assert_close(gram.double(), reference, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned-stream fetch needs CUDA")
-def test_fetch_from_pinned_stream_equals_gather():
-    from hf_recon_prune.reconstruction.block_trainer import _fetch
+def _rows_cases():
+    return [slice(3, 9), torch.tensor([9, 2, 2, 15, 0]), slice(12, 16)]
 
-    stream = torch.randn(16, 5, 7).to(torch.bfloat16).pin_memory()
-    index = torch.tensor([9, 2, 2, 15, 0])
-    fetched = _fetch(stream, index, torch.device("cuda", torch.cuda.current_device()))
-    torch.cuda.synchronize()
-    assert fetched.device.type == "cuda" and torch.equal(fetched.cpu(), stream[index])
+
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_stream_rows_load_ahead_and_store_equal_plain_indexing(where):
+    """StreamRows on the CPU (plain copies) and, with CUDA, from a pinned stream with copies ahead on a side stream:
+    every load is the rows asked for, whether or not they were the rows copied ahead, and stores land in order."""
+    if where == "cuda" and not torch.cuda.is_available():
+        pytest.skip("the side-stream path needs CUDA")
+    from hf_recon_prune.offload import StreamRows
+
+    device = torch.device(where, 0) if where == "cuda" else torch.device("cpu")
+    source = torch.randn(16, 5, 7).to(torch.bfloat16)
+    out = torch.zeros(16, 5, 7, dtype=torch.float32)
+    if where == "cuda":
+        source, out = source.pin_memory(), out.pin_memory()
+    transfers = StreamRows(device)
+    cases = _rows_cases()
+    for number, rows in enumerate(cases):
+        ahead = cases[number + 1] if number + 1 < len(cases) else None
+        if number == 1:
+            ahead = torch.tensor([1, 1])  # copied ahead but never asked for: dropped
+        loaded = transfers.load(source, rows, ahead)
+        assert loaded.device.type == where and torch.equal(loaded.cpu(), source[rows])
+        if isinstance(rows, slice):
+            transfers.store(out, rows, (loaded.float() * 2).to(device))
+    same = transfers.load(source, torch.tensor([4, 5]), torch.tensor([6]))
+    again = transfers.load(source, torch.tensor([6]))  # equal values, another tensor: the copy made ahead is used
+    assert torch.equal(same.cpu(), source[[4, 5]]) and torch.equal(again.cpu(), source[[6]])
+    transfers.finish()
+    expected = torch.zeros_like(out)
+    expected[3:9] = source[3:9].float() * 2
+    expected[12:16] = source[12:16].float() * 2
+    assert torch.equal(out, expected)

@@ -19,6 +19,7 @@ from torch import nn
 from ..block_io import batches, call_window, halved_after_out_of_memory, move_to
 from ..config import PruningConfig
 from ..distributed import ShardedRows
+from ..offload import StreamRows
 from .masked_lora import MaskedLoraHandle, attach_masked_lora, merge_masked_lora, unload_masked_lora
 
 logger = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ def _train(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     generator = torch.Generator().manual_seed(config.seed)
     forward = _WindowLoss(blocks, kwargs, _use_compile(config.compile_blocks, device))
+    data = _MiniBatches(inputs, targets, device)
 
     step = 0
     micro_batch = batch_size  # halved after an out-of-memory error; the optimiser still sees whole mini-batches
@@ -249,15 +251,17 @@ def _train(
             order = torch.randperm(num_rows, generator=generator)
             losses = torch.empty(steps_per_epoch, dtype=torch.float32, device=device)
             rows_per_step = []
-            for i, rows in enumerate(batches(num_rows, batch_size)):
+            epoch_batches = list(batches(num_rows, batch_size))
+            for i, rows in enumerate(epoch_batches):
                 index = order[rows]
+                following = order[epoch_batches[i + 1]] if i + 1 < len(epoch_batches) else None
                 while True:  # no optimiser step has been taken when an error ends an attempt: retrying is exact
                     try:
                         if sharded_rows is None:
-                            loss = _step(forward, optimizer, inputs, targets, index, device, amp_dtype, scaler,
+                            loss = _step(forward, optimizer, data, index, following, device, amp_dtype, scaler,
                                          loss_transform, step, micro_batch)
                         else:
-                            loss = _sharded_step(forward, trainable, optimizer, inputs, targets, index, device,
+                            loss = _sharded_step(forward, trainable, optimizer, data, index, device,
                                                  amp_dtype, scaler, loss_transform, step, sharded_rows)
                         break
                     except torch.OutOfMemoryError as error:
@@ -293,7 +297,7 @@ def _train(
     return None
 
 
-def _step(forward, optimizer, inputs, targets, index, device, amp_dtype, scaler, loss_transform, step,
+def _step(forward, optimizer, data, index, following, device, amp_dtype, scaler, loss_transform, step,
           micro_batch) -> torch.Tensor:
     """Gradients of the mean squared error over the mini-batch ``index``, in micro-batches of ``micro_batch`` rows.
 
@@ -303,8 +307,12 @@ def _step(forward, optimizer, inputs, targets, index, device, amp_dtype, scaler,
     # The previous step's gradients are cleared only now, right before the first backward (a loss_transform may
     # inspect them).
     total = None
-    for number, part in enumerate(index.split(micro_batch)):
-        loss = _part_loss(forward, inputs, targets, part, index.numel(), device, amp_dtype, loss_transform, step)
+    parts = index.split(micro_batch)
+    for number, part in enumerate(parts):
+        # the rows after these, copied to the device while these compute: the next part, or the next mini-batch's
+        ahead = parts[number + 1] if number + 1 < len(parts) else (
+            following[:micro_batch] if following is not None else None)
+        loss = _part_loss(forward, data, part, index.numel(), device, amp_dtype, loss_transform, step, ahead)
         if number == 0:
             optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -313,12 +321,11 @@ def _step(forward, optimizer, inputs, targets, index, device, amp_dtype, scaler,
     return total
 
 
-def _part_loss(forward, inputs, targets, rows, batch_rows, device, amp_dtype, loss_transform, step):
+def _part_loss(forward, data, rows, batch_rows, device, amp_dtype, loss_transform, step, ahead=None):
     """Squared error of the window's output on ``rows`` (part of a mini-batch of ``batch_rows`` rows) divided by
     the whole mini-batch's element count: the parts' gradients add up to the mini-batch mean's (a part that is the
     whole mini-batch gives its mean squared error)."""
-    x = _fetch(inputs, rows, device)
-    y = _fetch(targets, rows, device)
+    x, y = data.load(rows, ahead)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         squared_error = forward(x, y)
     loss = squared_error / (batch_rows * y[0].numel())
@@ -349,7 +356,7 @@ def _smaller_micro_batch(micro_batch: int, batch: int, error: BaseException, res
     return smaller
 
 
-def _sharded_step(forward, trainable, optimizer, inputs, targets, index, device, amp_dtype, scaler,
+def _sharded_step(forward, trainable, optimizer, data, index, device, amp_dtype, scaler,
                   loss_transform, step, sharded_rows) -> torch.Tensor:
     """Backward over this shard's rows of the mini-batch ``index``, then sum gradients and loss over processes.
 
@@ -359,7 +366,7 @@ def _sharded_step(forward, trainable, optimizer, inputs, targets, index, device,
     local = sharded_rows.local(index)
     loss = torch.zeros((), dtype=torch.float32, device=device)
     if local.numel():
-        loss = _part_loss(forward, inputs, targets, local, index.numel(), device, amp_dtype, loss_transform,
+        loss = _part_loss(forward, data, local, index.numel(), device, amp_dtype, loss_transform,
                           step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -434,16 +441,16 @@ def _snapshot(param: torch.Tensor) -> torch.Tensor:
     return param.detach().clone()
 
 
-def _fetch(stream: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Rows ``index`` of ``stream`` on ``device``; a pinned CPU stream is gathered into pinned memory and copied
-    asynchronously (the caching host allocator keeps the buffer alive until the copy is done)."""
-    if _normalise_device(stream.device) == device:
-        return stream.index_select(0, index.to(device))
-    if device.type == "cuda" and stream.is_pinned():
-        staging = torch.empty((index.numel(), *stream.shape[1:]), dtype=stream.dtype, pin_memory=True)
-        torch.index_select(stream, 0, index, out=staging)
-        return staging.to(device, non_blocking=True)
-    return stream.index_select(0, index.to(stream.device)).to(device)
+class _MiniBatches:
+    """BR's inputs and targets, mini-batch by mini-batch on the device; the next rows are copied while the current
+    ones compute (``StreamRows``: pinned CPU streams on a GPU)."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device):
+        self.inputs, self.targets = inputs, targets
+        self.transfers = StreamRows(device)
+
+    def load(self, rows: torch.Tensor, ahead: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transfers.load(self.inputs, rows, ahead), self.transfers.load(self.targets, rows, ahead)
 
 
 def _normalise_device(device: torch.device) -> torch.device:
