@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--compile", default="off", choices=["off", "on", "both"],
                      help="compile_blocks for BR; 'both' runs every recipe eager, then compiled")
-    run.add_argument("--overlap-copies", default="on", choices=["off", "on", "both"],
+    run.add_argument("--overlap-copies", default="off", choices=["off", "on", "both"],
                      help="offload.OVERLAP_COPIES (stream rows copied ahead on a side CUDA stream); 'both': off, then on")
     run.add_argument("--ceiling-size", type=int, default=None, help="matmul size of the ceiling (default 8192, CPU 512)")
     out = parser.add_argument_group("output")
@@ -225,7 +225,7 @@ def stage_floor(entry: dict[str, float], ceilings: dict[str, Any]) -> float:
 
 # ====================================================================================================== run
 def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled: bool = False,
-               overlap: bool = True) -> dict[str, Any]:
+               overlap: bool = False) -> dict[str, Any]:
     import hf_recon_prune.offload as offload
 
     from hf_recon_prune.calibration import CalibrationSet
@@ -253,12 +253,12 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled: bool = Fal
     def block_done(index: int, report) -> None:  # a run cut short by a time limit still shows how far it got
         print(f"  block {index} done at {time.perf_counter() - started:.1f} s", flush=True)
 
-    offload.OVERLAP_COPIES = overlap
+    previous, offload.OVERLAP_COPIES = offload.OVERLAP_COPIES, overlap
     try:
         report = Pruner(model, config, calibration_data=calibration, show_progress=False,
                         on_block_end=block_done).prune()
     finally:
-        offload.OVERLAP_COPIES = True
+        offload.OVERLAP_COPIES = previous
     _sync(device)
     seconds = time.perf_counter() - started
     model_flops = flop_model(args, recipe)
@@ -287,8 +287,9 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled: bool = Fal
         }
     peaks = report.memory.get("peak_device_bytes_per_window") or []
     result = {
-        "recipe": recipe + (" compiled" if compiled else "") + ("" if overlap else " no-overlap"),
-        "reconstruction": RECIPES[recipe], "compile_blocks": compiled, "overlap_copies": overlap, "method": args.method, "pattern": args.pattern,
+        "recipe": recipe + (" compiled" if compiled else "") + (" overlapped copies" if overlap else ""),
+        "reconstruction": RECIPES[recipe], "compile_blocks": compiled, "overlap_copies": overlap,
+        "method": args.method, "pattern": args.pattern,
         "total_seconds": seconds, "model_build_seconds": build_seconds,
         "setup_seconds": max(seconds - block_sum, 0.0),
         "seconds_per_block_median": statistics.median([sum(s.values()) for s in steady]) if steady else None,

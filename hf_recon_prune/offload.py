@@ -73,8 +73,10 @@ class StreamFactory:
         return torch.empty(shape, dtype=self.dtype, device=self.torch_device, pin_memory=self.pin)
 
 
-#: Copy stream rows ahead on a side CUDA stream (StreamRows); benchmarks switch it off to time the difference.
-OVERLAP_COPIES = True
+#: Copy stream rows ahead on a side CUDA stream (StreamRows). Off until it has been measured on a GPU: the session
+#: that wrote it had no device time left (``benchmarks/stage_profile.py --overlap-copies both`` measures it, and
+#: ``tests/test_perf_paths.py`` checks it on CUDA).
+OVERLAP_COPIES = False
 
 Rows = Any  # a slice of rows, or a 1-D LongTensor of row indices
 
@@ -87,7 +89,8 @@ class StreamRows:
     computes on ``rows``; ``store(out, rows, value)`` copies a result back to pinned memory on the same side stream,
     after the computation that made it. The side stream is FIFO, so a row stored and then loaded again arrives in
     order; ``finish()`` waits for every copy (before the CPU reads stored rows). Anywhere else (CPU, device-resident
-    or disk streams, ``OVERLAP_COPIES = False``) these are plain copies on the current stream.
+    or disk streams, ``OVERLAP_COPIES = False``) these are plain copies on the current stream, and ``finish()``
+    still waits for results copied asynchronously into pinned memory.
     """
 
     def __init__(self, device: torch.device):
@@ -96,6 +99,7 @@ class StreamRows:
         if device.type == "cuda" and OVERLAP_COPIES:
             self._side = torch.cuda.Stream(device)
         self._ahead: list[tuple[torch.Tensor, Rows, torch.Tensor]] = []  # (source, rows, their device copy)
+        self._host_writes_pending = False
 
     def _overlaps(self, host: torch.Tensor) -> bool:
         return self._side is not None and host.device.type == "cpu" and host.is_pinned()
@@ -126,6 +130,7 @@ class StreamRows:
         """``out[rows] = value`` (``value`` on the device, ``out`` anywhere)."""
         if not (self._overlaps(out) and value.device.type == "cuda"):
             out[rows] = value.to(out.device, out.dtype, non_blocking=True)
+            self._host_writes_pending |= value.device.type == "cuda" and out.device.type == "cpu"
             return
         value = value.to(out.dtype)
         self._side.wait_stream(torch.cuda.current_stream(self.device))
@@ -139,6 +144,9 @@ class StreamRows:
         if self._side is not None:
             self._side.synchronize()
             torch.cuda.current_stream(self.device).wait_stream(self._side)
+        if self._host_writes_pending:  # non-blocking copies into pinned memory on the current stream
+            torch.cuda.current_stream(self.device).synchronize()
+            self._host_writes_pending = False
 
     def _copy_in(self, source: torch.Tensor, rows: Rows) -> torch.Tensor:
         if isinstance(rows, slice):

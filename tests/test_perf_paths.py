@@ -122,13 +122,15 @@ def _rows_cases():
 
 
 @pytest.mark.parametrize("where", ["cpu", "cuda"])
-def test_stream_rows_load_ahead_and_store_equal_plain_indexing(where):
+def test_stream_rows_load_ahead_and_store_equal_plain_indexing(where, monkeypatch):
     """StreamRows on the CPU (plain copies) and, with CUDA, from a pinned stream with copies ahead on a side stream:
     every load is the rows asked for, whether or not they were the rows copied ahead, and stores land in order."""
     if where == "cuda" and not torch.cuda.is_available():
         pytest.skip("the side-stream path needs CUDA")
+    import hf_recon_prune.offload as offload
     from hf_recon_prune.offload import StreamRows
 
+    monkeypatch.setattr(offload, "OVERLAP_COPIES", True)
     device = torch.device(where, 0) if where == "cuda" else torch.device("cpu")
     source = torch.randn(16, 5, 7).to(torch.bfloat16)
     out = torch.zeros(16, 5, 7, dtype=torch.float32)
