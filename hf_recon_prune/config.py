@@ -197,6 +197,10 @@ class PruningConfig:
             value = getattr(self, name)
             if value <= 0:
                 raise _bad(name, value, "an integer > 0")
+        if nm is not None and self.method == "sparsegpt" and self.sparsegpt_block_size % nm[1]:
+            # SparseGPT chooses N:M groups inside its column blocks: a group must not straddle two blocks
+            raise _bad("sparsegpt_block_size", self.sparsegpt_block_size,
+                       f"a multiple of M={nm[1]} with pattern={self.pattern!r} and method='sparsegpt'")
         for name in ("num_self_samples", "self_gen_greedy_tokens", "self_gen_top_k"):
             value = getattr(self, name)
             if value < 0:

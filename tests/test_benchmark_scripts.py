@@ -51,3 +51,19 @@ def test_stage_profile_flop_model_and_cross_block_medians(stage_profile, tmp_pat
     assert cross["stages"]["reconstruction"]["median_seconds_per_block"] == pytest.approx(interior)
     assert cross["stages"]["reconstruction"]["total_seconds"] == pytest.approx(
         sum(b["seconds"].get("reconstruction", 0.0) for b in cross["blocks"]))
+
+
+def test_sparsegpt_solver_benchmark_runs_and_its_solvers_agree(tmp_path):
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import sparsegpt_solver
+    finally:
+        sys.path.remove(BENCHMARKS)
+    out = tmp_path / "solver.json"
+    assert sparsegpt_solver.main(["--shapes", "16x64", "--patterns", "unstructured,2:4", "--tokens", "128",
+                                  "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["pattern"] for r in rows] == ["unstructured", "2:4"]
+    for row in rows:
+        assert row["same_mask"] and row["max_weight_difference"] < 1e-4
+        assert row["column_loop_seconds"] > 0 and row["batched_seconds"] > 0

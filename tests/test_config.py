@@ -88,3 +88,10 @@ def test_unknown_keys_are_reported_and_never_used(caplog):
 def test_from_dict_rejects_non_dict():
     with pytest.raises(TypeError, match="expects a dict"):
         PruningConfig.from_dict(["method", "wanda"])
+
+
+def test_sparsegpt_block_size_must_hold_whole_nm_groups():
+    with pytest.raises(ValueError, match=r"sparsegpt_block_size=126 .*a multiple of M=4 with pattern='2:4'"):
+        PruningConfig(method="sparsegpt", pattern="2:4", sparsity=0.5, sparsegpt_block_size=126)
+    PruningConfig(method="wanda", pattern="2:4", sparsity=0.5, sparsegpt_block_size=126)  # Wanda's groups are its own
+    PruningConfig(method="sparsegpt", pattern="4:8", sparsity=0.5, sparsegpt_block_size=64)

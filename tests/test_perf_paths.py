@@ -23,10 +23,14 @@ def _output_error(W, X, result):
     return float(((result.weight - W) @ X.T).double().square().mean())
 
 
-@pytest.mark.parametrize("case", ["unstructured", "fixed", "fixed_nm", "one_block"])
+@pytest.mark.parametrize("case", ["unstructured", "fixed", "fixed_nm", "one_block", "nm_2_4", "nm_4_8", "nm_1_4"])
 def test_batched_solve_matches_column_loop(case):
     W, X, H = _problem()
     kwargs = {"block_size": 64}
+    if case.startswith("nm_"):  # masks chosen by the solver: groups of M columns against the column loop
+        n, m = int(case.split("_")[1]), int(case.split("_")[2])
+        kwargs["nm"] = (n, m)
+        W, X, H = _problem(in_features=192)  # a multiple of every M here, and of the block size
     if case == "fixed":
         kwargs["fixed_keep_mask"] = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) > 0.4
     elif case == "fixed_nm":

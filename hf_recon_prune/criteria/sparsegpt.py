@@ -133,8 +133,8 @@ def sparsegpt_prune(
     columns as the solver reaches it, with the already-updated weights.
 
     When a column block's mask is known before it is solved (unstructured masks, and any ``fixed_keep_mask``), its
-    OBS updates are one batched triangular solve over the rows (``_obs_block_batched``); N:M selection runs the
-    column-by-column loop. ``batched=False`` forces the loop everywhere (the reference the tests compare against);
+    OBS updates are one batched triangular solve over the rows (``_obs_block_batched``); N:M selection solves a group
+    of M columns at a time (``_obs_block_nm_groups``). ``batched=False`` forces the column loop everywhere (the reference the tests compare against);
     ``None`` follows the module's ``BATCHED_SOLVE``. ``factor`` (from :func:`factor_hessian`) replaces ``hessian`` and
     ``dampening``: the engine factors each distinct Hessian once for the layers that share it.
     """
@@ -164,9 +164,11 @@ def sparsegpt_prune(
             keep[:, start:end] = flat_keep.reshape(out_features, width)
         keep1 = keep[:, start:end]
 
-        if not batched or (fixed_keep_mask is None and nm is not None):
+        if not batched:
             choose_nm = nm if fixed_keep_mask is None else None
             Q1, Err1 = _obs_block_sequential(W1, keep1, Hinv1, choose_nm, dead[start:end])
+        elif fixed_keep_mask is None and nm is not None:  # masks chosen group by group as the solver reaches them
+            Q1, Err1 = _obs_block_nm_groups(W1, keep1, Hinv1, nm, dead[start:end])
         else:  # the block's mask is known before the block is solved: one batched triangular solve
             Q1, Err1 = _obs_block_batched(W1, keep1, Hinv1)
 
@@ -208,6 +210,31 @@ def _obs_block_batched(W1: torch.Tensor, keep1: torch.Tensor, Hinv1: torch.Tenso
         rhs = (p * W1[rows]).unsqueeze(2)
         Err1[rows] = torch.linalg.solve_triangular(system, rhs, upper=False).squeeze(2)
     Q1 = (W1 - Err1 @ strict) * keep1
+    return Q1, Err1
+
+
+def _obs_block_nm_groups(W1, keep1, Hinv1, nm, dead1) -> tuple[torch.Tensor, torch.Tensor]:
+    """N:M selection with the OBS updates of one column block, a group of M columns at a time.
+
+    The column loop chooses a group's mask at the group's first column, from weights that every earlier column has
+    updated, and the group's own columns only update each other after that choice. So each group is: choose its mask
+    from the current weights, solve its M columns with that mask fixed (``_obs_block_batched``), and apply its errors
+    to the block's later columns in one rank-M update: the loop's result up to float rounding, with M times fewer
+    steps. ``keep1`` is a view into the layer's mask and is written.
+    """
+    n, m = nm
+    width = W1.shape[1]
+    W1 = W1.clone()
+    Q1 = torch.empty_like(W1)
+    Err1 = torch.empty_like(W1)
+    d = torch.diagonal(Hinv1)
+    for first in range(0, width, m):
+        group = slice(first, first + m)
+        saliency = (W1[:, group].square() / d[group].square().unsqueeze(0)).masked_fill(dead1[group], 0.0)
+        keep1[:, group] = nm_mask(saliency, n, m)
+        Q1[:, group], Err1[:, group] = _obs_block_batched(W1[:, group], keep1[:, group], Hinv1[group, group])
+        if first + m < width:
+            W1[:, first + m:] -= Err1[:, group] @ Hinv1[group, first + m:]
     return Q1, Err1
 
 
