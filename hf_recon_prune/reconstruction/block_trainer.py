@@ -116,9 +116,10 @@ def reconstruct_window(
             its shard, and the summed gradient (and loss) is that of the whole mini-batch; all processes must call.
 
     To be able to revert, a copy of every parameter of the window (original dtype) is kept during the call, in
-    pinned CPU memory when the window is on a GPU (on its device otherwise). A non-finite loss (checked once per epoch, which costs one device synchronisation per epoch) stops training and
-    restores every parameter of the window bit-exactly to its value before the call; the result then has
-    ``reverted=True`` and a warning naming the window, and the caller can carry on. On any exception the window is
+    pinned CPU memory when the window is on a GPU (on its device otherwise). A non-finite loss (checked once per
+    epoch, which costs one device synchronisation per epoch) stops training and restores every parameter of the
+    window bit-exactly to its value before the call; the result then has ``reverted=True`` and a warning naming the
+    window, and the caller can carry on. On any exception the window is
     restored the same way before the exception propagates. Afterwards, nothing in the blocks requires grad or holds a
     ``.grad`` unless it did before; the blocks' train/eval modes are restored (training runs in eval mode: no dropout).
     """
