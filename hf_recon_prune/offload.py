@@ -28,9 +28,18 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 def execution_device(requested: Optional[str]) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device the run computes on, with its index: ``cuda`` and ``cuda:0`` must compare equal to the devices
+    that tensors report, or a block dispatched on the GPU would look as if it lived elsewhere."""
+    device = torch.device(requested) if requested else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return normalise_device(device)
+
+
+def normalise_device(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current index>``; other devices as they are."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def resolve_dtype(name: Optional[str], default: torch.dtype) -> torch.dtype:
@@ -44,6 +53,11 @@ def module_device(module: nn.Module) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------------- streams
+#: CPU streams of a GPU run are pinned, so that copies to and from the device run asynchronously. Off, they are
+#: pageable memory and every copy is synchronous (the GPU suite runs both).
+PIN_CPU_STREAMS = True
+
+
 class StreamFactory:
     """Allocates the activation streams [rows, seq_len, hidden] where the run keeps them.
 
@@ -58,7 +72,7 @@ class StreamFactory:
         self.device = device
         self.dtype = dtype
         self.folder = folder
-        self.pin = location == "cpu" and device.type == "cuda" and torch.cuda.is_available()
+        self.pin = PIN_CPU_STREAMS and location == "cpu" and device.type == "cuda" and torch.cuda.is_available()
         if location == "disk":
             self.folder = folder or tempfile.gettempdir()
             os.makedirs(self.folder, exist_ok=True)
@@ -126,17 +140,28 @@ class StreamRows:
             self._ahead.append((source, next_rows, self._copy_in(source, next_rows)))
         return on_device
 
-    def store(self, out: torch.Tensor, rows: slice, value: torch.Tensor) -> None:
-        """``out[rows] = value`` (``value`` on the device, ``out`` anywhere)."""
-        if not (self._overlaps(out) and value.device.type == "cuda"):
-            out[rows] = value.to(out.device, out.dtype, non_blocking=True)
-            self._host_writes_pending |= value.device.type == "cuda" and out.device.type == "cpu"
-            return
-        value = value.to(out.dtype)
-        self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._side):
-            out[rows].copy_(value, non_blocking=True)
-        value.record_stream(self._side)
+    def store(self, out: torch.Tensor, rows: Rows, value: torch.Tensor) -> None:
+        """``out[rows] = value`` (``value`` on the device, ``out`` anywhere); ``finish()`` before the CPU reads
+        ``out``.
+
+        A device-to-host copy may run asynchronously only into pinned memory, and its bytes are there only after a
+        synchronisation: ``out[rows] = value.to("cpu", non_blocking=True)`` would let the CPU copy a staging buffer
+        that the GPU has not filled yet. So a pinned destination is written in place by the copy engine, and a
+        pageable or memory-mapped one by a blocking copy.
+        """
+        writes_host = value.device.type == "cuda" and out.device.type == "cpu"
+        in_place = writes_host and out.is_pinned() and isinstance(rows, slice)
+        if in_place and self._side is not None:
+            value = value.to(out.dtype)
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._side):
+                out[rows].copy_(value, non_blocking=True)
+            value.record_stream(self._side)
+        elif in_place:
+            out[rows].copy_(value.to(out.dtype), non_blocking=True)
+            self._host_writes_pending = True
+        else:
+            out[rows] = value.to(out.device, out.dtype)
 
     def finish(self) -> None:
         """Wait for every copy: the rows stored so far can be read on the CPU."""
@@ -237,7 +262,7 @@ class BlockPlacement:
     """
 
     def __init__(self, device: torch.device, scratch_folder: Optional[str] = None):
-        self.device = device
+        self.device = normalise_device(device)
         self.scratch_folder = scratch_folder
         self._state: dict[int, _Onloaded] = {}
 
@@ -269,7 +294,12 @@ class BlockPlacement:
                 if value.device == self.device:
                     value = value.clone()  # never train in place on a tensor the weights map (or a file map) owns
                 set_module_tensor_to_device(entry.module, name, self.device, value=value, clear_cache=False)
+        # Tensors the hooks serve were just loaded; the others were dispatched as they are (possibly on this device).
+        paths = {id(module): path for path, module in block.named_modules()}
+        served = {f"{paths[id(entry.module)]}.{name}".lstrip(".") for entry in state.offloaded for name in entry.names}
         for name, tensor in _named_tensors(block):
+            if name in served:
+                continue
             if tensor.device.type == "meta":
                 raise RuntimeError(
                     f"{name} of a decoder block is on the meta device and no accelerate hook offloads it; the model "

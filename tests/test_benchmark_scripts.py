@@ -67,3 +67,26 @@ def test_sparsegpt_solver_benchmark_runs_and_its_solvers_agree(tmp_path):
     for row in rows:
         assert row["same_mask"] and row["max_weight_difference"] < 1e-4
         assert row["column_loop_seconds"] > 0 and row["batched_seconds"] > 0
+
+
+def test_gpu_check_runs_every_location_and_judges_by_the_lr_bar(tmp_path):
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(BENCHMARKS)
+    out = tmp_path / "check.json"
+    # A random tiny model: reconstruction need not beat LR there, so only the agreement across locations is checked.
+    gpu_check.main(["--tiny", "--device", "cpu", "--seq-len", "32", "--epochs", "2", "--br-lr", "1e-3",
+                    "--dispatch-gpu-memory", "200KB", "--out", str(out)])
+    runs = {r["run"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"dense", "lr-only", "br+gp-device", "br+gp-cpu", "br+gp-disk", "br+gp-dispatched"}
+    values = {name: r["perplexity"]["tiny_heldout"] for name, r in runs.items() if name.startswith("br+gp")}
+    assert max(values.values()) / min(values.values()) - 1 < 1e-4, values
+    assert all(r["perplexity"]["block_linear_sparsity"] == pytest.approx(0.5) for n, r in runs.items() if n != "dense")
+    # The verdict: a spread above the tolerance and a run not below LR are both named.
+    fake = [{"run": "lr-only", "perplexity": {"x": 20.0}}, {"run": "a", "perplexity": {"x": 15.0}},
+            {"run": "b", "perplexity": {"x": 15.1}}, {"run": "c", "perplexity": {"x": 21.0}}]
+    problems = gpu_check.check(fake, 0.01)
+    assert any("differ by 40.00%" in p for p in problems) and any("c 21.000 is not below LR-only" in p for p in problems)
+    assert not gpu_check.check(fake[:3], 0.01)

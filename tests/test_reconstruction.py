@@ -305,6 +305,7 @@ def test_bad_arguments():
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_cuda_bf16_autocast_pinned_streams(mode):

@@ -19,7 +19,7 @@ from torch import nn
 from ..block_io import batches, call_window, halved_after_out_of_memory, move_to
 from ..config import PruningConfig
 from ..distributed import ShardedRows
-from ..offload import StreamRows
+from ..offload import StreamRows, normalise_device
 from .masked_lora import MaskedLoraHandle, attach_masked_lora, merge_masked_lora, unload_masked_lora
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def reconstruct_window(
     start_time = time.perf_counter()
     blocks = list(blocks)
     kwargs_per_block = list(kwargs_per_block)
-    device = _normalise_device(torch.device(device))
+    device = normalise_device(device)
     name = window_name or _describe_window(blocks)
     _check_arguments(blocks, masks, inputs, targets, kwargs_per_block, sharded_rows)
     num_rows = inputs.shape[0] if sharded_rows is None else sharded_rows.total_rows
@@ -452,12 +452,6 @@ class _MiniBatches:
 
     def load(self, rows: torch.Tensor, ahead: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transfers.load(self.inputs, rows, ahead), self.transfers.load(self.targets, rows, ahead)
-
-
-def _normalise_device(device: torch.device) -> torch.device:
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _unique_parameters(blocks: Sequence[nn.Module]) -> list[nn.Parameter]:

@@ -1,0 +1,428 @@
+"""The GPU suite: every place where the package moves tensors between the host and a CUDA device, checked on one.
+
+CI has no GPU, so these tests are skipped there; run them on a GPU machine with ``python -m pytest -m cuda`` before
+merging a change to code that runs on the GPU (docs/contributing.md). They take a few minutes on one H200.
+
+The places covered, each by at least one test below:
+    * activation streams on the device, in pinned CPU memory (with and without copies overlapped on a side stream),
+      in pageable CPU memory and in a memory-mapped file: loads of row slices and gathered rows, stores of results
+      (``offload.StreamRows``), through the whole engine for LR, BR+GP and BR+GP+CR, full and LoRA, on two families;
+    * the first block's inputs captured into a CPU stream from embeddings on the GPU (``capture.py``);
+    * blocks moved onto the device and back (``offload.BlockPlacement``): a model in CPU memory, one dispatched by
+      Accelerate across the GPU and the CPU, with disk offload, and ``accelerate.cpu_offload``;
+    * masks copied out to the CPU (``Pruner.masks``), BR's pinned revert snapshot, checkpoints written from GPU
+      tensors and read back into a resumed run;
+    * the tensor-core Hessian accumulation and the batched SparseGPT solve, on CUDA tensors;
+    * compiled BR against eager BR; the out-of-memory fallbacks (an injected ``torch.OutOfMemoryError``);
+    * self-generated calibration data (seeded sampling on the GPU) and perplexity evaluation.
+
+Runs that differ only in where the streams live do the same arithmetic on the same bytes: the device computes every
+step, and a stream location changes only where the bytes wait between steps. The tiny models use eager attention
+(deterministic kernels), so their masks must be identical; weights are compared within one bfloat16 rounding
+(rtol 2**-8) and an absolute 1e-6, far below the change of a single corrupted row (the bug this suite was written
+for changed 179 of 192 rows wholesale).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import transformers
+
+import hf_recon_prune.offload as offload
+from conftest import make_tiny_model, random_ids
+from hf_recon_prune import PruningConfig
+from hf_recon_prune.calibration import CalibrationSet
+from hf_recon_prune.pruner import Pruner
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU suite needs a CUDA device")]
+
+BF16_RTOL, WEIGHT_ATOL = 2.0 ** -8, 1e-6
+RECIPES = {"lr": ["lr"], "br+gp": ["lr", "br", "gp"], "br+gp+cr": ["lr", "br", "gp", "cr"]}
+LOCATIONS = ("device", "cpu", "cpu-overlap", "cpu-pageable", "disk")
+
+
+def _model(family: str, num_layers: int = 3, dtype=torch.float32):
+    model = make_tiny_model(family, num_layers=num_layers, dtype=dtype)
+    model.config._attn_implementation = "eager"  # deterministic kernels: location changes nothing (docstring)
+    return model
+
+
+def _calibration(num: int = 16, seq_len: int = 24, heldout: int = 4) -> CalibrationSet:
+    return CalibrationSet(
+        input_ids=random_ids(num, seq_len, seed=3), is_self_generated=torch.zeros(num, dtype=torch.bool),
+        heldout_ids=random_ids(heldout, seq_len, seed=4), statistics_mask=torch.ones(num, dtype=torch.bool),
+        description={"source": "test"},
+    )
+
+
+def _config(**overrides) -> PruningConfig:
+    base = dict(method="sparsegpt", sparsity=0.5, reconstruction=["lr", "br", "gp"], num_samples=16, seq_len=24,
+                sparsegpt_block_size=16, forward_batch_size=3, br_epochs=2, br_batch_size=4, br_lr=1e-3,
+                lora_rank=4, device="cuda", compile_blocks=False)
+    base.update(overrides)
+    return PruningConfig(**base)
+
+
+def _located(location: str, monkeypatch, tmp_path) -> dict:
+    """Config fields (and module switches) that put the streams at ``location``."""
+    if location == "cpu-overlap":
+        monkeypatch.setattr(offload, "OVERLAP_COPIES", True)
+        return {"stream_location": "cpu"}
+    if location == "cpu-pageable":
+        monkeypatch.setattr(offload, "PIN_CPU_STREAMS", False)
+        return {"stream_location": "cpu"}
+    if location == "disk":
+        return {"stream_location": "disk", "stream_folder": str(tmp_path / "streams")}
+    return {"stream_location": location}
+
+
+def _prune(model, **overrides):
+    pruner = Pruner(model, _config(**overrides), calibration_data=_calibration(), show_progress=False)
+    report = pruner.prune()
+    return pruner, report
+
+
+def _cpu_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+
+
+def _assert_same_result(pruner, model, reference) -> None:
+    ref_masks, ref_state = reference
+    assert pruner.masks.keys() == ref_masks.keys() and ref_masks
+    for name, mask in pruner.masks.items():
+        assert mask.device.type == "cpu"
+        assert torch.equal(mask, ref_masks[name]), f"{name}: {int((mask != ref_masks[name]).sum())} entries differ"
+    state = _cpu_state(model)
+    for name, value in state.items():
+        torch.testing.assert_close(value, ref_state[name], rtol=BF16_RTOL, atol=WEIGHT_ATOL, msg=name)
+
+
+_REFERENCES: dict[tuple, tuple] = {}
+
+
+def _reference(family: str, recipe: str, mode: str) -> tuple:
+    """The run with the streams on the device, once per (family, recipe, mode)."""
+    key = (family, recipe, mode)
+    if key not in _REFERENCES:
+        model = _model(family).cuda()
+        pruner, _ = _prune(model, reconstruction=RECIPES[recipe], reconstruction_mode=mode, stream_location="device")
+        _REFERENCES[key] = ({k: v.clone() for k, v in pruner.masks.items()}, _cpu_state(model))
+    return _REFERENCES[key]
+
+
+# ---------------------------------------------------------------------------------------------------- StreamRows
+def _slow_values(rows: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Values that are ready only after a long GPU kernel: a copy that does not wait for them reads garbage."""
+    big = torch.randn(4096, 4096, device="cuda")
+    for _ in range(8):
+        big = big @ big / 64.0
+    noise = torch.randn(rows, *shape, device="cuda")
+    return noise + big[:1, :1] * 0.0  # depends on the kernels above, equals the noise
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("destination", ["device", "pinned", "pageable", "disk"])
+@pytest.mark.parametrize("rows_kind", ["slice", "index"])
+def test_stream_rows_store_and_load_every_location(destination, overlap, rows_kind, monkeypatch, tmp_path):
+    monkeypatch.setattr(offload, "OVERLAP_COPIES", overlap)
+    shape, total = (33, 40), 48
+    if destination == "device":
+        out = torch.zeros(total, *shape, device="cuda")
+    elif destination == "disk":
+        out = offload._disk_tensor((total, *shape), torch.float32, str(tmp_path))
+    else:
+        out = torch.zeros(total, *shape, pin_memory=destination == "pinned")
+    transfers = offload.StreamRows(torch.device("cuda"))
+    expected = torch.zeros(total, *shape)
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(0))
+    for start in range(0, total, 8):
+        rows = slice(start, start + 8) if rows_kind == "slice" else order[start:start + 8]
+        value = _slow_values(8, shape).to(torch.bfloat16)  # stored with a dtype conversion, as bf16 streams are
+        transfers.store(out, rows, value)
+        expected[rows] = value.float().cpu()
+    transfers.finish()
+    assert torch.equal(out.cpu(), expected)
+    for start in range(0, total, 8):  # loads: each the rows asked for, with the next rows copied ahead
+        rows = slice(start, start + 8) if rows_kind == "slice" else order[start:start + 8]
+        ahead = None if start + 8 >= total else (slice(start + 8, start + 16) if rows_kind == "slice"
+                                                  else order[start + 8:start + 16])
+        loaded = transfers.load(out, rows, ahead)
+        assert loaded.device.type == "cuda" and torch.equal(loaded.cpu(), expected[rows])
+
+
+def test_stream_factory_pins_cpu_streams_and_can_be_told_not_to(monkeypatch):
+    device = offload.execution_device("cuda")
+    assert device == torch.device("cuda", torch.cuda.current_device())
+    assert offload.StreamFactory("cpu", device, torch.float32)((2, 3, 4)).is_pinned()
+    monkeypatch.setattr(offload, "PIN_CPU_STREAMS", False)
+    assert not offload.StreamFactory("cpu", device, torch.float32)((2, 3, 4)).is_pinned()
+
+
+# ---------------------------------------------------------------------------------------------------- the engine
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("location", [loc for loc in LOCATIONS if loc != "device"])
+def test_every_stream_location_gives_the_device_stream_result(family, recipe, mode, location, monkeypatch, tmp_path):
+    if recipe == "lr" and mode == "lora":
+        pytest.skip("without BR there is nothing to train, full or LoRA")
+    reference = _reference(family, recipe, mode)
+    model = _model(family).cuda()
+    pruner, report = _prune(model, reconstruction=RECIPES[recipe], reconstruction_mode=mode,
+                            **_located(location, monkeypatch, tmp_path))
+    assert report.memory["estimate"]["stream_location"] == location.split("-")[0]
+    _assert_same_result(pruner, model, reference)
+
+
+def test_bfloat16_streams_of_a_bfloat16_model_on_cpu_match_the_device(monkeypatch):
+    results = {}
+    for location in ("device", "cpu"):
+        model = _model("llama", dtype=torch.bfloat16).cuda()
+        pruner, _ = _prune(model, stream_location=location, stream_dtype="bfloat16")
+        results[location] = (pruner.masks, _cpu_state(model))
+    model_masks, model_state = results["cpu"]
+    for name, mask in model_masks.items():
+        assert torch.equal(mask, results["device"][0][name]), name
+    for name, value in model_state.items():
+        torch.testing.assert_close(value, results["device"][1][name], rtol=BF16_RTOL, atol=WEIGHT_ATOL, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------- dispatch
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama-cuda")
+    model = _model("llama", num_layers=4)
+    model.save_pretrained(folder)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    return {"folder": str(folder), "size": size, "block": block}
+
+
+def _load(saved, **kwargs):
+    model = transformers.AutoModelForCausalLM.from_pretrained(saved["folder"], attn_implementation="eager", **kwargs)
+    return model.eval()
+
+
+_DISPATCH = {
+    # blocks 0-1 (and the embeddings) on the GPU, the rest offloaded to the CPU by Accelerate's hooks
+    "gpu-and-cpu": lambda s, tmp: dict(device_map={"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
+                                                   "model.layers.1": 0, "model.layers.2": "cpu",
+                                                   "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu"}),
+    "gpu-cpu-disk": lambda s, tmp: dict(device_map={"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
+                                                    "model.layers.1": "cpu", "model.layers.2": "disk",
+                                                    "model.layers.3": "disk", "model.norm": 0, "lm_head": "cpu"},
+                                        offload_folder=str(tmp / "offload")),
+    "auto-max-memory": lambda s, tmp: dict(device_map="auto",
+                                           max_memory={0: s["size"] - 2 * s["block"], "cpu": 10 * s["size"]}),
+}
+
+
+@pytest.mark.parametrize("dispatch", sorted(_DISPATCH) + ["cpu_offload", "max_device_memory"])
+@pytest.mark.parametrize("recipe", ["lr", "br+gp"])
+def test_dispatched_models_equal_the_in_memory_run(saved_llama, dispatch, recipe, tmp_path):
+    reference_model = _load(saved_llama)  # in CPU memory; each block visits the GPU for its turn
+    reference_pruner, _ = _prune(reference_model, reconstruction=RECIPES[recipe], stream_location="device")
+    reference = ({k: v.clone() for k, v in reference_pruner.masks.items()}, _cpu_state(reference_model))
+    overrides = {}
+    if dispatch == "cpu_offload":
+        from accelerate import cpu_offload
+
+        model = _load(saved_llama)
+        cpu_offload(model, execution_device=torch.device("cuda"))
+    elif dispatch == "max_device_memory":  # room for a window, not for the streams too: they go to the CPU
+        from hf_recon_prune.memory import MARGIN
+
+        model = _load(saved_llama)
+        estimate = reference_pruner.report.memory["estimate"]
+        available = int((estimate["window_peak"] + estimate["streams"] // 2) / MARGIN)
+        overrides = {"stream_location": "auto", "max_device_memory": torch.cuda.memory_allocated() + available}
+    else:
+        model = _load(saved_llama, **_DISPATCH[dispatch](saved_llama, tmp_path))
+        devices = set(model.hf_device_map.values())
+        assert 0 in devices and devices - {0}, model.hf_device_map  # split between the GPU and elsewhere
+    pruner, report = _prune(model, reconstruction=RECIPES[recipe], **overrides)
+    if dispatch == "max_device_memory":
+        assert report.memory["estimate"]["stream_location"] == "cpu"
+    with torch.no_grad():  # the hooks are back: the model still runs, with the pruned weights
+        ids = random_ids(2, 12, seed=7)
+        logits = model(ids.to("cuda")).logits.float().cpu()
+        expected = reference_model.cpu()(ids).logits.float()
+    torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-4)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    for name in pruner.masks:
+        assert torch.equal(pruner.masks[name], reference[0][name]), name
+    for name, value in _cpu_state(reloaded).items():
+        torch.testing.assert_close(value, reference[1][name], rtol=BF16_RTOL, atol=WEIGHT_ATOL, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gram_update_cuda_low_precision_is_exact_products(dtype):
+    from hf_recon_prune.criteria.statistics import gram_update_
+
+    x = torch.randn(4096, 256, device="cuda").to(dtype)
+    gram = torch.zeros(256, 256, device="cuda")
+    gram_update_(gram, x)
+    reference = x.double().T @ x.double()
+    torch.testing.assert_close(gram.double(), reference, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_batched_sparsegpt_solve_matches_the_column_loop_on_cuda(nm):
+    from hf_recon_prune.criteria import sparsegpt_prune
+
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 256, generator=generator) * torch.rand(256, generator=generator) * 2
+    W = torch.randn(96, 256, generator=generator)
+    H = (X.T @ X / X.shape[0]).cuda()
+    W = W.cuda()
+    loop = sparsegpt_prune(W, H, 0.5, block_size=64, nm=nm, batched=False)
+    fast = sparsegpt_prune(W, H, 0.5, block_size=64, nm=nm, batched=True)
+    assert fast.weight.device.type == "cuda"
+    assert torch.equal(loop.keep_mask, fast.keep_mask)
+    torch.testing.assert_close(fast.weight, loop.weight, rtol=1e-4, atol=1e-5)
+    # and both against the float64 column loop on the CPU
+    reference = sparsegpt_prune(W.double().cpu(), H.double().cpu(), 0.5, block_size=64, nm=nm, batched=False)
+    assert torch.equal(reference.keep_mask, fast.keep_mask.cpu())
+    torch.testing.assert_close(fast.weight.double().cpu(), reference.weight, rtol=1e-3, atol=1e-4)
+
+
+def test_compiled_br_equals_eager_br_on_cuda():
+    results = {}
+    for compiled in (False, True):
+        model = _model("llama", num_layers=2).cuda()
+        pruner, report = _prune(model, compile_blocks=compiled, stream_location="cpu")
+        assert not any("torch.compile failed" in w for w in report.warnings), report.warnings
+        results[compiled] = (pruner.masks, _cpu_state(model), report)
+    for name, mask in results[True][0].items():
+        assert torch.equal(mask, results[False][0][name]), name
+    for name, value in results[True][1].items():
+        torch.testing.assert_close(value, results[False][1][name], rtol=1e-3, atol=1e-5, msg=name)
+    for mine, theirs in zip(results[True][2].blocks, results[False][2].blocks):
+        assert mine.error_after["calibration"] == pytest.approx(theirs.error_after["calibration"], rel=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------- fallbacks
+def test_out_of_memory_in_a_forward_pass_halves_the_batch_on_cuda(monkeypatch):
+    import hf_recon_prune.pruner as engine
+
+    reference_model = _model("llama", num_layers=2).cuda()
+    reference_pruner, _ = _prune(reference_model, forward_batch_size=2, stream_location="cpu")
+    real, failures = engine.call_window, []
+
+    def call_window(blocks, hidden_states, kwargs):
+        if hidden_states.shape[0] > 2:
+            failures.append(hidden_states.shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(blocks, hidden_states, kwargs)
+
+    monkeypatch.setattr(engine, "call_window", call_window)
+    model = _model("llama", num_layers=2).cuda()
+    pruner, report = _prune(model, forward_batch_size=4, stream_location="cpu")
+    assert failures == [4] and any("retrying with 2" in w for w in report.warnings)
+    _assert_same_result(pruner, model, (reference_pruner.masks, _cpu_state(reference_model)))
+
+
+def test_out_of_memory_in_block_training_accumulates_micro_batches_on_cuda(monkeypatch):
+    import hf_recon_prune.reconstruction.block_trainer as trainer
+
+    reference_model = _model("llama", num_layers=2).cuda()
+    reference_pruner, _ = _prune(reference_model, stream_location="cpu")
+    real = trainer.call_window
+
+    def limited(blocks, x, kwargs):
+        if torch.is_grad_enabled() and x.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(blocks, x, kwargs)
+
+    monkeypatch.setattr(trainer, "call_window", limited)
+    model = _model("llama", num_layers=2).cuda()
+    pruner, report = _prune(model, stream_location="cpu")
+    assert any("micro-batch" in w for w in report.warnings)
+    for name, mask in pruner.masks.items():
+        assert torch.equal(mask, reference_pruner.masks[name]), name
+    for name, value in _cpu_state(model).items():
+        torch.testing.assert_close(value, _cpu_state(reference_model)[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_non_finite_training_reverts_from_the_pinned_snapshot_exactly(monkeypatch):
+    """BR whose loss turns non-finite restores the window from its pinned CPU snapshot: the weights after LR."""
+    import hf_recon_prune.reconstruction.block_trainer as trainer
+
+    lr_model = _model("llama", num_layers=2).cuda()
+    lr_pruner, _ = _prune(lr_model, reconstruction=["lr"], stream_location="cpu")
+    real = trainer.call_window
+
+    def poisoned(blocks, x, kwargs):
+        out = real(blocks, x, kwargs)
+        return out * float("nan") if torch.is_grad_enabled() else out
+
+    monkeypatch.setattr(trainer, "call_window", poisoned)
+    model = _model("llama", num_layers=2).cuda()
+    pruner, report = _prune(model, reconstruction=["lr", "br", "gp"], stream_location="cpu")
+    assert all(block.reverted for block in report.blocks)
+    _assert_same_result(pruner, model, (lr_pruner.masks, _cpu_state(lr_model)))
+
+
+# ---------------------------------------------------------------------------------------------------- state on disk
+def test_checkpoint_and_resume_from_gpu_tensors_equal_the_uninterrupted_run(tmp_path):
+    reference_model = _model("llama").cuda()
+    reference_pruner, _ = _prune(reference_model, stream_location="cpu", reconstruction=["lr", "br", "gp", "cr"])
+
+    class _Stop(Exception):
+        pass
+
+    def stop_after_first(index, _report):
+        if index == 0:
+            raise _Stop()
+
+    config = _config(stream_location="cpu", reconstruction=["lr", "br", "gp", "cr"],
+                     checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(Exception):
+        Pruner(_model("llama").cuda(), config, calibration_data=_calibration(), show_progress=False,
+               on_block_end=stop_after_first).prune()
+    model = _model("llama").cuda()
+    pruner = Pruner(model, config, calibration_data=_calibration(), show_progress=False)
+    pruner.prune(resume=True)
+    _assert_same_result(pruner, model, (reference_pruner.masks, _cpu_state(reference_model)))
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def test_self_generation_on_cuda_is_reproducible_for_a_seed():
+    from conftest_calibration_helpers import make_bpe_tokenizer, make_tiny_llama
+    from hf_recon_prune.calibration import generate_self_calibration
+
+    tokenizer = make_bpe_tokenizer()
+    model = make_tiny_llama(len(tokenizer)).cuda()
+
+    def generate(seed):
+        return generate_self_calibration(model, tokenizer, 6, 20, seed=seed, language=None, batch_size=4,
+                                         top_k=50, show_progress=False)
+
+    first, again, other = generate(0), generate(0), generate(1)
+    assert first.input_ids.device.type == "cpu" and first.input_ids.shape == (6, 20)
+    assert torch.equal(first.input_ids, again.input_ids) and first.texts == again.texts
+    assert not torch.equal(first.input_ids, other.input_ids)
+
+
+def test_perplexity_on_cuda_equals_the_cpu():
+    from hf_recon_prune.evaluation import perplexity_of_ids
+
+    model = _model("llama", num_layers=2)
+    windows = random_ids(6, 24, seed=9)
+    on_cpu = perplexity_of_ids(copy.deepcopy(model), windows, batch_size=4)
+    on_gpu = perplexity_of_ids(model.cuda(), windows, batch_size=4)
+    assert on_gpu == pytest.approx(on_cpu, rel=1e-4)
+
+
+def test_a_cuda_run_leaves_no_stream_file_behind(tmp_path):
+    folder = tmp_path / "streams"
+    model = _model("llama", num_layers=2).cuda()
+    _prune(model, stream_location="disk", stream_folder=str(folder))
+    assert os.listdir(folder) == []
