@@ -106,14 +106,18 @@ def _assert_same_optimisation(pruner, report, model, reference) -> None:
     """For runs whose arithmetic differs in rounding only (compiled kernels, gradients accumulated over
     micro-batches), on one block, so the masks are chosen before BR and must be identical. Adam divides each step by
     the gradient's running magnitude, so a weight whose gradient is near zero can take lr-sized steps either way on
-    a rounding difference: the weights must agree to 1e-5 for all but 1 % of them, and the block's error after BR
-    to 1e-3."""
+    a rounding difference (on the H200 about 5 % of the weights move apart by more than 1e-5). So the test is on the
+    optimisation as a whole: the two runs' weights differ by under 10 % of the distance BR moved them from the
+    LR-only weights (Frobenius norms over the block), and the block's error after BR agrees to 1e-3."""
     ref_pruner, ref_report, ref_model = reference
     for name, mask in pruner.masks.items():
         assert torch.equal(mask, ref_pruner.masks[name]), name
-    mine, theirs = _cpu_state(model), _cpu_state(ref_model)
-    close = sum(int(torch.isclose(mine[k], theirs[k], rtol=1e-4, atol=1e-5).sum()) for k in mine)
-    assert close >= 0.99 * sum(v.numel() for v in mine.values())
+    lr_model = _model("llama", num_layers=1).cuda()
+    _prune(lr_model, reconstruction=["lr"], stream_location="cpu")
+    mine, theirs, lr_only = _cpu_state(model), _cpu_state(ref_model), _cpu_state(lr_model)
+    apart = sum(float((mine[k] - theirs[k]).double().square().sum()) for k in mine) ** 0.5
+    moved = sum(float((theirs[k] - lr_only[k]).double().square().sum()) for k in mine) ** 0.5
+    assert moved > 0 and apart < 0.1 * moved, (apart, moved)
     for ours, ref in zip(report.blocks, ref_report.blocks):
         assert ours.error_after["calibration"] == pytest.approx(ref.error_after["calibration"], rel=1e-3)
 
