@@ -10,12 +10,13 @@ from torch import nn
 
 from hf_recon_prune.criteria import (
     InputStatistics,
+    PruneRequest,
     StatisticsRecorder,
     magnitude_mask,
-    prune_linear,
     sparsegpt_prune,
     wanda_mask,
 )
+from hf_recon_prune.methods import prune_linear
 
 
 def _inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
@@ -141,7 +142,7 @@ def test_prune_linear_writes_exact_sparsity(method, lr):
     layer = nn.Linear(64, 24)
     stats = InputStatistics(64, torch.device("cpu"), hessian=True)
     stats.add(_inputs(128, 64))
-    result = prune_linear(layer, method, 0.5, None, stats, lr, block_size=16)
+    result = prune_linear(layer, method, PruneRequest(0.5, None, stats, lr, block_size=16))
     zeros = (layer.weight == 0)
     assert torch.equal(zeros, ~result.keep_mask)
     assert int(zeros.sum()) == 24 * 32
@@ -150,4 +151,4 @@ def test_prune_linear_writes_exact_sparsity(method, lr):
 def test_nm_shape_error_names_layer():
     layer = nn.Linear(30, 4)
     with pytest.raises(ValueError, match="in_features=30 is not a multiple of M=4"):
-        prune_linear(layer, "magnitude", 0.5, (2, 4), None, False, name="block 0 mlp.down_proj")
+        prune_linear(layer, "magnitude", PruneRequest(0.5, (2, 4), None, False, name="block 0 mlp.down_proj"))

@@ -36,7 +36,7 @@ def assets(tmp_path_factory):
 def test_every_example_is_tested():
     names = {f[:-3] for f in os.listdir(EXAMPLES) if f.endswith(".py")}
     tested = {"quickstart", "sparsegpt_br_gp_llama", "masked_lora_reconstruction", "self_generated_calibration",
-              "offload_memory_limit", "evaluate_and_push"}
+              "offload_memory_limit", "evaluate_and_push", "custom_criterion"}
     assert names == tested
 
 
@@ -163,3 +163,19 @@ def test_evaluate_and_push(assets, tmp_path, monkeypatch):
     # The dense baseline is really the dense model's: pruning half the weights changed the perplexity.
     assert result["pruned"] != result["dense"]
     assert hub.token_leaks(TOKEN) == []
+
+
+def test_custom_criterion(assets, tmp_path):
+    from hf_recon_prune.methods import unregister_criterion
+
+    try:
+        result = run_example("custom_criterion", "--model", assets["model"], "--calibration", assets["text"], *TINY,
+                             "--output", str(tmp_path / "out"))
+        model = AutoModelForCausalLM.from_pretrained(result["folder"])
+        weight = model.model.layers[0].mlp.down_proj.weight
+        assert ((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all()  # 2:4 held after LR
+        assert PruningConfig.from_pretrained(result["folder"]).method == "row-relative-magnitude"
+        card = open(os.path.join(result["folder"], "README.md"), encoding="utf-8").read()
+        assert "row-relative magnitude (|W| divided by the mean |W| of its output row)" in card
+    finally:
+        unregister_criterion("row-relative-magnitude")
