@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -13,8 +14,18 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from hf_recon_prune import PruningConfig
+from hf_recon_prune.config import RECONSTRUCTION_MODES
 from hf_recon_prune.block_io import move_to
-from hf_recon_prune.reconstruction import MaskedLoraLinear, TrainResult, reconstruct_window, reconstruction_windows
+from hf_recon_prune.reconstruction import (
+    TRAINING_STRATEGIES,
+    BlockTrainingSettings,
+    FullWeights,
+    MaskedLora,
+    MaskedLoraLinear,
+    TrainResult,
+    reconstruct_window,
+    reconstruction_windows,
+)
 
 CPU = torch.device("cpu")
 N, L, D = 16, 16, 32
@@ -76,10 +87,10 @@ def _mse(blocks, kwargs, x, target) -> float:
     return F.mse_loss(_run(blocks, kwargs, x).float(), target.float()).item()
 
 
-def _config(**overrides) -> PruningConfig:
+def _settings(**overrides) -> BlockTrainingSettings:
     values = dict(br_epochs=20, br_lr=1e-3, br_batch_size=4, seed=0)  # autocast "auto": none on the CPU
     values.update(overrides)
-    return PruningConfig(**values)
+    return BlockTrainingSettings.from_config(PruningConfig(**values))
 
 
 def _problem(num_blocks: int = 1, dtype=torch.float32):
@@ -124,7 +135,7 @@ def test_br_lowers_block_error_and_keeps_mask(mode):
     error_before = _mse(blocks, kwargs, x, target)
     originals = {name: m for name, m in blocks[0].named_modules() if isinstance(m, nn.Linear)}
 
-    result = reconstruct_window(blocks, masks, x, target, kwargs, _config(reconstruction_mode=mode), CPU)
+    result = reconstruct_window(blocks, masks, x, target, kwargs, _settings(reconstruction_mode=mode), CPU)
 
     assert isinstance(result, TrainResult) and not result.reverted and result.warning is None
     assert result.num_steps == 20 * math.ceil(N / 4) and len(result.epoch_losses) == 20
@@ -146,7 +157,7 @@ def test_full_mode_trains_other_params_only_when_asked():
         model, blocks, kwargs, masks, x, target = _problem()
         norm_before = blocks[0].input_layernorm.weight.clone()
         pruned_before = {layer: layer.weight.clone() for layer in masks}
-        reconstruct_window(blocks, masks, x, target, kwargs, _config(br_epochs=2, br_train_other_params=train_other), CPU)
+        reconstruct_window(blocks, masks, x, target, kwargs, _settings(br_epochs=2, br_train_other_params=train_other), CPU)
         assert torch.equal(blocks[0].input_layernorm.weight, norm_before) is not train_other
         assert all(not torch.equal(layer.weight, w) for layer, w in pruned_before.items())
 
@@ -154,8 +165,9 @@ def test_full_mode_trains_other_params_only_when_asked():
 def test_lora_target_modules_restrict_what_changes():
     model, blocks, kwargs, masks, x, target = _problem()
     before = {name: m.weight.clone() for name, m in blocks[0].named_modules() if isinstance(m, nn.Linear)}
-    config = _config(br_epochs=2, reconstruction_mode="lora", lora_target_modules=[r"^mlp\."], br_train_other_params=False)
-    reconstruct_window(blocks, masks, x, target, kwargs, config, CPU)
+    settings = _settings(br_epochs=2, reconstruction_mode="lora", lora_target_modules=[r"^mlp\."],
+                         br_train_other_params=False)
+    reconstruct_window(blocks, masks, x, target, kwargs, settings, CPU)
     for name, module in blocks[0].named_modules():
         if name in before:
             assert torch.equal(module.weight, before[name]) is (not name.startswith("mlp.")), name
@@ -183,7 +195,7 @@ def test_mask_holds_at_every_step(mode):
         return loss
 
     result = reconstruct_window(
-        blocks, masks, x, target, kwargs, _config(br_epochs=3, reconstruction_mode=mode), CPU, loss_transform=check
+        blocks, masks, x, target, kwargs, _settings(br_epochs=3, reconstruction_mode=mode), CPU, loss_transform=check
     )
     assert seen == list(range(result.num_steps)) and result.num_steps == 12
     _assert_mask_exact(masks)
@@ -200,7 +212,7 @@ def test_non_finite_loss_reverts_bit_exactly(mode, dtype):
         return loss * float("nan") if step == 6 else loss
 
     result = reconstruct_window(
-        blocks, masks, x, target, kwargs, _config(br_epochs=3, reconstruction_mode=mode), CPU,
+        blocks, masks, x, target, kwargs, _settings(br_epochs=3, reconstruction_mode=mode), CPU,
         loss_transform=poison, window_name="blocks (0, 1)",
     )
     assert result.reverted and "blocks (0, 1)" in result.warning and "non-finite" in result.warning
@@ -220,7 +232,7 @@ def test_default_warning_names_the_blocks():
     model, blocks, kwargs, masks, x, target = _problem(num_blocks=2)
     result = reconstruct_window(
         blocks[1:], {k: v for k, v in masks.items() if any(k is m for m in blocks[1].modules())}, x, target,
-        kwargs[1:], _config(br_epochs=1), CPU, loss_transform=lambda step, loss: loss + float("inf"),
+        kwargs[1:], _settings(br_epochs=1), CPU, loss_transform=lambda step, loss: loss + float("inf"),
     )
     assert result.reverted and "(1,)" in result.warning
 
@@ -236,7 +248,7 @@ def test_exception_restores_the_window_and_propagates(mode):
         return loss
 
     with pytest.raises(RuntimeError, match="boom"):
-        reconstruct_window(blocks, masks, x, target, kwargs, _config(reconstruction_mode=mode), CPU, loss_transform=explode)
+        reconstruct_window(blocks, masks, x, target, kwargs, _settings(reconstruction_mode=mode), CPU, loss_transform=explode)
     state = blocks[0].state_dict()
     assert state.keys() == before[0].keys() and all(torch.equal(state[k], v) for k, v in before[0].items())
     assert not any(isinstance(m, LoraLayer) for m in blocks[0].modules())
@@ -249,7 +261,7 @@ def test_cross_block_window_trains_both_blocks(mode):
     model, blocks, kwargs, masks, x, target = _problem(num_blocks=2)
     before = _state(blocks)
     error_before = _mse(blocks, kwargs, x, target)
-    result = reconstruct_window(blocks, masks, x, target, kwargs, _config(reconstruction_mode=mode), CPU)
+    result = reconstruct_window(blocks, masks, x, target, kwargs, _settings(reconstruction_mode=mode), CPU)
     assert not result.reverted
     assert _mse(blocks, kwargs, x, target) < (0.5 if mode == "full" else 0.75) * error_before
     for block, saved in zip(blocks, before):
@@ -271,7 +283,7 @@ def test_bf16_blocks_use_float32_master_weights(mode):
         dtypes_seen.update(p.dtype for p in blocks[0].parameters())
         return loss
 
-    reconstruct_window(blocks, masks, x, target, kwargs, _config(reconstruction_mode=mode), CPU, loss_transform=watch)
+    reconstruct_window(blocks, masks, x, target, kwargs, _settings(reconstruction_mode=mode), CPU, loss_transform=watch)
     assert dtypes_seen == {torch.float32}
     assert all(p.dtype == torch.bfloat16 for p in blocks[0].parameters())
     assert _mse(blocks, kwargs, x, target) < 0.7 * error_before
@@ -286,7 +298,7 @@ def test_same_seed_same_weights(mode):
     for seed in (0, 0, 1):
         model, blocks, kwargs, masks, x, target = _problem()
         rng = torch.get_rng_state()
-        reconstruct_window(blocks, masks, x, target, kwargs, _config(br_epochs=2, reconstruction_mode=mode, seed=seed), CPU)
+        reconstruct_window(blocks, masks, x, target, kwargs, _settings(br_epochs=2, reconstruction_mode=mode, seed=seed), CPU)
         assert torch.equal(torch.get_rng_state(), rng)  # no global RNG side effect
         runs.append(_state(blocks)[0])
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
@@ -297,11 +309,48 @@ def test_bad_arguments():
     model, blocks, kwargs, masks, x, target = _problem()
     layer = blocks[0].mlp.gate_proj  # 64 x 32: a transposed mask has the wrong shape
     with pytest.raises(ValueError, match="mask shape"):
-        reconstruct_window(blocks, {layer: masks[layer].T}, x, target, kwargs, _config(), CPU)
+        reconstruct_window(blocks, {layer: masks[layer].T}, x, target, kwargs, _settings(), CPU)
     with pytest.raises(ValueError, match="not inside"):
-        reconstruct_window(blocks, {nn.Linear(D, D): torch.ones(D, D, dtype=torch.bool)}, x, target, kwargs, _config(), CPU)
+        reconstruct_window(blocks, {nn.Linear(D, D): torch.ones(D, D, dtype=torch.bool)}, x, target, kwargs, _settings(), CPU)
     with pytest.raises(ValueError, match=r"\[N, L, d\]"):
-        reconstruct_window(blocks, masks, x, target[:, :-1], kwargs, _config(), CPU)
+        reconstruct_window(blocks, masks, x, target[:, :-1], kwargs, _settings(), CPU)
+
+
+# ---------------------------------------------------------------------------------------------- settings, modes
+def test_settings_hold_the_configs_block_training_fields():
+    config = PruningConfig(reconstruction_mode="lora", br_epochs=3, br_lr=5e-4, br_batch_size=2,
+                           br_train_other_params=False, lora_rank=4, lora_alpha=8.0, lora_target_modules=["mlp"],
+                           seed=7, autocast_dtype="float32", compile_blocks=False)
+    settings = BlockTrainingSettings.from_config(config)
+    names = {f.name for f in dataclasses.fields(settings)}
+    assert names == {"reconstruction_mode", "br_train_other_params", "br_epochs", "br_batch_size", "br_lr", "seed",
+                     "lora_rank", "lora_alpha", "lora_target_modules", "autocast_dtype", "compile_blocks"}
+    assert all(getattr(settings, n) == getattr(config, n) for n in names - {"lora_target_modules"})
+    assert settings.lora_target_modules == ("mlp",)  # a copy: changing the config's list does not reach it
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.br_lr = 1.0
+
+
+def test_every_configurable_mode_has_a_training_strategy():
+    assert TRAINING_STRATEGIES == {"full": FullWeights, "lora": MaskedLora}
+    assert set(TRAINING_STRATEGIES) == set(RECONSTRUCTION_MODES)
+
+
+def test_the_trainer_takes_its_settings_not_the_whole_config():
+    model, blocks, kwargs, masks, x, target = _problem()
+    with pytest.raises(TypeError, match="takes BlockTrainingSettings"):
+        reconstruct_window(blocks, masks, x, target, kwargs, PruningConfig(), CPU)
+
+
+def test_an_unknown_mode_raises_before_changing_the_window():
+    model, blocks, kwargs, masks, x, target = _problem()
+    before = _state(blocks)
+    settings = dataclasses.replace(_settings(), reconstruction_mode="sparse")
+    with pytest.raises(ValueError, match="unknown reconstruction_mode 'sparse'"):
+        reconstruct_window(blocks, masks, x, target, kwargs, settings, CPU)
+    state = blocks[0].state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before[0].items())
+    assert not any(p.requires_grad or p.grad is not None for p in blocks[0].parameters())
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
@@ -318,7 +367,7 @@ def test_cuda_bf16_autocast_pinned_streams(mode):
     error_before = _mse(blocks, kwargs, x_dev, target_dev)
     cuda_rng = torch.cuda.get_rng_state(device)
     result = reconstruct_window(
-        blocks, masks, x.pin_memory(), target.pin_memory(), kwargs, _config(reconstruction_mode=mode), device
+        blocks, masks, x.pin_memory(), target.pin_memory(), kwargs, _settings(reconstruction_mode=mode), device
     )
     assert torch.equal(torch.cuda.get_rng_state(device), cuda_rng)
     assert not result.reverted and result.num_steps == 80

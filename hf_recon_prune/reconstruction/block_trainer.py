@@ -1,12 +1,13 @@
 """Block-wise reconstruction (BR): train one window of decoder blocks to reproduce its target outputs.
 
 A window is one block, or two adjacent blocks under cross-block reconstruction (CR, see ``schedule.py``). Its
-pruned linears keep their masks: only the kept weights move, pruned weights stay exactly zero at every step.
+pruned linears keep their masks: only the kept weights move, pruned weights stay exactly zero at every step. What
+is trained depends on the mode (``strategies.py``); the loop below is the same for every mode.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import math
 import time
@@ -17,10 +18,11 @@ import torch
 from torch import nn
 
 from ..block_io import batches, call_window, halved_after_out_of_memory, move_to
-from ..config import PruningConfig
 from ..distributed import ShardedRows
 from ..offload import StreamRows, normalise_device
-from .masked_lora import MaskedLoraHandle, attach_masked_lora, merge_masked_lora, unload_masked_lora
+from .settings import BlockTrainingSettings
+from .strategies import TrainingStrategy, training_strategy
+from .window_state import WindowState, apply_masks
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def reconstruct_window(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     kwargs_per_block: Sequence[dict],
-    config: PruningConfig,
+    settings: BlockTrainingSettings,
     device: torch.device,
     show_progress: bool = False,
     loss_transform: Optional[LossTransform] = None,
@@ -79,33 +81,16 @@ def reconstruct_window(
         blocks: consecutive decoder blocks, on ``device``, already masked.
         masks: for every pruned ``nn.Linear`` inside ``blocks``, a bool keep-mask (True = kept) of the weight's shape.
             Pruned weights are set to exactly zero at the start and stay exactly zero at every step and at the end
-            (the gradient is masked by a hook, and the weight is re-masked after every optimizer step because Adam's
-            momentum could otherwise move a zero-gradient weight).
+            (how each mode ensures it: see ``strategies.py``).
         inputs: ``[N, L, d]`` inputs of ``blocks[0]`` (the sparse stream); CPU (pinned or not) or ``device``, any float
             dtype. Mini-batches are gathered and moved to ``device`` as they are consumed (non-blocking when pinned).
         targets: ``[N, L, d]`` target outputs of ``blocks[-1]``, same placement rules.
         kwargs_per_block: the captured keyword arguments of each block (batch 1, they broadcast over the batch).
-        config: ``br_epochs`` epochs of ``ceil(N / br_batch_size)`` steps; Adam (fused on CUDA) at ``br_lr`` decayed
-            linearly to 0 over all steps; mini-batches in an order shuffled by a ``torch.Generator`` seeded with
-            ``seed`` (the global RNG is not touched). ``reconstruction_mode``:
-
-            * ``"full"``: trains the kept weights of every pruned linear; with ``br_train_other_params`` also every
-              other parameter of the blocks (norm weights, biases, linears that were not pruned).
-            * ``"lora"``: attaches masked LoRA adapters (rank ``lora_rank``, scaling ``lora_alpha / lora_rank``,
-              effective weight ``M * (W + s B A)``, see ``masked_lora.py``) to the pruned linears whose name inside
-              their block matches one of ``lora_target_modules`` (``re.search``; None = all pruned linears), trains
-              the adapters, merges them with the masked merge and removes every peft module. The pruned linears'
-              own weights are frozen (those not targeted by a pattern stay exactly as they are);
-              ``br_train_other_params`` additionally trains the blocks' other parameters (norms, biases, unpruned
-              linears) directly, as in the full mode. What the paper (Shin et al., 2024) does here could not be
-              checked while writing this (no copy of the paper was at hand): its BR updates the weights of each
-              block by gradient descent on the block reconstruction error; whether norms/biases are trained along,
-              and how a LoRA variant treats them, is not asserted here. Both modes therefore leave the choice to
-              ``br_train_other_params`` (default True).
-
-            Training runs on float32 master weights: bf16/fp16 parameters are upcast for the duration and written
-            back in their original dtype (untrained parameters round-trip exactly). ``autocast_dtype`` selects the
-            autocast of the forward/backward (see :func:`resolve_autocast_dtype`); float16 uses a gradient scaler.
+        settings: what is trained and how (mode, epochs, mini-batch size, learning rate, seed, autocast,
+            compilation): see :class:`BlockTrainingSettings`. Training runs on float32 master weights: bf16/fp16
+            parameters are upcast for the duration and written back in their original dtype (untrained parameters
+            round-trip exactly). For now a ``PruningConfig`` is accepted too (read with
+            :meth:`BlockTrainingSettings.from_config`).
         device: where the blocks are and the training runs.
         show_progress: a tqdm bar over the steps.
         loss_transform: see :data:`LossTransform`.
@@ -115,222 +100,254 @@ def reconstruct_window(
             shard of the rows. Every process draws the permutation of all rows, runs the part of each mini-batch in
             its shard, and the summed gradient (and loss) is that of the whole mini-batch; all processes must call.
 
+    A mini-batch that runs out of memory is redone in smaller micro-batches whose gradients add up to the whole
+    mini-batch's (the optimizer steps are unchanged; the result's notes say so).
+
     To be able to revert, a copy of every parameter of the window (original dtype) is kept during the call, in
     pinned CPU memory when the window is on a GPU (on its device otherwise). A non-finite loss (checked once per
     epoch, which costs one device synchronisation per epoch) stops training and restores every parameter of the
     window bit-exactly to its value before the call; the result then has ``reverted=True`` and a warning naming the
-    window, and the caller can carry on. On any exception the window is
-    restored the same way before the exception propagates. Afterwards, nothing in the blocks requires grad or holds a
-    ``.grad`` unless it did before; the blocks' train/eval modes are restored (training runs in eval mode: no dropout).
+    window, and the caller can carry on. On any exception the window is restored the same way before the exception
+    propagates. Afterwards, nothing in the blocks requires grad or holds a ``.grad`` unless it did before; the
+    blocks' train/eval modes are restored (training runs in eval mode: no dropout).
+    An unknown ``reconstruction_mode`` raises ``ValueError`` before anything is changed.
     """
     start_time = time.perf_counter()
+    if not isinstance(settings, BlockTrainingSettings):
+        raise TypeError(f"reconstruct_window takes BlockTrainingSettings (BlockTrainingSettings.from_config(config)), "
+                        f"got {type(settings).__name__}")
     blocks = list(blocks)
     kwargs_per_block = list(kwargs_per_block)
     device = normalise_device(device)
     name = window_name or _describe_window(blocks)
     _check_arguments(blocks, masks, inputs, targets, kwargs_per_block, sharded_rows)
-    num_rows = inputs.shape[0] if sharded_rows is None else sharded_rows.total_rows
-    batch_size = min(config.br_batch_size, num_rows)
-    steps_per_epoch = math.ceil(num_rows / batch_size)
-    total_steps = config.br_epochs * steps_per_epoch
-    amp_dtype = resolve_autocast_dtype(config.autocast_dtype, device)
+    strategy = training_strategy(settings)
+    plan = _StepPlan.of(inputs.shape[0] if sharded_rows is None else sharded_rows.total_rows, settings)
+    amp_dtype = resolve_autocast_dtype(settings.autocast_dtype, device)
 
-    params = _unique_parameters(blocks)
-    snapshot = [_snapshot(p) for p in params]  # exact pre-training values, original dtypes
-    requires_grad = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    original_dtypes = [p.dtype for p in params]
-    training_modes = [block.training for block in blocks]
+    window = WindowState(blocks)  # exact pre-training values, original dtypes
     # Keep-masks as given (no inverted copies: ``~keep`` is formed per use, one layer at a time).
     kept = {layer: mask.to(device=layer.weight.device, dtype=torch.bool) for layer, mask in masks.items()}
-
     result = TrainResult()
-    handle: Optional[MaskedLoraHandle] = None
-    hooks: list = []
-    finished = False
-    progress = None
+    trained = False
     try:
-        for param in params:
-            param.requires_grad_(False)
-            param.grad = None
-            if param.is_floating_point() and param.dtype != torch.float32:
-                param.data = param.data.float()  # float32 master weights, same Parameter objects
-        for block in blocks:
-            block.eval()
-        _apply_masks(kept)
+        window.prepare(kept)
         train_kwargs = [move_to(kw, dtype=torch.float32) for kw in kwargs_per_block]
-
-        pruned_weight_ids = {id(layer.weight) for layer in kept}
-        others = [p for p in params if id(p) not in pruned_weight_ids and p.is_floating_point()]
-        trainable: list[nn.Parameter] = []
-        if config.reconstruction_mode == "lora":
-            handle = attach_masked_lora(
-                blocks, kept, config.lora_rank,
-                config.lora_alpha, config.lora_target_modules, seed=config.seed,
-            )
-            for param in params:  # peft froze the blocks; start again from "nothing trains"
-                param.requires_grad_(False)
-            trainable.extend(handle.parameters())
-        elif config.reconstruction_mode == "full":
-            trainable.extend(layer.weight for layer in kept)
-        else:
-            raise ValueError(f"unknown reconstruction_mode {config.reconstruction_mode!r}")
-        if config.br_train_other_params:
-            trainable.extend(others)
-        for param in trainable:
-            param.requires_grad_(True)
-        if config.reconstruction_mode == "full":
-            for layer, keep in kept.items():
-                hooks.append(layer.weight.register_hook(functools.partial(_mask_grad, keep)))
-
+        trainable = _make_trainable(strategy, window, kept, settings)
         if not trainable:
-            result.warning = f"reconstruction of {name}: nothing to train (no pruned linear matched, no other parameters)"
+            result.warning = (f"reconstruction of {name}: nothing to train (no pruned linear matched, "
+                              "no other parameters)")
             logger.warning(result.warning)
         else:
-            if show_progress:
-                from tqdm.auto import tqdm
-
-                progress = tqdm(total=total_steps, desc=f"reconstructing {name}", unit="step", leave=False)
-            bad = _train(
-                blocks, kept if config.reconstruction_mode == "full" else {}, trainable, inputs, targets,
-                train_kwargs, config, device, batch_size, steps_per_epoch, total_steps, amp_dtype, loss_transform,
-                result, progress, num_rows, sharded_rows,
-            )
-            if bad is not None:
-                step, value = bad
+            loss = _MiniBatchLoss(_WindowLoss(blocks, train_kwargs, _use_compile(settings.compile_blocks, device)),
+                                  _MiniBatches(inputs, targets, device), device, amp_dtype, loss_transform)
+            training = _Training(loss, trainable, strategy.masks_to_reapply, settings, plan, result, sharded_rows)
+            with _progress_bar(show_progress, plan.total_steps, name) as progress:
+                non_finite = training.run(progress)
+            if non_finite is not None:
+                step, value = non_finite
                 result.reverted = True
                 result.warning = (
-                    f"reconstruction of {name}: non-finite training loss ({value}) at step {step} of {total_steps}; "
-                    "the window's weights were restored to their values before reconstruction"
+                    f"reconstruction of {name}: non-finite training loss ({value}) at step {step} of "
+                    f"{plan.total_steps}; the window's weights were restored to their values before reconstruction"
                 )
                 logger.warning(result.warning)
                 return result  # the finally clause restores the snapshot
-            if handle is not None:
-                merge_masked_lora(handle)
-        finished = True
+            strategy.finish()
+        trained = True
         return result
     finally:
-        if progress is not None:
-            progress.close()
-        for hook in hooks:
-            hook.remove()
-        if handle is not None and handle.active:
-            unload_masked_lora(handle)
-        with torch.no_grad():
-            for param, saved, dtype in zip(params, snapshot, original_dtypes):
-                if finished and not result.reverted:
-                    if param.dtype != dtype:
-                        param.data = param.data.to(dtype)
-                else:
-                    param.data = saved.to(param.device)
-            if finished and not result.reverted:
-                _apply_masks(kept)  # a no-op unless a float cast could have touched zeros
-        for param, flag, grad in zip(params, requires_grad, grads):
-            param.grad = grad
-            param.requires_grad_(flag)
-        for block, mode in zip(blocks, training_modes):
-            block.train(mode)
+        strategy.close()
+        window.restore(kept, keep_trained=trained)
         result.seconds = time.perf_counter() - start_time
 
 
-def _train(
-    blocks, kept, trainable, inputs, targets, kwargs, config, device, batch_size, steps_per_epoch, total_steps,
-    amp_dtype, loss_transform, result, progress, num_rows, sharded_rows=None,
-) -> Optional[tuple[int, float]]:
-    """The optimisation loop; returns (step, loss) of the first non-finite loss, or None."""
-    optimizer = torch.optim.Adam(trainable, lr=config.br_lr, fused=True if device.type == "cuda" else None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    generator = torch.Generator().manual_seed(config.seed)
-    forward = _WindowLoss(blocks, kwargs, _use_compile(config.compile_blocks, device))
-    data = _MiniBatches(inputs, targets, device)
+def _make_trainable(strategy: TrainingStrategy, window: WindowState, kept: Mapping[nn.Linear, torch.Tensor],
+                    settings: BlockTrainingSettings) -> list[nn.Parameter]:
+    """What the strategy trains and, with ``br_train_other_params``, the window's other floating parameters (those
+    it had before the strategy added any), now requiring grad; nothing else does."""
+    trainable = list(strategy.trainable_parameters(window.blocks, kept))
+    for param in window.params:  # attaching may change flags (peft freezes the blocks): start from "nothing trains"
+        param.requires_grad_(False)
+    if settings.br_train_other_params:
+        pruned_weight_ids = {id(layer.weight) for layer in kept}
+        trainable.extend(p for p in window.params if id(p) not in pruned_weight_ids and p.is_floating_point())
+    for param in trainable:
+        param.requires_grad_(True)
+    strategy.mask_gradients()
+    return trainable
 
-    step = 0
-    micro_batch = batch_size  # halved after an out-of-memory error; the optimiser still sees whole mini-batches
-    with torch.enable_grad():
-        for _epoch in range(config.br_epochs):
-            order = torch.randperm(num_rows, generator=generator)
-            losses = torch.empty(steps_per_epoch, dtype=torch.float32, device=device)
-            rows_per_step = []
-            epoch_batches = list(batches(num_rows, batch_size))
-            for i, rows in enumerate(epoch_batches):
-                index = order[rows]
-                following = order[epoch_batches[i + 1]] if i + 1 < len(epoch_batches) else None
-                while True:  # no optimiser step has been taken when an error ends an attempt: retrying is exact
-                    try:
-                        if sharded_rows is None:
-                            loss = _step(forward, optimizer, data, index, following, device, amp_dtype, scaler,
-                                         loss_transform, step, micro_batch)
-                        else:
-                            loss = _sharded_step(forward, trainable, optimizer, data, index, device,
-                                                 amp_dtype, scaler, loss_transform, step, sharded_rows)
-                        break
-                    except torch.OutOfMemoryError as error:
-                        if sharded_rows is not None:
-                            raise
-                        optimizer.zero_grad(set_to_none=True)
-                        micro_batch = _smaller_micro_batch(micro_batch, index.numel(), error, result)
-                    except Exception as error:
-                        if not (forward.compiled and _is_compile_error(error)):
-                            raise
-                        optimizer.zero_grad(set_to_none=True)
-                        forward.fall_back_to_eager(error, result)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                _apply_masks(kept)
-                losses[i] = loss.detach()
-                rows_per_step.append(index.numel())
-                step += 1
-                result.num_steps = step
-                if progress is not None:
-                    progress.update(1)
-            values = losses.cpu().double()  # one synchronisation per epoch
-            finite = torch.isfinite(values)
-            if not bool(finite.all()):
-                first = int((~finite).nonzero()[0])
-                return step - steps_per_epoch + first, float(values[first])
-            weights = torch.tensor(rows_per_step, dtype=torch.float64)
-            result.epoch_losses.append(float((values * weights).sum() / num_rows))
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """``epochs`` passes over ``num_rows`` rows (all processes' rows when data-parallel) in mini-batches of
+    ``batch_size`` rows, one optimizer step each."""
+
+    num_rows: int
+    batch_size: int
+    epochs: int
+
+    @classmethod
+    def of(cls, num_rows: int, settings: BlockTrainingSettings) -> _StepPlan:
+        return cls(num_rows, min(settings.br_batch_size, num_rows), settings.br_epochs)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_rows / self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+def _progress_bar(show: bool, total_steps: int, name: str):
+    if not show:
+        return contextlib.nullcontext()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_steps, desc=f"reconstructing {name}", unit="step", leave=False)
+
+
+class _Training:
+    """The optimisation of one window: Adam (fused on CUDA) at ``br_lr`` decayed linearly to 0 over all steps,
+    mini-batches in an order shuffled by a generator seeded with ``seed``, the strategy's masks re-applied after
+    every step."""
+
+    def __init__(self, loss: _MiniBatchLoss, trainable: list[nn.Parameter],
+                 masks_to_reapply: Mapping[nn.Linear, torch.Tensor], settings: BlockTrainingSettings,
+                 plan: _StepPlan, result: TrainResult, sharded_rows: Optional[ShardedRows]):
+        self.loss, self.trainable, self.masks_to_reapply = loss, trainable, masks_to_reapply
+        self.plan, self.result, self.sharded_rows = plan, result, sharded_rows
+        device = loss.device
+        self.optimizer = torch.optim.Adam(trainable, lr=settings.br_lr, fused=True if device.type == "cuda" else None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: max(0.0, 1.0 - step / plan.total_steps))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=loss.amp_dtype is torch.float16)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.step = 0
+        # halved after an out-of-memory error; the optimiser still sees whole mini-batches
+        self.micro_batch = plan.batch_size
+
+    def run(self, progress=None) -> Optional[tuple[int, float]]:
+        """Every epoch; returns (step, loss) of the first non-finite loss, or None."""
+        with torch.enable_grad():
+            for _epoch in range(self.plan.epochs):
+                non_finite = self._epoch(progress)
+                if non_finite is not None:
+                    return non_finite
+        self.optimizer.zero_grad(set_to_none=True)
+        return None
+
+    def _epoch(self, progress) -> Optional[tuple[int, float]]:
+        plan = self.plan
+        order = torch.randperm(plan.num_rows, generator=self.generator)
+        losses = torch.empty(plan.steps_per_epoch, dtype=torch.float32, device=self.loss.device)
+        rows_per_step = []
+        epoch_batches = list(batches(plan.num_rows, plan.batch_size))
+        for i, rows in enumerate(epoch_batches):
+            index = order[rows]
+            following = order[epoch_batches[i + 1]] if i + 1 < len(epoch_batches) else None
+            loss = self._gradients(index, following)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            apply_masks(self.masks_to_reapply)
+            losses[i] = loss.detach()
+            rows_per_step.append(index.numel())
+            self.step += 1
+            self.result.num_steps = self.step
             if progress is not None:
-                progress.set_postfix(loss=f"{result.epoch_losses[-1]:.4g}")
-    optimizer.zero_grad(set_to_none=True)
-    return None
+                progress.update(1)
+        values = losses.cpu().double()  # one synchronisation per epoch
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0])
+            return self.step - plan.steps_per_epoch + first, float(values[first])
+        weights = torch.tensor(rows_per_step, dtype=torch.float64)
+        self.result.epoch_losses.append(float((values * weights).sum() / plan.num_rows))
+        if progress is not None:
+            progress.set_postfix(loss=f"{self.result.epoch_losses[-1]:.4g}")
+        return None
+
+    def _gradients(self, index: torch.Tensor, following: Optional[torch.Tensor]) -> torch.Tensor:
+        """The gradients (and loss) of the mini-batch ``index``; ``following`` is the next mini-batch's rows."""
+        while True:  # no optimiser step has been taken when an error ends an attempt: retrying is exact
+            try:
+                if self.sharded_rows is None:
+                    return self._accumulated_gradients(index, following)
+                return self._sharded_gradients(index)
+            except torch.OutOfMemoryError as error:
+                if self.sharded_rows is not None:
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                self.micro_batch = _smaller_micro_batch(self.micro_batch, index.numel(), error, self.result)
+            except Exception as error:
+                if not (self.loss.window.compiled and _is_compile_error(error)):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                self.loss.window.fall_back_to_eager(error, self.result)
+
+    def _accumulated_gradients(self, index: torch.Tensor, following: Optional[torch.Tensor]) -> torch.Tensor:
+        """Gradients of the mean squared error over the mini-batch ``index``, in micro-batches of ``micro_batch`` rows.
+
+        Each micro-batch's loss is its squared error divided by the size of the whole mini-batch, so the accumulated
+        gradient is the mini-batch's (up to float rounding); a micro-batch as large as the mini-batch is the plain step.
+        """
+        # The previous step's gradients are cleared only now, right before the first backward (a loss_transform may
+        # inspect them).
+        total = None
+        parts = index.split(self.micro_batch)
+        for number, part in enumerate(parts):
+            # the rows after these, copied to the device while these compute: the next part, or the next mini-batch's
+            ahead = parts[number + 1] if number + 1 < len(parts) else (
+                following[:self.micro_batch] if following is not None else None)
+            loss = self.loss(part, index.numel(), self.step, ahead)
+            if number == 0:
+                self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            del loss
+        return total
+
+    def _sharded_gradients(self, index: torch.Tensor) -> torch.Tensor:
+        """Backward over this shard's rows of the mini-batch ``index``, then sum gradients and loss over processes.
+
+        The local loss is the squared error of the local rows divided by the size of the *whole* mini-batch, so the
+        summed gradient equals the gradient of the single-process mean.
+        """
+        local = self.sharded_rows.local(index)
+        loss = torch.zeros((), dtype=torch.float32, device=self.loss.device)
+        if local.numel():
+            loss = self.loss(local, index.numel(), self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        total = loss.detach().float().reshape(1).clone()
+        self.sharded_rows.reduce_gradients_(self.trainable, extra=[total])
+        return total[0]
 
 
-def _step(forward, optimizer, data, index, following, device, amp_dtype, scaler, loss_transform, step,
-          micro_batch) -> torch.Tensor:
-    """Gradients of the mean squared error over the mini-batch ``index``, in micro-batches of ``micro_batch`` rows.
+@dataclass
+class _MiniBatchLoss:
+    """``(rows, batch_rows, step) -> loss``: the squared error of the window's output on ``rows`` (part of a
+    mini-batch of ``batch_rows`` rows) divided by the whole mini-batch's element count, under autocast and
+    ``loss_transform``. The parts' gradients add up to the mini-batch mean's (a part that is the whole mini-batch
+    gives its mean squared error)."""
 
-    Each micro-batch's loss is its squared error divided by the size of the whole mini-batch, so the accumulated
-    gradient is the mini-batch's (up to float rounding); a micro-batch as large as the mini-batch is the plain step.
-    """
-    # The previous step's gradients are cleared only now, right before the first backward (a loss_transform may
-    # inspect them).
-    total = None
-    parts = index.split(micro_batch)
-    for number, part in enumerate(parts):
-        # the rows after these, copied to the device while these compute: the next part, or the next mini-batch's
-        ahead = parts[number + 1] if number + 1 < len(parts) else (
-            following[:micro_batch] if following is not None else None)
-        loss = _part_loss(forward, data, part, index.numel(), device, amp_dtype, loss_transform, step, ahead)
-        if number == 0:
-            optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        total = loss.detach() if total is None else total + loss.detach()
-        del loss
-    return total
+    window: _WindowLoss
+    data: _MiniBatches
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    loss_transform: Optional[LossTransform]
 
-
-def _part_loss(forward, data, rows, batch_rows, device, amp_dtype, loss_transform, step, ahead=None):
-    """Squared error of the window's output on ``rows`` (part of a mini-batch of ``batch_rows`` rows) divided by
-    the whole mini-batch's element count: the parts' gradients add up to the mini-batch mean's (a part that is the
-    whole mini-batch gives its mean squared error)."""
-    x, y = data.load(rows, ahead)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        squared_error = forward(x, y)
-    loss = squared_error / (batch_rows * y[0].numel())
-    return loss_transform(step, loss) if loss_transform is not None else loss
+    def __call__(self, rows: torch.Tensor, batch_rows: int, step: int,
+                 ahead: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, y = self.data.load(rows, ahead)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            squared_error = self.window(x, y)
+        loss = squared_error / (batch_rows * y[0].numel())
+        return self.loss_transform(step, loss) if self.loss_transform is not None else loss
 
 
 def _window_squared_error(blocks, kwargs, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -355,27 +372,6 @@ def _smaller_micro_batch(micro_batch: int, batch: int, error: BaseException, res
     logger.warning(note)
     result.notes.append(note)
     return smaller
-
-
-def _sharded_step(forward, trainable, optimizer, data, index, device, amp_dtype, scaler,
-                  loss_transform, step, sharded_rows) -> torch.Tensor:
-    """Backward over this shard's rows of the mini-batch ``index``, then sum gradients and loss over processes.
-
-    The local loss is the squared error of the local rows divided by the size of the *whole* mini-batch, so the
-    summed gradient equals the gradient of the single-process mean.
-    """
-    local = sharded_rows.local(index)
-    loss = torch.zeros((), dtype=torch.float32, device=device)
-    if local.numel():
-        loss = _part_loss(forward, data, local, index.numel(), device, amp_dtype, loss_transform,
-                          step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-    else:
-        optimizer.zero_grad(set_to_none=True)
-    total = loss.detach().float().reshape(1).clone()
-    sharded_rows.reduce_gradients_(trainable, extra=[total])
-    return total[0]
 
 
 _COMPILED: dict[str, Callable] = {}  # the compiled loss, made once per process
@@ -423,25 +419,6 @@ def _compiled_window_squared_error() -> Callable:
     return _COMPILED["squared_error"]
 
 
-def _mask_grad(keep: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return grad.masked_fill(~keep, 0)
-
-
-@torch.no_grad()
-def _apply_masks(kept: Mapping[nn.Linear, torch.Tensor]) -> None:
-    for layer, keep in kept.items():
-        layer.weight.masked_fill_(~keep, 0)
-
-
-def _snapshot(param: torch.Tensor) -> torch.Tensor:
-    """A copy of ``param`` to restore it from: in pinned CPU memory when it lives on a GPU, where the window's
-    memory is scarcest (restoring is rare; copying out costs milliseconds)."""
-    if param.device.type == "cuda":
-        copy = torch.empty(param.shape, dtype=param.dtype, pin_memory=True)
-        return copy.copy_(param.detach())
-    return param.detach().clone()
-
-
 class _MiniBatches:
     """BR's inputs and targets, mini-batch by mini-batch on the device; the next rows are copied while the current
     ones compute (``StreamRows``: pinned CPU streams on a GPU)."""
@@ -452,17 +429,6 @@ class _MiniBatches:
 
     def load(self, rows: torch.Tensor, ahead: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transfers.load(self.inputs, rows, ahead), self.transfers.load(self.targets, rows, ahead)
-
-
-def _unique_parameters(blocks: Sequence[nn.Module]) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    params = []
-    for block in blocks:
-        for param in block.parameters():
-            if id(param) not in seen:
-                seen.add(id(param))
-                params.append(param)
-    return params
 
 
 def _describe_window(blocks: Sequence[nn.Module]) -> str:

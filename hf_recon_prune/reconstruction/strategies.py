@@ -1,0 +1,116 @@
+"""What each ``reconstruction_mode`` trains in a window, and how it keeps the pruned weights at zero.
+
+The trainer (``block_trainer.py``) is the same for every mode; a :class:`TrainingStrategy` supplies the parameters
+that the mode trains and the steps around training that differ. :func:`training_strategy` picks one by the mode's
+name from :data:`TRAINING_STRATEGIES`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .masked_lora import MaskedLoraHandle, attach_masked_lora, merge_masked_lora, unload_masked_lora
+from .settings import BlockTrainingSettings
+
+__all__ = ["TrainingStrategy", "FullWeights", "MaskedLora", "TRAINING_STRATEGIES", "training_strategy"]
+
+Masks = Mapping[nn.Linear, torch.Tensor]
+
+
+class TrainingStrategy:
+    """One window's training in one mode. The trainer calls, in order: :meth:`trainable_parameters`,
+    :meth:`mask_gradients` (once those require grad), the steps (re-applying :attr:`masks_to_reapply` after each),
+    :meth:`finish` when training succeeded, and :meth:`close` always, before it restores the window."""
+
+    def __init__(self, settings: BlockTrainingSettings):
+        self.settings = settings
+
+    def trainable_parameters(self, blocks: Sequence[nn.Module], kept: Masks) -> list[nn.Parameter]:
+        """The parameters this mode trains (the blocks' other parameters are the trainer's business)."""
+        raise NotImplementedError
+
+    def mask_gradients(self) -> None:
+        """Make the pruned entries' gradients zero, where the mode needs it."""
+
+    @property
+    def masks_to_reapply(self) -> Masks:
+        """Masks to re-apply after every optimizer step (to the pruned linears' weights)."""
+        return {}
+
+    def finish(self) -> None:
+        """Make the trained window plain again."""
+
+    def close(self) -> None:
+        """Remove whatever the strategy added to the blocks and has not removed yet."""
+
+
+class FullWeights(TrainingStrategy):
+    """``"full"``: trains the kept weights of every pruned linear in place. The gradient is masked by a hook, and
+    the weight is re-masked after every optimizer step because Adam's momentum could otherwise move a
+    zero-gradient weight."""
+
+    def __init__(self, settings: BlockTrainingSettings):
+        super().__init__(settings)
+        self._kept: Masks = {}
+        self._hooks: list = []
+
+    def trainable_parameters(self, blocks: Sequence[nn.Module], kept: Masks) -> list[nn.Parameter]:
+        self._kept = kept
+        return [layer.weight for layer in kept]
+
+    def mask_gradients(self) -> None:
+        for layer, keep in self._kept.items():
+            self._hooks.append(layer.weight.register_hook(functools.partial(_mask_grad, keep)))
+
+    @property
+    def masks_to_reapply(self) -> Masks:
+        return self._kept
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+
+class MaskedLora(TrainingStrategy):
+    """``"lora"``: trains masked LoRA adapters on the targeted pruned linears and merges them with the masked merge.
+    The adapted layers apply the mask to their effective weight, so neither gradient hooks nor re-masking are
+    needed; the pruned linears' own weights do not train."""
+
+    def __init__(self, settings: BlockTrainingSettings):
+        super().__init__(settings)
+        self._handle: Optional[MaskedLoraHandle] = None
+
+    def trainable_parameters(self, blocks: Sequence[nn.Module], kept: Masks) -> list[nn.Parameter]:
+        settings = self.settings
+        self._handle = attach_masked_lora(blocks, kept, settings.lora_rank, settings.lora_alpha,
+                                          settings.lora_target_modules, seed=settings.seed)
+        return self._handle.parameters()
+
+    def finish(self) -> None:
+        merge_masked_lora(self._handle)
+
+    def close(self) -> None:
+        if self._handle is not None and self._handle.active:
+            unload_masked_lora(self._handle)  # not merged: the trainer restores the weights
+
+
+#: The strategy of each ``reconstruction_mode``.
+TRAINING_STRATEGIES: dict[str, type[TrainingStrategy]] = {"full": FullWeights, "lora": MaskedLora}
+
+
+def training_strategy(settings: BlockTrainingSettings) -> TrainingStrategy:
+    """A fresh strategy for one window in ``settings.reconstruction_mode``; ValueError for an unknown mode."""
+    try:
+        strategy = TRAINING_STRATEGIES[settings.reconstruction_mode]
+    except KeyError:
+        raise ValueError(f"unknown reconstruction_mode {settings.reconstruction_mode!r}") from None
+    return strategy(settings)
+
+
+def _mask_grad(keep: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad.masked_fill(~keep, 0)
