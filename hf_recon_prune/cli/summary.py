@@ -1,0 +1,58 @@
+"""What ``prune`` and ``info`` print about a run: the one-line description of a config and the summary table."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..config import PruningConfig
+
+
+def _describe_config(config: PruningConfig) -> str:
+    recon = ",".join(config.reconstruction) or "none"
+    mode = f" ({config.reconstruction_mode})" if config.uses("br") else ""
+    return (f"{config.method}, {config.pattern}, sparsity {config.sparsity:g}, reconstruction {recon}{mode}; "
+            f"{config.num_samples} x {config.seq_len} tokens from {config.calibration!r}"
+            + (f" + {config.num_self_samples} self-generated" if config.num_self_samples else ""))
+
+
+def summary_table(report, results: dict[str, float], timings: dict[str, float], *, model: str = "",
+                  config: Optional[PruningConfig] = None, eval_label: str = "") -> str:
+    """The table ``prune`` prints at the end: sparsity, final-block errors, perplexity before/after, times."""
+    rows: list[tuple[str, str]] = []
+    if model:
+        rows.append(("model", model))
+    if config is not None:
+        rows.append(("pruning", _describe_config(config)))
+    rows.append(("mean sparsity of pruned layers", f"{report.mean_sparsity:.4f} ({len(report.layer_sparsity)} layers)"))
+    # Without BR nothing changes a block after its masks (and LR): one error per split, not a before/after pair.
+    trained = "br" in ((report.config or {}).get("reconstruction") or [])
+    for split, label in (("calibration", "calibration"), ("heldout", "held-out")):
+        before = report.final_block_error(split, "before")
+        after = report.final_block_error(split, "after")
+        if before is None and after is None:
+            continue
+        if trained:
+            rows.append((f"final-block error, {label} (before -> after BR)", f"{_fmt(before)} -> {_fmt(after)}"))
+        else:
+            rows.append((f"final-block error, {label}", _fmt(after if after is not None else before)))
+    if eval_label and results:
+        rows.append(("perplexity measured on", eval_label))
+    if "dense" in results:
+        rows.append(("perplexity before (dense)", f"{results['dense']:.3f}"))
+    if "pruned" in results:
+        change = ""
+        if results.get("dense"):
+            change = f" ({(results['pruned'] / results['dense'] - 1.0) * 100:+.1f}%)"
+        rows.append(("perplexity after (pruned)", f"{results['pruned']:.3f}{change}"))
+    reverted = [b.index for b in report.blocks if b.reverted]
+    if reverted:
+        rows.append(("blocks reverted (non-finite loss)", ", ".join(map(str, reverted))))
+    rows.append(("time (s): pruning / evaluation / total",
+                 " / ".join(f"{timings.get(k, 0.0):.1f}" for k in ("pruning", "evaluation", "total"))))
+    width = max(len(k) for k, _ in rows)
+    rule = "-" * (width + 2 + max(len(v) for _, v in rows))
+    return "\n".join(["summary", rule, *(f"{k.ljust(width)}  {v}" for k, v in rows), rule])
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4g}"

@@ -1,0 +1,104 @@
+"""Uploading a saved folder to the Hugging Face Hub; the folder is only read, so a failed upload can be retried."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Union
+
+from .._version import __version__
+
+logger = logging.getLogger(__name__)
+
+
+class HubUploadError(RuntimeError):
+    """The upload failed; ``folder`` is the complete local copy (untouched), ``repo_id`` the target repository."""
+
+    def __init__(self, message: str, *, folder: str, repo_id: str):
+        super().__init__(message)
+        self.folder = folder
+        self.repo_id = repo_id
+
+
+def push_folder_to_hub(
+    folder: Union[str, os.PathLike],
+    repo_id: str,
+    *,
+    private: Optional[bool] = None,
+    token: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    revision: Optional[str] = None,
+    create_pr: bool = False,
+) -> str:
+    """Create the model repo if needed and upload a saved folder in one call of ``HfApi.upload_folder``.
+
+    The token goes to ``huggingface_hub`` only (``None``: the HF_TOKEN variable or the cached login); it is never
+    written to a file, a log or an error message. ``private=True`` refuses to upload into an existing public repo
+    (the Hub ignores ``private`` for a repo that already exists). ``revision`` names a branch, created when missing;
+    with ``create_pr`` the upload opens a pull request against the default branch.
+
+    Returns the URL of the pull request (``create_pr``) or of the commit. Raises ``HubUploadError`` naming the
+    reason and the complete local copy, which is only read, never modified.
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} is not a folder: nothing to upload (save the model there first)")
+    if create_pr and revision not in (None, "main"):
+        raise ValueError("create_pr=True opens a pull request against the default branch; leave revision unset")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    message = commit_message or f"Upload pruned model (hf-recon-prune {__version__})"
+    logger.info("uploading %s to the Hub repo %s", folder, repo_id)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if private:
+            info = api.repo_info(repo_id, repo_type="model")
+            if getattr(info, "private", None) is False:
+                raise _Refused("the repo already exists and is public, but private=True was asked; nothing was "
+                               "uploaded (make the repo private on the Hub, or push without --private)")
+        if revision and revision != "main" and not revision.startswith("refs/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=message,
+                                 revision=revision, create_pr=create_pr or None)
+    except Exception as err:
+        raise HubUploadError(
+            _upload_failure_message(folder, repo_id, err, token, private=private, revision=revision,
+                                    create_pr=create_pr),
+            folder=folder, repo_id=repo_id,
+        ) from err
+    url = getattr(info, "pr_url", None) if create_pr else None
+    url = url or getattr(info, "commit_url", None) or str(info)
+    logger.info("uploaded %s to %s", folder, url)
+    return url
+
+
+class _Refused(RuntimeError):
+    pass
+
+
+def _upload_failure_message(folder: str, repo_id: str, err: BaseException, token: Optional[str], *,
+                            private: Optional[bool], revision: Optional[str], create_pr: bool) -> str:
+    why = str(err).strip() or type(err).__name__
+    if not isinstance(err, _Refused):
+        why = f"{type(err).__name__}: {why}"
+    if token:
+        why = why.replace(token, "<token>")
+    why = " ".join(why.split())
+    if len(why) > 1500:
+        why = why[:1500] + " …"
+    retry = ["hf-recon-prune", "push", _quote(folder), _quote(repo_id)]
+    if private:
+        retry.append("--private")
+    if revision:
+        retry += ["--revision", _quote(revision)]
+    if create_pr:
+        retry.append("--create-pr")
+    return (f"upload of {folder} to the Hugging Face Hub repo {repo_id!r} failed: {why}. Nothing was changed "
+            f"locally: the complete local copy is at {folder}. Retry with: {' '.join(retry)}")
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
