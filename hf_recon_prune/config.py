@@ -11,10 +11,28 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from ._version import __version__
+from .methods import DEFAULT_METHOD, get_criterion
+
 logger = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-RECONSTRUCTIONS = ("lr", "br", "gp", "cr")
+#: The reconstruction techniques ``reconstruction=[...]`` takes: the one table of them (the model card reads its
+#: titles and explanations; ``reconstruction/plan.py`` decides what they mean for a run).
+TECHNIQUES = {
+    "lr": ("Layer-wise reconstruction (LR)",
+           "once a linear layer's mask is chosen, its kept weights are updated (SparseGPT's OBS update) so that the "
+           "layer reproduces its dense output on the calibration inputs."),
+    "br": ("Block-wise reconstruction (BR)",
+           "the kept weights of each decoder block are trained with Adam, masks held fixed, to minimise the mean "
+           "squared error between the pruned block's output and the dense target on the calibration samples."),
+    "gp": ("Global propagation (GP)",
+           "BR's target is the dense model's own activation at that depth, computed from the dense input stream, "
+           "so each block also corrects errors accumulated in the blocks before it."),
+    "cr": ("Cross-block reconstruction (CR)",
+           "BR trains windows of two adjacent blocks together, sliding by one block, so every block is optimised "
+           "against a target one block further downstream."),
+}
+RECONSTRUCTIONS = tuple(TECHNIQUES)
 RECONSTRUCTION_MODES = ("full", "lora")
 SELF_SAMPLE_USES = ("reconstruction", "all")
 STREAM_LOCATIONS = ("auto", "device", "cpu", "disk")
@@ -89,7 +107,7 @@ class PruningConfig:
     M consecutive input weights, which fixes the sparsity at ``1 - N/M``.
     """
 
-    method: str = "sparsegpt"
+    method: str = DEFAULT_METHOD
     sparsity: float = 0.5
     pattern: str = "unstructured"
     reconstruction: list[str] = field(default_factory=lambda: ["lr", "br", "gp"])
@@ -172,8 +190,7 @@ class PruningConfig:
     def validate(self) -> None:
         """Raise ValueError (or TypeError for a wrong type) naming the field, the bad value and what is allowed."""
         self._check_types()
-        if self.method not in METHODS:
-            raise _bad("method", self.method, ", ".join(map(repr, METHODS)))
+        criterion = get_criterion(self.method)
         if not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
             raise _bad("sparsity", self.sparsity, "a fraction in [0, 1)")
         nm = parse_nm(self.pattern)
@@ -197,10 +214,7 @@ class PruningConfig:
             value = getattr(self, name)
             if value <= 0:
                 raise _bad(name, value, "an integer > 0")
-        if nm is not None and self.method == "sparsegpt" and self.sparsegpt_block_size % nm[1]:
-            # SparseGPT chooses N:M groups inside its column blocks: a group must not straddle two blocks
-            raise _bad("sparsegpt_block_size", self.sparsegpt_block_size,
-                       f"a multiple of M={nm[1]} with pattern={self.pattern!r} and method='sparsegpt'")
+        criterion.validate(self)
         for name in ("num_self_samples", "self_gen_greedy_tokens", "self_gen_top_k"):
             value = getattr(self, name)
             if value < 0:
@@ -269,8 +283,6 @@ class PruningConfig:
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        from . import __version__
-
         data["hf_recon_prune_version"] = __version__
         return data
 

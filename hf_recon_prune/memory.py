@@ -81,9 +81,13 @@ def estimate_memory(
     num_heads: int = 0,
 ) -> MemoryEstimate:
     """Estimate the run's memory from the shapes; ``rows`` / ``heldout_rows`` are this process's shard."""
+    from .methods import get_criterion
     from .reconstruction import resolve_autocast_dtype
+    from .reconstruction.plan import ReconstructionPlan
 
-    window = 2 if config.uses("cr") and len(blocks) > 1 else 1
+    plan = ReconstructionPlan.from_config(config, len(blocks))
+    criterion = get_criterion(config.method)
+    window = plan.window_blocks
     largest = max(blocks, key=lambda block: sum(t.numel() * t.element_size() for t in _tensors(block)))
     block_bytes = sum(t.numel() * t.element_size() for t in _tensors(largest))
     block_params = sum(p.numel() for p in largest.parameters())
@@ -91,8 +95,8 @@ def estimate_memory(
     layers = prunable_linears(blocks[0], config.include_modules, config.exclude_modules)
     ffn = max([max(layer.in_features, layer.out_features) for layer in layers.values()] + [hidden_size])
 
-    uses_br = config.uses("br")
-    dense_copies = window * block_bytes if uses_br and not config.uses("gp") else 0
+    uses_br = plan.block_wise
+    dense_copies = window * block_bytes if plan.dense_copies else 0
 
     reconstruction = 0
     if uses_br:
@@ -107,17 +111,8 @@ def estimate_memory(
         # float32 master copy (or, for float32 models, the revert snapshot) + float32 gradient + two Adam moments
         reconstruction = window * (4 * block_params + 12 * trainable)
 
-    # The statistics pass holds every layer's input norms and Gram matrix (an upper bound: layers that read one input
-    # share one). Solving a layer consumes its Gram matrix in place and adds at most two more d_in^2 float32 matrices
-    # (the Cholesky factor, then H^-1 and its factor) and float32 copies of the weight.
-    statistics = gram_bytes = 0
-    hessian = config.method == "sparsegpt" or config.uses("lr")
-    if config.method != "magnitude" or config.uses("lr"):
-        gram_bytes = sum(4 * layer.in_features * ((layer.in_features if hessian else 0) + 1) for layer in layers.values())
-        statistics = gram_bytes
-        if hessian and layers:
-            statistics += max(16 * layer.in_features * layer.out_features + 8 * layer.in_features**2
-                              for layer in layers.values())
+    gram_bytes, statistics = _statistics_bytes(layers, criterion.needs_statistics(plan.layer_wise),
+                                               criterion.needs_hessian(plan.layer_wise))
 
     model_bytes = block_dtype_bytes
     attention_probs = num_heads * seq_len if attention == "eager" else 0
@@ -133,9 +128,9 @@ def estimate_memory(
 
     stream_item = torch.empty((), dtype=stream_dtype).element_size()
     per_row = seq_len * hidden_size * stream_item
-    dense = 2 if (config.track_reconstruction_error or config.uses("gp")) else 0
+    dense = 2 if plan.dense_stream else 0
     cr = 1 if window == 2 else 0
-    calibration_streams = 2 + dense + cr + (1 if uses_br and not config.uses("gp") else 0)
+    calibration_streams = 2 + dense + cr + (1 if plan.dense_copies else 0)
     heldout_streams = 2 + dense + cr
     streams = per_row * (rows * calibration_streams + heldout_rows * heldout_streams)
 
@@ -187,6 +182,21 @@ def plan_placement(estimate: MemoryEstimate, config: PruningConfig, device: torc
             "samples or a smaller stream_dtype."
         )
     return estimate
+
+
+def _statistics_bytes(layers: dict, needed: bool, hessian: bool) -> tuple[int, int]:
+    """(the statistics pass's bytes, the peak of the masks step). The statistics pass holds every layer's input norms
+    and Gram matrix (an upper bound: layers that read one input share one). Solving a layer consumes its Gram matrix
+    in place and adds at most two more d_in^2 float32 matrices (the Cholesky factor, then H^-1 and its factor) and
+    float32 copies of the weight."""
+    if not needed:
+        return 0, 0
+    gram_bytes = sum(4 * layer.in_features * ((layer.in_features if hessian else 0) + 1) for layer in layers.values())
+    statistics = gram_bytes
+    if hessian and layers:
+        statistics += max(16 * layer.in_features * layer.out_features + 8 * layer.in_features**2
+                          for layer in layers.values())
+    return gram_bytes, statistics
 
 
 def _budget_words(config: PruningConfig, resident: int) -> str:

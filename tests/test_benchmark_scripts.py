@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -11,14 +12,18 @@ import pytest
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
-@pytest.fixture(scope="module")
-def stage_profile():
+def _benchmark(name: str):
+    """Import a script of benchmarks/ (they import each other by plain name, so the folder goes on sys.path)."""
     sys.path.insert(0, BENCHMARKS)
     try:
-        import stage_profile as module
+        return importlib.import_module(name)
     finally:
         sys.path.remove(BENCHMARKS)
-    return module
+
+
+@pytest.fixture(scope="module")
+def stage_profile():
+    return _benchmark("stage_profile")
 
 
 def test_stage_profile_flop_model_and_cross_block_medians(stage_profile, tmp_path):
@@ -54,11 +59,7 @@ def test_stage_profile_flop_model_and_cross_block_medians(stage_profile, tmp_pat
 
 
 def test_sparsegpt_solver_benchmark_runs_and_its_solvers_agree(tmp_path):
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        import sparsegpt_solver
-    finally:
-        sys.path.remove(BENCHMARKS)
+    sparsegpt_solver = _benchmark("sparsegpt_solver")
     out = tmp_path / "solver.json"
     assert sparsegpt_solver.main(["--shapes", "16x64", "--patterns", "unstructured,2:4", "--tokens", "128",
                                   "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
@@ -70,11 +71,7 @@ def test_sparsegpt_solver_benchmark_runs_and_its_solvers_agree(tmp_path):
 
 
 def test_gpu_check_runs_every_location_and_judges_by_the_lr_bar(tmp_path):
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(BENCHMARKS)
+    gpu_check = _benchmark("gpu_check")
     out = tmp_path / "check.json"
     # A random tiny model: reconstruction need not beat LR there, so only the agreement across locations is checked.
     gpu_check.main(["--tiny", "--device", "cpu", "--seq-len", "32", "--epochs", "2", "--br-lr", "1e-3",

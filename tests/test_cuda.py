@@ -37,6 +37,7 @@ from conftest import make_tiny_model, random_ids
 from hf_recon_prune import PruningConfig
 from hf_recon_prune.calibration import CalibrationSet
 from hf_recon_prune.pruner import Pruner
+from test_pruner import _config as _cpu_config
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU suite needs a CUDA device")]
@@ -61,11 +62,10 @@ def _calibration(num: int = 16, seq_len: int = 24, heldout: int = 4) -> Calibrat
 
 
 def _config(**overrides) -> PruningConfig:
-    base = dict(method="sparsegpt", sparsity=0.5, reconstruction=["lr", "br", "gp"], num_samples=16, seq_len=24,
-                sparsegpt_block_size=16, forward_batch_size=3, br_epochs=2, br_batch_size=4, br_lr=1e-3,
-                lora_rank=4, device="cuda", compile_blocks=False)
-    base.update(overrides)
-    return PruningConfig(**base)
+    """test_pruner's tiny-run config on the GPU: more rows, BR on, not compiled (one test compiles)."""
+    base = dict(num_samples=16, seq_len=24, forward_batch_size=3, reconstruction=["lr", "br", "gp"], br_epochs=2,
+                br_batch_size=4, br_lr=1e-3, lora_rank=4, device="cuda", compile_blocks=False)
+    return _cpu_config(**{**base, **overrides})
 
 
 def _located(location: str, monkeypatch, tmp_path) -> dict:
@@ -332,7 +332,7 @@ def test_compiled_br_equals_eager_br_on_cuda():
 
 # ---------------------------------------------------------------------------------------------------- fallbacks
 def test_out_of_memory_in_a_forward_pass_halves_the_batch_on_cuda(monkeypatch):
-    import hf_recon_prune.pruner as engine
+    import hf_recon_prune.propagation as engine
 
     reference_model = _model("llama", num_layers=2).cuda()
     reference_pruner, _ = _prune(reference_model, forward_batch_size=2, stream_location="cpu")

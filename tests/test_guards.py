@@ -13,7 +13,7 @@ from hf_recon_prune import PruningConfig
 from hf_recon_prune.architectures import prunable_linears, resolve_layout
 from hf_recon_prune.calibration import CalibrationSet
 from hf_recon_prune.pruner import NonFiniteActivationsError, Pruner, PruningFailedError
-import hf_recon_prune.pruner as engine
+import hf_recon_prune.propagation as propagation
 
 
 def _calibration(num: int = 8, seq_len: int = 16, heldout: int = 4) -> CalibrationSet:
@@ -44,7 +44,7 @@ def _assert_identical(a, b):
 # ---------------------------------------------------------------------------------------------------- out of memory
 def _oom_above(monkeypatch, limit: int):
     """The engine's block calls fail like a full GPU for batches of more than ``limit`` rows."""
-    real = engine.call_window
+    real = propagation.call_window
     sizes = []
 
     def call_window(blocks, hidden_states, kwargs):
@@ -53,7 +53,7 @@ def _oom_above(monkeypatch, limit: int):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real(blocks, hidden_states, kwargs)
 
-    monkeypatch.setattr(engine, "call_window", call_window)
+    monkeypatch.setattr(propagation, "call_window", call_window)
     return sizes
 
 
@@ -67,7 +67,7 @@ def test_out_of_memory_halves_the_micro_batch_and_the_result_is_unchanged(monkey
 
     sizes = _oom_above(monkeypatch, 2)
     model = copy.deepcopy(base)
-    with caplog.at_level(logging.WARNING, logger="hf_recon_prune.pruner"):
+    with caplog.at_level(logging.WARNING, logger="hf_recon_prune.propagation"):
         _, report = _prune(model, _config(forward_batch_size=4))
     assert max(sizes) == 4 and sizes.count(4) == 1  # one failure, then batches of 2 for the rest of the run
     assert "out of memory with a forward micro-batch of 4 rows; retrying with 2" in caplog.text
@@ -195,7 +195,7 @@ def test_keep_existing_zeros_with_more_zeros_than_the_target_keeps_them_all():
 
 def test_without_keep_existing_zeros_the_run_says_the_model_is_already_sparse(caplog):
     model, _ = _already_sparse()
-    with caplog.at_level(logging.WARNING, logger="hf_recon_prune.pruner"):
+    with caplog.at_level(logging.WARNING, logger="hf_recon_prune.engine"):
         _, report = _prune(model, _config(reconstruction=["lr"]))
     assert "already had 25.00% zeros" in caplog.text and "keep_existing_zeros=True" in caplog.text
     assert any("already had 25.00% zeros" in w for w in report.warnings)

@@ -286,7 +286,7 @@ def test_execution_only_fields_may_change_on_resume(tmp_path):
 def test_resume_without_a_checkpoint_starts_from_the_first_block(tmp_path, caplog):
     reference, _, _ = _pruned(_config())
     seen = []
-    with caplog.at_level(logging.INFO, logger="hf_recon_prune.pruner"):
+    with caplog.at_level(logging.INFO, logger="hf_recon_prune.checkpoint"):
         model, _, _ = _pruned(_config(tmp_path / "empty"), resume=True, on_block_end=lambda i, r: seen.append(i))
     assert "no checkpoint" in caplog.text and seen == [0, 1, 2, 3]
     _assert_identical(model.state_dict(), reference.state_dict())
@@ -300,7 +300,7 @@ def test_resume_needs_a_checkpoint_dir():
 
 def test_a_fresh_run_replaces_an_old_checkpoint(tmp_path, caplog):
     _interrupted(_config(tmp_path), 2)
-    with caplog.at_level(logging.WARNING, logger="hf_recon_prune.pruner"):
+    with caplog.at_level(logging.WARNING, logger="hf_recon_prune.checkpoint"):
         _interrupted(_config(tmp_path, br_epochs=1), 0)
     assert "will be replaced" in caplog.text
     assert [n for n in os.listdir(tmp_path) if n.startswith("step-")] == ["step-00000"]
