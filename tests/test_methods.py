@@ -39,10 +39,10 @@ def _expected_keep(weight: torch.Tensor, pattern: str) -> torch.Tensor:
     for r in range(rows):
         if pattern == "2:4":
             for g in range(0, cols, 4):
-                order = sorted(range(g, g + 4), key=lambda c: float(weight[r, c]), reverse=True)
+                order = sorted(range(g, g + 4), key=lambda c: float(weight[r, c].detach()), reverse=True)
                 keep[r, order[:2]] = True
         else:
-            order = sorted(range(cols), key=lambda c: float(weight[r, c]), reverse=True)
+            order = sorted(range(cols), key=lambda c: float(weight[r, c].detach()), reverse=True)
             keep[r, order[: cols - cols // 2]] = True
     return keep
 
