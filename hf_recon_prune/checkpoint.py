@@ -14,22 +14,32 @@ A step folder is written under a temporary name and renamed into place, so a ``s
 does not exist; older step folders are deleted once the new one is in place. Everything is read back with
 ``safetensors`` and ``json`` only: nothing in a checkpoint is unpickled, imported or evaluated. A checkpoint carries
 a fingerprint of the configuration (execution-only fields excepted), the model's structure and the calibration token
-ids; resuming with anything different is refused with a message that says what differs.
+ids (``fingerprints.py``); resuming with anything different is refused with a message that says what differs. The
+manifest records the size of every file a resume reads: a torn file or a damaged manifest is refused, naming the
+file, before anything is loaded. A fresh run over a checkpoint of the same run is refused unless ``overwrite``.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import uuid
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
+
+from .fingerprints import (  # noqa: F401  (re-exported: the fingerprints were defined here)
+    EXECUTION_ONLY_FIELDS,
+    block_weights_sample,
+    comparable_config,
+    model_fingerprint,
+    run_fingerprint,
+    tensor_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,66 +51,10 @@ BLOCKS = "blocks"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 
-#: PruningConfig fields that change where things live, not the result: a run may resume with other values.
-EXECUTION_ONLY_FIELDS = ("checkpoint_dir", "stream_location", "stream_folder", "max_device_memory")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used to resume this run (made with other settings, or damaged)."""
-
-
-# ---------------------------------------------------------------------------------------------------- fingerprints
-def _digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-
-
-def comparable_config(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """The config entries that must match for a resume (all but ``EXECUTION_ONLY_FIELDS``)."""
-    return {k: v for k, v in config_dict.items() if k not in EXECUTION_ONLY_FIELDS}
-
-
-def run_fingerprint(config_dict: dict[str, Any], model_info: dict[str, Any], calibration: str) -> str:
-    """What a checkpoint must match: the comparable config, the model's structure, the calibration fingerprint."""
-    return _digest([comparable_config(config_dict), model_info, calibration])
-
-
-def tensor_fingerprint(*tensors: torch.Tensor) -> str:
-    """sha256 over the shapes, dtypes and bytes of CPU copies of ``tensors`` (calibration ids, masks)."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def model_fingerprint(model: torch.nn.Module, blocks: Iterable[torch.nn.Module]) -> dict[str, Any]:
-    """The model's class, block count and the names, shapes and dtypes of the first block's tensors."""
-    blocks = list(blocks)
-    first = blocks[0] if blocks else None
-    tensors = [] if first is None else [
-        [name, list(t.shape), str(t.dtype)] for name, t in first.state_dict().items()
-    ]
-    return {"class": type(model).__name__, "num_blocks": len(blocks), "first_block": _digest(tensors)}
-
-
-def block_weights_sample(block: torch.nn.Module, elements: int = 256) -> Optional[str]:
-    """sha256 of a strided sample of every materialised tensor of ``block`` (None when all are offloaded to meta).
-
-    Cheap enough to take for every block at the start of a run, and it tells a dense block from a modified one or
-    from another model's block of the same shape."""
-    digest = hashlib.sha256()
-    seen = False
-    with torch.no_grad():
-        for name, tensor in block.state_dict().items():
-            if tensor.device.type == "meta" or tensor.numel() == 0:
-                continue
-            flat = tensor.detach().reshape(-1)
-            sample = flat[:: max(flat.numel() // elements, 1)][:elements].to("cpu", torch.float64).contiguous()
-            digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
-            digest.update(sample.numpy().tobytes())
-            seen = True
-    return digest.hexdigest() if seen else None
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -151,6 +105,7 @@ def save_block(folder: str, index: int, state: dict[str, torch.Tensor], masks: d
     tmp = f"{path}{_TMP_PREFIX}{os.getpid()}"
     _save_tensors(tensors, tmp, metadata={"run_id": run_id, "fingerprint": fingerprint, "block": str(index)})
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))  # the rename itself must survive a crash, like the step folder's
 
 
 def save_step(folder: str, step: int, manifest: dict[str, Any], report: dict[str, Any],
@@ -169,7 +124,12 @@ def save_step(folder: str, step: int, manifest: dict[str, Any], report: dict[str
         stream_files[name] = file_name
     _save_tensors(state, os.path.join(tmp, STATE))
     _write_json(report, os.path.join(tmp, REPORT))
-    manifest = dict(manifest, format_version=FORMAT_VERSION, step=step, streams=stream_files)
+    # Sizes of every file a resume reads, so that a torn file is refused before anything is loaded.
+    sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in [*stream_files.values(), STATE, REPORT]}
+    block_sizes = {str(i): os.path.getsize(block_file(folder, i)) for i in manifest.get("finalised", [])
+                   if os.path.isfile(block_file(folder, i))}
+    manifest = dict(manifest, format_version=FORMAT_VERSION, step=step, streams=stream_files, file_sizes=sizes,
+                    block_file_sizes=block_sizes)
     _write_json(manifest, os.path.join(tmp, MANIFEST))  # written last: a folder with a manifest is complete
     _fsync_dir(tmp)
     if os.path.exists(final):  # a step of an earlier run with the same index: replaced by this one
@@ -210,6 +170,44 @@ def _read_json(path: str) -> Any:
                               "start again") from None
 
 
+_START_AGAIN = "start afresh without resume (with overwrite=True / --overwrite) or delete the checkpoint folder"
+#: Entries of a step's manifest that a resume reads, with their types.
+_MANIFEST_FIELDS = {
+    "run_id": str, "fingerprint": str, "config": dict, "model": dict, "calibration": str, "finalised": list,
+    "pending": list, "next_window": int, "stream_layout": dict, "forward_batch_size": int, "existing_zeros": list,
+    "streams": dict,
+}
+
+
+def _check_manifest(path: str, manifest: dict[str, Any]) -> None:
+    """Raise CheckpointError naming the first entry of the manifest that is missing or of the wrong type."""
+    for name, kind in _MANIFEST_FIELDS.items():
+        value = manifest.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{os.path.join(path, MANIFEST)} is damaged: its {name!r} is "
+                                  f"{'missing' if name not in manifest else type(value).__name__}, expected "
+                                  f"{kind.__name__}; {_START_AGAIN}")
+    for name in ("finalised", "pending", "existing_zeros"):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in manifest[name]):
+            raise CheckpointError(f"{os.path.join(path, MANIFEST)} is damaged: {name!r} must list integers; "
+                                  f"{_START_AGAIN}")
+    for file_name in manifest["streams"].values():
+        if not isinstance(file_name, str) or os.path.basename(file_name) != file_name:
+            raise CheckpointError(f"{os.path.join(path, MANIFEST)} is damaged: it names the stream file "
+                                  f"{file_name!r}; {_START_AGAIN}")
+
+
+def _safetensors_keys(path: str) -> list[str]:
+    """The tensor names of a safetensors file; CheckpointError when its header is torn or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as err:  # SafetensorError: "incomplete metadata, file not fully covered", "header too small"
+        raise CheckpointError(f"{path} is torn or damaged ({err}); {_START_AGAIN}") from None
+
+
 class Checkpoint:
     """A complete step folder, read with json and safetensors only."""
 
@@ -221,8 +219,31 @@ class Checkpoint:
             raise CheckpointError(f"{path}: not a checkpoint of this version of hf-recon-prune "
                                   f"(format {manifest.get('format_version') if isinstance(manifest, dict) else '?'}, "
                                   f"expected {FORMAT_VERSION})")
+        _check_manifest(path, manifest)
         self.manifest: dict[str, Any] = manifest
+        self._check_files()
         self.report: dict[str, Any] = _read_json(os.path.join(path, REPORT))
+        if not isinstance(self.report, dict):
+            raise CheckpointError(f"{os.path.join(path, REPORT)} is damaged (not a report); {_START_AGAIN}")
+
+    def _check_files(self) -> None:
+        """Every file a resume reads is there, has the size the manifest recorded and a readable safetensors
+        header; otherwise CheckpointError names the file (nothing has been loaded into the model yet)."""
+        sizes = dict(self.manifest.get("file_sizes") or {})
+        files = [os.path.join(self.path, name) for name in [STATE, *self.manifest["streams"].values()]]
+        for index in self.manifest["finalised"]:
+            files.append(block_file(self.folder, index))
+            recorded = (self.manifest.get("block_file_sizes") or {}).get(str(index))
+            if recorded is not None:
+                sizes[os.path.relpath(block_file(self.folder, index), self.path)] = recorded
+        for path in files:
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path} is missing: the checkpoint in {self.path} is incomplete; {_START_AGAIN}")
+            recorded = sizes.get(os.path.relpath(path, self.path))
+            if recorded is not None and os.path.getsize(path) != recorded:
+                raise CheckpointError(f"{path} is torn: {os.path.getsize(path)} bytes where the checkpoint wrote "
+                                      f"{recorded}; {_START_AGAIN}")
+            _safetensors_keys(path)
 
     def check_matches(self, config_dict: dict[str, Any], model_info: dict[str, Any], calibration: str) -> None:
         """Raise CheckpointError naming what differs between the checkpoint and this run."""
@@ -267,7 +288,11 @@ class Checkpoint:
     def state(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        return load_file(os.path.join(self.path, STATE))
+        path = os.path.join(self.path, STATE)
+        try:
+            return load_file(path)
+        except Exception as err:  # SafetensorError, OSError
+            raise CheckpointError(f"{path} cannot be read ({err}); {_START_AGAIN}") from None
 
     def stream(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -275,8 +300,12 @@ class Checkpoint:
         file_name = (self.manifest.get("streams") or {}).get(name)
         if not isinstance(file_name, str) or os.path.basename(file_name) != file_name:
             raise CheckpointError(f"{self.path}: the manifest names no file for stream {name!r}")
-        with safe_open(os.path.join(self.path, file_name), framework="pt") as handle:
-            return handle.get_tensor("stream")
+        path = os.path.join(self.path, file_name)
+        try:
+            with safe_open(path, framework="pt") as handle:
+                return handle.get_tensor("stream")
+        except Exception as err:  # SafetensorError (torn, no "stream" tensor), OSError
+            raise CheckpointError(f"{path} cannot be read ({err}); {_START_AGAIN}") from None
 
     def block(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(state dict, masks by linear name) of a finalised block, checked to belong to this run."""
@@ -285,7 +314,11 @@ class Checkpoint:
         path = block_file(self.folder, index)
         if not os.path.isfile(path):
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; delete {self.folder} and start again")
-        with safe_open(path, framework="pt") as handle:
+        try:
+            handle = safe_open(path, framework="pt")
+        except Exception as err:
+            raise CheckpointError(f"{path} cannot be read ({err}); {_START_AGAIN}") from None
+        with handle:
             metadata = handle.metadata() or {}
             if (metadata.get("run_id") != self.manifest.get("run_id")
                     or metadata.get("fingerprint") != self.manifest.get("fingerprint")):
@@ -313,10 +346,14 @@ class RunCheckpoints:
         self.config, self.model, self.calibration, self.dense_samples = config_dict, model_info, calibration, dense_samples
 
     @classmethod
-    def open(cls, config: Any, model: torch.nn.Module, blocks: Any, tensors: tuple, resume: bool
-             ) -> tuple["RunCheckpoints", Optional[Checkpoint]]:
+    def open(cls, config: Any, model: torch.nn.Module, blocks: Any, tensors: tuple, resume: bool,
+             overwrite: bool = False) -> tuple["RunCheckpoints", Optional[Checkpoint]]:
         """The run's checkpoints in ``config.checkpoint_dir``; with ``resume``, also the checkpoint to continue from
-        (None when the folder has none yet). ``tensors``: the calibration ids, held-out ids and statistics mask."""
+        (None when the folder has none yet). ``tensors``: the calibration ids, held-out ids and statistics mask.
+
+        A fresh run (no ``resume``) over a checkpoint of the same run (same fingerprint: configuration, model and
+        calibration data) is refused unless ``overwrite``: it would throw away work that resuming keeps. A checkpoint
+        of another run is replaced, with a warning."""
         folder, config_dict = config.checkpoint_dir, config.to_dict()
         model_info = model_fingerprint(model, blocks)
         calibration = tensor_fingerprint(*tensors)
@@ -332,8 +369,7 @@ class RunCheckpoints:
             saved.check_dense_blocks(current_samples)
             logger.info("resuming from %s (after block %s)", latest, saved.manifest.get("step"))
         elif latest is not None:
-            logger.warning("starting afresh: the checkpoint in %s will be replaced (pass resume=True, or --resume, "
-                           "to continue it instead)", latest)
+            _refuse_fresh_start(latest, run_fingerprint(config_dict, model_info, calibration), overwrite)
         if saved is not None:
             run_id, fingerprint = saved.manifest["run_id"], saved.manifest["fingerprint"]
             dense_samples = saved.manifest.get("dense_block_samples") or current_samples
@@ -343,8 +379,8 @@ class RunCheckpoints:
         return cls(folder, run_id, fingerprint, config_dict, model_info, calibration, dense_samples), saved
 
     def save_block(self, index: int, block: torch.nn.Module, masks: dict) -> None:
-        names = {id(layer): name for name, layer in block.named_modules()}
-        save_block(self.folder, index, block.state_dict(), {names[id(layer)]: mask for layer, mask in masks.items()},
+        names = _mask_names(block)
+        save_block(self.folder, index, block.state_dict(), {names(key): mask for key, mask in masks.items()},
                    self.run_id, self.fingerprint)
 
     def save_step(self, step: int, next_window: int, state: Any, blocks: Any, elapsed: float) -> None:
@@ -356,9 +392,9 @@ class RunCheckpoints:
             tensors["rng.cuda"] = torch.cuda.get_rng_state(state.device)
         for index in pending:
             block = blocks[index]
-            names = {id(layer): name for name, layer in block.named_modules()}
+            names = _mask_names(block)
             tensors.update({f"pending.{index}.state.{k}": v for k, v in block.state_dict().items()})
-            tensors.update({f"pending.{index}.mask.{names[id(layer)]}": m for layer, m in state.block_masks[index].items()})
+            tensors.update({f"pending.{index}.mask.{names(key)}": m for key, m in state.block_masks[index].items()})
             if index in state.dense_blocks:
                 tensors.update({f"pending.{index}.dense.{k}": v for k, v in state.dense_blocks[index].state_dict().items()})
         streams, layout = {}, {}
@@ -375,6 +411,25 @@ class RunCheckpoints:
             "elapsed_seconds": elapsed,
         }
         save_step(self.folder, step, manifest, state.report.to_dict(), tensors, streams)
+
+
+def _refuse_fresh_start(latest: str, fingerprint: str, overwrite: bool) -> None:
+    """A fresh run is about to replace ``latest``: refuse when it is a resumable checkpoint of this very run."""
+    try:
+        manifest = _read_json(os.path.join(latest, MANIFEST))
+        if isinstance(manifest, dict):
+            _check_manifest(latest, manifest)  # a damaged manifest cannot be resumed: nothing to keep
+    except CheckpointError:
+        manifest = None
+    same_run = isinstance(manifest, dict) and manifest.get("fingerprint") == fingerprint
+    if same_run and not overwrite:
+        raise CheckpointError(
+            f"{os.path.dirname(latest)} holds a checkpoint of this same run (same configuration, model and "
+            f"calibration data, after decoder block {manifest.get('step')}); a fresh run would throw it away. Pass "
+            "resume=True (--resume) to continue it, or overwrite=True (--overwrite) to start afresh and replace it."
+        )
+    logger.warning("starting afresh: the checkpoint in %s will be replaced%s", latest,
+                   "" if same_run else " (it was made with other settings, or is damaged)")
 
 
 def restore_run(saved: Checkpoint, state: Any, engine: Any) -> int:
@@ -436,3 +491,9 @@ def restore_run(saved: Checkpoint, state: Any, engine: Any) -> int:
     if "rng.cuda" in tensors and state.device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], state.device)
     return int(manifest["next_window"])
+
+
+def _mask_names(block: torch.nn.Module):
+    """A mask key's name inside ``block``: a linear's module name, or a ``PrunableWeight``'s own name."""
+    modules = {id(module): name for name, module in block.named_modules()}
+    return lambda key: getattr(key, "name", None) if id(key) not in modules else modules[id(key)]

@@ -30,7 +30,8 @@ TECHNIQUES = {
            "so each block also corrects errors accumulated in the blocks before it."),
     "cr": ("Cross-block reconstruction (CR)",
            "BR trains windows of two adjacent blocks together, sliding by one block, so every block is optimised "
-           "against a target one block further downstream."),
+           "against a target one block further downstream (by default as in the authors' code, with a single-block "
+           "window at both ends, so that every block is trained twice)."),
 }
 RECONSTRUCTIONS = tuple(TECHNIQUES)
 RECONSTRUCTION_MODES = ("full", "lora")
@@ -38,6 +39,10 @@ SELF_SAMPLE_USES = ("reconstruction", "all")
 STREAM_LOCATIONS = ("auto", "device", "cpu", "disk")
 DATA_PARALLEL_MODES = ("auto", "off")
 AUTOCAST_DTYPES = ("auto", "bfloat16", "float16", "float32")
+#: The CR window schedules (``reconstruction/schedule.py`` builds them): "authors" = (0,), (0,1), ..., (n-2,n-1),
+#: (n-1,); "sliding" = (0,1), (1,2), ..., (n-2,n-1).
+CR_SCHEDULES = ("authors", "sliding")
+SPARSITY_PROFILES = ("uniform", "owl")
 CONFIG_KEY = "pruning_config"
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -99,7 +104,10 @@ class PruningConfig:
 
     Defaults follow Shin et al. (EMNLP 2024) where the paper has a setting: SparseGPT masks with layer-wise (LR),
     block-wise (BR) reconstruction and global propagation (GP), BR trained with Adam at lr 2e-4, batch 8, 10 epochs,
-    128 calibration windows of 2048 tokens from C4.
+    256 calibration windows of 1024 tokens from C4 (the paper's Section 3.1), CR windows as in the authors' code.
+    Beyond the paper, BR keeps each window's epoch with the lowest held-out error and stops after ``br_patience``
+    epochs without a new best (``br_keep_best``, ``br_patience``), and self-generation samples until EOS with
+    top-k 50 and no language filter (which would need ``langdetect``, the ``selfgen`` extra).
 
     Sparsity and N:M: ``sparsity`` is the fraction of weights set to zero in every pruned linear layer. Unstructured
     masks zero exactly ``floor(sparsity * in_features)`` weights in every output row (Wanda/SparseGPT compare within a
@@ -116,21 +124,30 @@ class PruningConfig:
     calibration: Union[str, list[str]] = "c4"
     calibration_split: Optional[str] = None
     calibration_text_column: Optional[str] = None
-    num_samples: int = 128
-    seq_len: int = 2048
+    num_samples: int = 256
+    seq_len: int = 1024
     num_self_samples: int = 0
     self_samples_use: str = "reconstruction"
     heldout_fraction: float = 0.125
     heldout_source: Optional[Union[str, list[str]]] = None
     seed: int = 0
 
-    # Self-generated calibration data (used when num_self_samples > 0 or calibration == "self").
+    # Self-generated calibration data (used when num_self_samples > 0 or calibration == "self"). Each sample is
+    # sampled until EOS or self_gen_max_length tokens (None: seq_len); a seeded random window of seq_len tokens is cut
+    # from it, and samples that end sooner are replaced by new ones (self_gen_stop_at_eos=False suppresses EOS
+    # instead, so every sample runs to the full length). self_gen_language filters the greedy prefixes with
+    # langdetect (the selfgen extra; the paper's "en"); None keeps all. self_gen_batch_size "auto": as many sequences
+    # at once as the KV cache lets fit in half the GPU's free memory (32 on the CPU). self_gen_static_cache: a static
+    # KV cache, which transformers may compile (not measured to pay off; off by default).
     self_gen_greedy_tokens: int = 4
     self_gen_temperature: float = 1.0
-    self_gen_top_k: int = 0
+    self_gen_top_k: int = 50
     self_gen_top_p: float = 1.0
-    self_gen_language: Optional[str] = "en"
-    self_gen_batch_size: int = 16
+    self_gen_language: Optional[str] = None
+    self_gen_batch_size: Union[int, str] = "auto"
+    self_gen_max_length: Optional[int] = None
+    self_gen_stop_at_eos: bool = True
+    self_gen_static_cache: bool = False
     self_gen_cache_dir: Optional[str] = None
 
     # Masks and layer-wise reconstruction.
@@ -141,11 +158,29 @@ class PruningConfig:
     # A model that already has zeros in its linear layers: True keeps them zero (every mask is a subset of the existing
     # non-zeros) and counts them toward the sparsity; False prunes as if they were ordinary weights (and says so).
     keep_existing_zeros: bool = False
+    # Mixture-of-experts: an expert routed fewer calibration tokens than this gets its statistics from every token
+    # entering its experts module instead (the report names it). None: the expert's input features, the fewest
+    # tokens for a full-rank Hessian; 0: never.
+    moe_min_tokens: Optional[int] = None
+    # Non-uniform sparsity (sparsity_profile.py). "owl": each block's sparsity from its share of outlier Wanda scores
+    # (above owl_threshold times the block's mean), within +-owl_lambda of `sparsity` and with `sparsity` as the
+    # mean over blocks. sparsity_overrides: {regex on a weight's name inside its block: its sparsity}.
+    sparsity_profile: str = "uniform"
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
+    sparsity_overrides: Optional[dict[str, float]] = None
 
     # Block-wise reconstruction.
+    # br_lr: a number, or "auto" (each window picks from 2e-4, 5e-4, 1e-3, 2e-3 by held-out error, at most 1.5x the
+    # time). br_keep_best: end each window with its epoch of lowest held-out error, reverting to the weights before BR
+    # when no epoch beats them; br_patience: stop after this many epochs without a new best (None: every epoch).
+    # Both need held-out rows (heldout_fraction > 0). cr_schedule: "authors" or "sliding" (see CR_SCHEDULES).
     reconstruction_mode: str = "full"
     br_epochs: int = 10
-    br_lr: float = 2e-4
+    br_lr: Union[float, str] = 2e-4
+    br_keep_best: bool = True
+    br_patience: Optional[int] = 3
+    cr_schedule: str = "authors"
     br_batch_size: int = 8
     br_train_other_params: bool = True
     lora_rank: int = 8
@@ -210,15 +245,20 @@ class PruningConfig:
         if ("gp" in self.reconstruction or "cr" in self.reconstruction) and "br" not in self.reconstruction:
             raise _bad("reconstruction", self.reconstruction, "'gp' and 'cr' only together with 'br' (they change BR's target and window)")
         for name in ("num_samples", "seq_len", "br_epochs", "br_batch_size", "forward_batch_size",
-                     "sparsegpt_block_size", "lora_rank", "self_gen_batch_size"):
+                     "sparsegpt_block_size", "lora_rank"):
             value = getattr(self, name)
             if value <= 0:
                 raise _bad(name, value, "an integer > 0")
+        self._validate_quality_controls()
         criterion.validate(self)
         for name in ("num_self_samples", "self_gen_greedy_tokens", "self_gen_top_k"):
             value = getattr(self, name)
             if value < 0:
                 raise _bad(name, value, "an integer >= 0")
+        if self.moe_min_tokens is not None and (isinstance(self.moe_min_tokens, bool)
+                                                or not isinstance(self.moe_min_tokens, int) or self.moe_min_tokens < 0):
+            raise _bad("moe_min_tokens", self.moe_min_tokens, "None (the expert's input features) or an integer >= 0")
+        self._validate_sparsity_profile()
         if self.calibration == "self" and self.num_self_samples == 0:
             pass  # "self" alone means all num_samples windows are generated by the model
         if not (0.0 <= self.heldout_fraction < 1.0) or math.isnan(self.heldout_fraction):
@@ -245,7 +285,7 @@ class PruningConfig:
             raise _bad("stream_dtype", self.stream_dtype, "None (the model's dtype) or " + ", ".join(map(repr, AUTOCAST_DTYPES[1:])))
         if not self.self_gen_temperature >= 0 or _is_inf(self.self_gen_temperature):
             raise _bad("self_gen_temperature", self.self_gen_temperature, "a finite number >= 0 (0 = greedy)")
-        for name in ("br_lr", "sparsegpt_dampening", "lora_alpha"):
+        for name in ("sparsegpt_dampening", "lora_alpha"):
             value = getattr(self, name)
             if not value > 0 or _is_inf(value):
                 raise _bad(name, value, "a finite number > 0")
@@ -261,6 +301,47 @@ class PruningConfig:
                     re.compile(pattern)
                 except (re.error, OverflowError, RecursionError, ValueError) as err:
                     raise _bad(name, pattern, f"regular expressions over module names ({err})") from None
+
+    def _validate_sparsity_profile(self) -> None:
+        if self.sparsity_profile not in SPARSITY_PROFILES:
+            raise _bad("sparsity_profile", self.sparsity_profile, ", ".join(map(repr, SPARSITY_PROFILES)))
+        non_uniform = self.sparsity_profile != "uniform" or self.sparsity_overrides
+        if non_uniform and self.nm is not None:
+            raise _bad("sparsity_profile" if self.sparsity_profile != "uniform" else "sparsity_overrides",
+                       self.sparsity_profile if self.sparsity_profile != "uniform" else self.sparsity_overrides,
+                       f"'uniform' with no overrides for pattern={self.pattern!r} (an N:M pattern fixes the sparsity)")
+        if not self.owl_threshold > 0 or _is_inf(self.owl_threshold):
+            raise _bad("owl_threshold", self.owl_threshold, "a finite number > 0 (OWL's M, 5 in the paper)")
+        bound = min(self.sparsity, 1.0 - self.sparsity) if self.sparsity_profile == "owl" else 1.0
+        if not 0.0 <= self.owl_lambda <= bound:
+            raise _bad("owl_lambda", self.owl_lambda, f"a number in [0, {bound:g}] (min(sparsity, 1 - sparsity), so "
+                       "that every block's sparsity stays in [0, 1])")
+        for pattern, value in (self.sparsity_overrides or {}).items():
+            try:
+                re.compile(pattern)
+            except (re.error, OverflowError, RecursionError, ValueError) as err:
+                raise _bad("sparsity_overrides", pattern, f"regular expressions over weight names ({err})") from None
+            if not 0.0 <= value < 1.0 or math.isnan(value):
+                raise _bad("sparsity_overrides", {pattern: value}, "sparsities in [0, 1)")
+
+    def _validate_quality_controls(self) -> None:
+        """br_lr ("auto"), br_patience, cr_schedule and the self-generation fields of issue 19."""
+        if isinstance(self.br_lr, str):
+            if self.br_lr != "auto":
+                raise _bad("br_lr", self.br_lr, "a finite number > 0, or 'auto' (chosen per window by held-out error)")
+        elif not self.br_lr > 0 or _is_inf(self.br_lr):
+            raise _bad("br_lr", self.br_lr, "a finite number > 0, or 'auto' (chosen per window by held-out error)")
+        if self.br_patience is not None and self.br_patience < 1:
+            raise _bad("br_patience", self.br_patience, "None (train every epoch) or an integer >= 1")
+        if self.cr_schedule not in CR_SCHEDULES:
+            raise _bad("cr_schedule", self.cr_schedule, ", ".join(map(repr, CR_SCHEDULES)))
+        if isinstance(self.self_gen_batch_size, str) and self.self_gen_batch_size != "auto" or (
+                not isinstance(self.self_gen_batch_size, str) and self.self_gen_batch_size <= 0):
+            raise _bad("self_gen_batch_size", self.self_gen_batch_size,
+                       "an integer > 0, or 'auto' (from the GPU's free memory; 32 on the CPU)")
+        if self.self_gen_max_length is not None and self.self_gen_max_length < self.seq_len:
+            raise _bad("self_gen_max_length", self.self_gen_max_length,
+                       f"None (= seq_len) or an integer >= seq_len ({self.seq_len})")
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
@@ -408,5 +489,8 @@ def _matches(value: Any, annotation: Any) -> bool:
         if option == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
             return True
         if option == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return True
+        if option == "dict[str,float]" and isinstance(value, dict) and all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()):
             return True
     return False

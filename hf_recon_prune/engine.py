@@ -18,48 +18,36 @@ between windows is its ``RunState``; ``checkpoint.py`` saves and restores it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from .architectures import DecoderLayout, prunable_linears
+from .architectures import DecoderLayout
 from .capture import capture_block_kwargs
 from .checkpoint import RunCheckpoints, restore_run
-from .criteria import HessianFactors, LayerPruneResult, PruneRequest, StatisticsRecorder
 from .distributed import DataParallel, ShardedRows
 from .memory import MemoryEstimate, estimate_memory, plan_placement
-from .methods import get_criterion, prune_linear
+from .masking import MaskSelection
+from .methods import get_criterion
 from .offload import BlockPlacement, StreamFactory, execution_device, resolve_dtype
-from .propagation import BatchedForward, RestartPass, Streams
+from .preflight import check_resources
+from .propagation import BatchedForward, Streams
+from .prunable import unprunable_parameters
 from .reconstruction.plan import ReconstructionPlan
 from .reconstruction.settings import BlockTrainingSettings
-from .report import BlockReport, PruneReport
+from .report import BlockReport, PruneReport, timed_stage as _timed
 
 logger = logging.getLogger(__name__)
 
 #: Above this fraction of zeros in the prunable layers before pruning, the note about it is a warning in the report.
 ALREADY_SPARSE_WARNING = 0.01
-
-
-@contextmanager
-def _timed(report: BlockReport, stage: str) -> Iterator[None]:
-    """Add the stage's wall time to the block's report. CUDA work is asynchronous, so the stage ends with a
-    synchronisation: without it a stage's kernels would be billed to whichever later stage waits for them (the
-    stages are long, so the lost overlap costs little)."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        report.add_time(stage, time.perf_counter() - start)
 
 
 @dataclass
@@ -87,7 +75,7 @@ class RunState:
     elapsed_before: float = 0.0  # seconds an interrupted run had spent before this resume
 
 
-class BlockEngine:
+class BlockEngine(MaskSelection):
     """Runs the block loop over ``layout``'s decoder blocks for one ``prune()`` call (see the module docstring).
 
     ``masks`` receives every finalised block's keep-masks on the CPU, by qualified linear name; ``backups`` (with
@@ -111,30 +99,50 @@ class BlockEngine:
 
     # ------------------------------------------------------------------ setup
     @torch.no_grad()
-    def run(self, resume: bool = False) -> PruneReport:
+    def run(self, resume: bool = False, overwrite: bool = False) -> PruneReport:
+        """Set up and run every window. In a data-parallel run a failure on any process is raised on every process
+        as the same ``DataParallelError`` naming the failing rank (``DataParallel.fail_together``)."""
         started = time.perf_counter()
-        state = self.setup(resume)
-        progress = self._progress(len(state.plan.windows))
-        if progress is not None and state.first_window:
-            progress.update(state.first_window)
-        for window_number in range(state.first_window, len(state.plan.windows)):
-            self._run_window(window_number, started)
-            if progress is not None:
-                progress.update(1)
-                window = state.plan.windows[window_number]
-                last = state.report.blocks[window[0]].error_after.get("calibration")
-                if last is not None:
-                    progress.set_postfix(block=window[0], err=f"{last:.3g}")
-        if progress is not None:
-            progress.close()
+        data_parallel, where = DataParallel.resolve(self.config.data_parallel), "while setting up the run"
+        watch = data_parallel.watch_failures() if data_parallel is not None else contextlib.nullcontext()
+        try:
+            with watch:
+                state = self.setup(resume, overwrite, data_parallel)
+                progress = self._progress(len(state.plan.windows))
+                if progress is not None and state.first_window:
+                    progress.update(state.first_window)
+                for window_number in range(state.first_window, len(state.plan.windows)):
+                    window = state.plan.windows[window_number]
+                    where = (f"at decoder block(s) {list(window)} (window {window_number + 1} of "
+                             f"{len(state.plan.windows)})")
+                    self._run_window(window_number, started)
+                    if progress is not None:
+                        progress.update(1)
+                        last = state.report.blocks[window[0]].error_after.get("calibration")
+                        if last is not None:
+                            progress.set_postfix(block=window[0], err=f"{last:.3g}")
+                if progress is not None:
+                    progress.close()
+                where = "at the end of the run"
+                if data_parallel is not None:
+                    data_parallel.finish()
+        except BaseException as error:
+            if data_parallel is None:
+                raise
+            failure = data_parallel.fail_together(error, where)
+            if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: the others learn, this one stops
+                raise
+            raise failure from error
         self._note_existing_zeros()
         state.report.total_seconds = state.elapsed_before + time.perf_counter() - started
         return state.report
 
-    def setup(self, resume: bool) -> RunState:
-        """Sharding, the memory plan, the first streams (or the checkpoint's): the state before the first window."""
+    def setup(self, resume: bool, overwrite: bool = False, data_parallel: Optional[DataParallel] = None) -> RunState:
+        """Sharding, the memory plan, the first streams (or the checkpoint's): the state before the first window.
+        ``overwrite``: a fresh run may replace a checkpoint of the same run; ``data_parallel``: the run's
+        (resolved from ``config.data_parallel`` when None)."""
         cfg, blocks = self.config, self.layout.blocks
-        data_parallel = DataParallel.resolve(cfg.data_parallel)
+        data_parallel = data_parallel or DataParallel.resolve(cfg.data_parallel)
         if cfg.checkpoint_dir and data_parallel is not None:
             raise ValueError("PruningConfig.checkpoint_dir is not supported in a data-parallel run yet (every process "
                              "holds its own shard of the streams); run on one process or set checkpoint_dir=None")
@@ -152,8 +160,9 @@ class BlockEngine:
         saved = None
         if cfg.checkpoint_dir:
             self.checkpoints, saved = RunCheckpoints.open(cfg, self.model, blocks, (ids, heldout_ids, statistics_mask),
-                                                          resume)
+                                                          resume, overwrite)
         estimate = self._memory_plan(local_ids, ids.shape[1], device)
+        check_resources(estimate, cfg, blocks, device)  # host memory and disk, before any block is touched
         report = self._new_report(calibration, estimate, data_parallel)
         factory = StreamFactory(estimate.stream_location, device, stream_dtype(self.model, cfg), cfg.stream_folder)
         hidden = self.model.config.get_text_config().hidden_size
@@ -173,6 +182,7 @@ class BlockEngine:
             state.first_window = restore_run(saved, state, self)
         else:
             state.streams = self._first_streams(local_ids, forward)
+            self.allocate_sparsity()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         return state
@@ -234,8 +244,9 @@ class BlockEngine:
             state.block_masks[index] = self._prepare_block(index, window[0])
         if state.plan.block_wise:
             self._reconstruct(window)
-        is_last = window_number == len(state.plan.windows) - 1
-        finalised = list(window if is_last else window[:1])
+        # A block is final after the last window that contains it: with CR, the window after the one it first
+        # entered; under cr_schedule="authors" a window (0,) at the start finalises nothing.
+        finalised = list(state.plan.finalised_after(window_number))
         for index in finalised:
             self._finalise_block(index)
             block_report = state.report.blocks[index]
@@ -253,7 +264,7 @@ class BlockEngine:
         if state.device.type == "cuda":
             state.report.memory["peak_device_bytes_per_window"].append(torch.cuda.max_memory_allocated(state.device))
             torch.cuda.reset_peak_memory_stats(state.device)
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and finalised:  # a checkpoint is made after each finalised block
             with _timed(state.report.blocks[finalised[-1]], "checkpoint"):
                 self.checkpoints.save_step(finalised[-1], window_number + 1, state, blocks,
                                            state.elapsed_before + time.perf_counter() - started)
@@ -307,63 +318,6 @@ class BlockEngine:
                     stream.sparse[index + 1] = output
         return masks
 
-    def _choose_masks(self, index: int, calibration_inputs: torch.Tensor) -> dict[nn.Linear, torch.Tensor]:
-        """Statistics of the block's linear inputs, then each linear's mask (and LR update)."""
-        state, block = self.state, self.layout.blocks[index]
-        block_report, lr = state.report.blocks[index], state.plan.layer_wise
-        layers = self.prunable(block)
-        recorder = None
-        if state.criterion.needs_statistics(lr) and layers:
-            with _timed(block_report, "statistics"):
-                recorder = self._record_statistics(index, layers, calibration_inputs[state.statistics_rows])
-        factors = None
-        if recorder is not None and state.criterion.needs_hessian(lr):
-            factors = HessianFactors(recorder.stats, self.config.sparsegpt_dampening)
-        masks: dict[nn.Linear, torch.Tensor] = {}
-        with _timed(block_report, "masks_lr"):
-            for name, layer in layers.items():
-                result = self._prune_layer(index, name, layer, recorder.stats[name] if recorder else None,
-                                           factors.for_layer(name) if factors else None)
-                masks[layer] = result.keep_mask
-                if result.dampening is not None:
-                    block_report.dampening[name] = result.dampening
-            if state.data_parallel is not None:
-                state.data_parallel.broadcast_([t for layer, mask in masks.items() for t in (layer.weight.data, mask)])
-        return masks
-
-    def _record_statistics(self, index: int, layers: dict[str, nn.Linear], rows: torch.Tensor) -> StatisticsRecorder:
-        state, block = self.state, self.layout.blocks[index]
-        while True:  # out of memory part-way: the hooks hold part of a batch, so start the pass again
-            recorder = StatisticsRecorder(layers, hessian=state.criterion.needs_hessian(state.plan.layer_wise))
-            try:
-                state.forward([block], [state.kwargs[index]], rows, keep_output=False, block=index,
-                              restart_on_oom=True)
-                break
-            except RestartPass:
-                continue
-            finally:
-                recorder.remove()
-        if state.data_parallel is not None:
-            stats = recorder.unique_stats()
-            counts = state.data_parallel.sum_floats(float(s.num_tokens) for s in stats)
-            for statistics, count in zip(stats, counts):
-                statistics.num_tokens = int(count)
-            state.data_parallel.all_reduce_([t for s in stats for t in s.accumulators()])
-        return recorder
-
-    def _prune_layer(self, index: int, name: str, layer: nn.Linear, stats, factor) -> LayerPruneResult:
-        """Mask (and LR-update) one linear layer; with ``keep_existing_zeros`` its zeros stay and count."""
-        cfg = self.config
-        existing = layer.weight == 0
-        zeros = int(existing.sum())
-        self.state.existing_zeros[0] += zeros
-        self.state.existing_zeros[1] += existing.numel()
-        request = PruneRequest(
-            cfg.sparsity, cfg.nm, stats, self.state.plan.layer_wise, cfg.sparsegpt_block_size, cfg.sparsegpt_dampening,
-            name=f"block {index} {name}", factor=factor, keep_zeros=existing if cfg.keep_existing_zeros and zeros else None,
-        )
-        return prune_linear(layer, cfg.method, request)
-
     def _reconstruct(self, window: tuple[int, ...]) -> None:
         from .reconstruction import reconstruct_window
 
@@ -379,6 +333,15 @@ class BlockEngine:
                                        calibration.sparse[first], block=first)
         masks = {layer: mask for i in window for layer, mask in state.block_masks[i].items()}
         extra = {} if state.sharded_rows is None else {"sharded_rows": state.sharded_rows}
+        extra["frozen"] = [block.get_parameter(name) for block in window_blocks
+                           for name, why in unprunable_parameters(block, self.prunable_weights(block)).items()
+                           if why == "router"]
+        heldout = state.streams.get("heldout")
+        if heldout is not None and state.total_rows.get("heldout", 0) > 0:  # what br_lr="auto" / br_keep_best judge by
+            extra["heldout_inputs"] = heldout.sparse[first]
+            extra["heldout_targets"] = heldout.dense[last + 1] if state.plan.global_targets else state.forward(
+                [state.dense_blocks[i] for i in window], window_kwargs, heldout.sparse[first], block=first,
+                split="heldout")[0]
         try:
             with torch.enable_grad():
                 result = reconstruct_window(
@@ -397,10 +360,13 @@ class BlockEngine:
             state.data_parallel.broadcast_module_(window_blocks)
         seconds = time.perf_counter() - start
         report.warnings.extend(f"window {window}: {note}" for note in result.notes)
+        choice = None if result.choice is None else {"window": list(window), **result.choice.to_dict()}
         for i in window:
             block_report = report.blocks[i]
             block_report.warnings.extend(result.notes)
             block_report.train_losses.append(list(result.epoch_losses))
+            if choice is not None:  # learning rate, epoch kept, early stop, revert: what and why
+                block_report.br_choices.append(choice)
             block_report.add_time("reconstruction", seconds / len(window))
             if result.reverted:
                 block_report.reverted = True
@@ -425,17 +391,9 @@ class BlockEngine:
                         block=index, split=split, check_finite=True,
                     )
                 stream.drop(index)
-        block_report.layer_sparsity = {name: float((layer.weight == 0).float().mean())
-                                       for name, layer in self.prunable(block).items()}
+        self._count_parameters(block, block_report)
 
     # ------------------------------------------------------------------ helpers
-    def prunable(self, block: nn.Module) -> dict[str, nn.Linear]:
-        return prunable_linears(block, self.config.include_modules, self.config.exclude_modules)
-
-    def named_masks(self, index: int, masks: dict[nn.Linear, torch.Tensor]) -> dict[str, torch.Tensor]:
-        lookup = {id(module): name for name, module in self.layout.blocks[index].named_modules()}
-        return {f"{self.layout.blocks_path}.{index}.{lookup[id(layer)]}": mask for layer, mask in masks.items()}
-
     def _warn(self, message: str, block: Optional[int]) -> None:
         if self.state is None:
             return

@@ -14,13 +14,16 @@ from torch import nn
 
 from .architectures import resolve_layout
 from .config import PruningConfig
+from .criteria.sparsegpt import on_singular_hessian
+from .distributed import DataParallelError
 from .engine import BlockEngine
+from .preflight import PreflightError, preflight
 from .propagation import NonFiniteActivationsError
 from .report import PruneReport
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Pruner", "PruningFailedError", "NonFiniteActivationsError"]
+__all__ = ["Pruner", "PruningFailedError", "NonFiniteActivationsError", "PreflightError", "DataParallelError"]
 
 
 class PruningFailedError(RuntimeError):
@@ -84,7 +87,7 @@ class Pruner:
         return data
 
     # ------------------------------------------------------------------ public
-    def prune(self, resume: bool = False) -> PruneReport:
+    def prune(self, resume: bool = False, overwrite: bool = False) -> PruneReport:
         """Run the block loop; returns (and keeps in ``self.report``) the PruneReport.
 
         Args:
@@ -92,7 +95,17 @@ class Pruner:
                 every finalised block). The model must be the same dense model the interrupted run started from,
                 with the same configuration and calibration data (checked: a mismatch raises
                 ``checkpoint.CheckpointError``); the result is the model an uninterrupted run produces (bit for bit
-                on the CPU). Without a checkpoint in the folder the run starts from the first block.
+                on the CPU). Without a checkpoint in the folder the run starts from the first block. A model left
+                partially pruned by a failed run in this process may be resumed (its flag is cleared on success).
+            overwrite: let a fresh run replace a checkpoint of the same run in ``config.checkpoint_dir`` (refused
+                otherwise: pass ``resume=True`` to continue it).
+
+        Before any block is touched, ``preflight`` refuses what cannot succeed (a quantized model, ``seq_len`` beyond
+        the model's positions, sizes this machine cannot hold, ...) with ``preflight.PreflightError``; the resource
+        check against the memory plan follows once the calibration set is built. A layer whose Hessian stays
+        singular after every dampening retry gets magnitude masks without the SparseGPT update, and a warning in the
+        report (``report.warnings``), instead of stopping the run. In a data-parallel run a failure on any process is
+        raised on every process as the same ``distributed.DataParallelError`` naming the failing rank.
 
         On a CUDA device the engine resets ``torch.cuda``'s peak-memory statistics before every window, to report
         the peak of each window in ``report.memory["peak_device_bytes_per_window"]``: read peaks from there, not from
@@ -102,6 +115,7 @@ class Pruner:
         if resume and not cfg.checkpoint_dir:
             raise ValueError("prune(resume=True) needs PruningConfig.checkpoint_dir: the folder the interrupted run "
                              "wrote its checkpoints to")
+        preflight(model, self.layout, cfg, self.calibration_data, resume=resume)
         engine = self._engine = BlockEngine(model, self.layout, cfg, self._calibration_set,
                                             keep_backup=self.keep_backup, show_progress=self.show_progress,
                                             on_block_end=self.on_block_end)
@@ -112,7 +126,8 @@ class Pruner:
         if use_cache is not None:
             model.config.use_cache = False
         try:
-            report = engine.run(resume)
+            with on_singular_hessian(lambda message: _warn_in_block(engine, message)):
+                report = engine.run(resume, overwrite)
         except BaseException as error:
             self._handle_failure(error, engine)
             raise
@@ -120,6 +135,10 @@ class Pruner:
             model.train(was_training)
             if use_cache is not None:
                 model.config.use_cache = use_cache
+        if getattr(model, "_hf_recon_prune_incomplete", False):
+            # Only a resume from the failed run's checkpoint gets here (preflight): every block is final now.
+            del model._hf_recon_prune_incomplete
+            logger.info("the resumed run completed the partially pruned model: it may be saved")
         self.report = report
         return report
 
@@ -129,23 +148,26 @@ class Pruner:
             "split": split, "seq_len": seq_len, "dense": dense, "pruned": pruned,
         }
 
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> str:
+    def save_pretrained(self, save_directory: str, overwrite: bool = False, **kwargs: Any) -> str:
         """Save the pruned model (dense safetensors), tokenizer, PruningConfig in config.json, report and model card.
 
-        In a data-parallel run every process holds the same model: rank 0 writes, the others wait for it.
+        Nothing private is written (calibration texts become a count and a hash, local paths lose their folders; see
+        ``hf_recon_prune.sanitise``). The folder the model was loaded from, and a model folder this package did not
+        write, are replaced only with ``overwrite=True``. In a data-parallel run every process holds the same model:
+        rank 0 writes, the others wait for it (and raise its error if it fails).
         """
         from .hub import save_pruned_model
 
-        engine_state = self._engine.state if self._engine is not None else None
-        data_parallel = engine_state.data_parallel if engine_state is not None else None
+        report = self._require_report()
+
+        def save() -> str:
+            return save_pruned_model(self.model, save_directory, self.config, tokenizer=self.tokenizer, report=report,
+                                     overwrite=overwrite, **kwargs)
+
+        data_parallel = self._data_parallel()
         if data_parallel is not None:
-            folder = None
-            if data_parallel.is_main:
-                folder = save_pruned_model(self.model, save_directory, self.config, tokenizer=self.tokenizer,
-                                           report=self._require_report(), **kwargs)
-            return data_parallel.broadcast_object(folder)
-        return save_pruned_model(self.model, save_directory, self.config, tokenizer=self.tokenizer,
-                                 report=self._require_report(), **kwargs)
+            return data_parallel.main_only(save, f"saving the model to {save_directory}")
+        return save()
 
     def push_to_hub(
         self,
@@ -156,16 +178,28 @@ class Pruner:
         revision: Optional[str] = None,
         create_pr: bool = False,
         local_dir: Optional[str] = None,
+        overwrite: bool = False,
     ) -> str:
-        """Save locally (``local_dir``, default ``./<repo name>``), then upload that folder; returns the commit URL.
+        """Save locally (``local_dir``, default ``./<repo name>``; see ``save_pretrained`` for ``overwrite``), then
+        upload that folder; returns the commit URL.
 
-        The token is passed to huggingface_hub only; it is never written to a file, a log or the card.
+        The token is passed to huggingface_hub only (None: the HF_TOKEN variable or the cached login); it is never
+        written to a file, a log or the card. In a data-parallel run rank 0 alone uploads.
         """
         from .hub import push_folder_to_hub
 
-        folder = self.save_pretrained(local_dir or repo_id.split("/")[-1], repo_id=repo_id)
-        return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message,
-                                  revision=revision, create_pr=create_pr)
+        folder = self.save_pretrained(local_dir or repo_id.split("/")[-1], overwrite=overwrite, repo_id=repo_id)
+
+        def push() -> str:
+            return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message,
+                                      revision=revision, create_pr=create_pr)
+
+        data_parallel = self._data_parallel()
+        return data_parallel.main_only(push, f"uploading to {repo_id}") if data_parallel is not None else push()
+
+    def _data_parallel(self):
+        state = self._engine.state if self._engine is not None else None
+        return state.data_parallel if state is not None else None
 
     def _require_report(self) -> PruneReport:
         if self.report is None:
@@ -200,3 +234,11 @@ class Pruner:
         logger.error(message)
         if isinstance(error, Exception):
             raise PruningFailedError(message) from error
+
+
+def _warn_in_block(engine: BlockEngine, message: str) -> None:
+    """A note from the solver about the layer being pruned: into the report, under the block being prepared (the
+    block the engine took last)."""
+    state = engine.state
+    block = state.modified[-1] if state is not None and state.modified else None
+    engine._warn(message if block is None else f"block {block}: {message}", block)

@@ -154,7 +154,7 @@ def test_hub_dataset_branch_uses_load_dataset_and_checks_the_column(monkeypatch)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert load_texts("someone/corpus", "train[:10%]") == ["hub text", "more"]
-    assert calls[-1] == (("someone/corpus",), {"split": "train[:10%]"})
+    assert calls[-1] == (("someone/corpus",), {"split": "train[:10%]", "trust_remote_code": False})
     assert load_texts("someone/corpus", "heldout") == ["hub text", "more"]  # validation is missing: falls back to test
     assert [c[1]["split"] for c in calls[-2:]] == ["validation", "test"]
     with pytest.raises(ValueError, match=r"no column 'body'; available columns: \['text', 'meta'\]"):

@@ -16,6 +16,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from hf_recon_prune import PruningConfig, cli
+from hf_recon_prune.hub import MARKER_FILE
 from hf_recon_prune.report import BlockReport, PruneReport
 from tiny_assets import TOKEN, save_tiny_llama, start_stand_in_hub, write_text
 
@@ -166,7 +167,7 @@ def test_summary_table_rows():
     table = cli.summary_table(report, {"dense": 20.0, "pruned": 25.0}, {"pruning": 3.0, "evaluation": 1.5,
                                                                          "total": 5.0})
     rows = {line.split("  ")[0]: line.split("  ")[-1].strip() for line in table.splitlines() if "  " in line}
-    assert rows["mean sparsity of pruned layers"] == "0.5000 (2 layers)"
+    assert rows["sparsity of the pruned weights"] == "0.5000 (2 weights)"
     assert rows["final-block error, calibration (before -> after BR)"] == "0.25 -> 0.125"
     assert rows["final-block error, held-out (before -> after BR)"] == "0.5 -> 0.375"
     assert rows["perplexity before (dense)"] == "20.000"
@@ -193,11 +194,11 @@ def test_prune_eval_info_push(assets, tmp_path, capsys, monkeypatch):
     assert f"saved the pruned model with its model card to {out_dir}" in out
     with open(out_dir / "prune_report.json", encoding="utf-8") as handle:
         report = json.load(handle)
-    measured = report["perplexity"][assets["text"]]
+    measured = report["perplexity"]["corpus.txt"]  # the evaluation file's absolute path is not published
     # The table prints what was measured and stored.
     assert re.search(rf"perplexity before \(dense\)\s+{measured['dense']:.3f}\n", out)
     assert re.search(rf"perplexity after \(pruned\)\s+{measured['pruned']:.3f} \(", out)
-    assert re.search(rf"mean sparsity of pruned layers\s+{report['mean_sparsity']:.4f} \(14 layers\)", out)
+    assert re.search(rf"sparsity of the pruned weights\s+{report['mean_sparsity']:.4f} \(14 weights\)", out)
     assert "pruning blocks" in err  # the progress bar
     assert PruningConfig.from_pretrained(out_dir).reconstruction == ["lr", "br", "gp"]
 
@@ -225,7 +226,7 @@ def test_prune_eval_info_push(assets, tmp_path, capsys, monkeypatch):
     assert not hub.errors, hub.errors
     repo = hub.repos["tester/tiny-wanda50"]
     assert repo.private is True
-    assert repo.files == {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)}
+    assert repo.files == {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir) if name != MARKER_FILE}
     card = ModelCard(repo.files["README.md"].decode())
     assert card.data.base_model == "example-org/tiny-llama"
     assert {r.metric_type: r.metric_value for r in card.data.eval_results}["perplexity"] == \
@@ -277,3 +278,90 @@ def test_failed_upload_exits_1_with_the_retry_command(tmp_path, capsys, monkeypa
     assert "failed: HubUploadError" in err
     assert f"Retry with: hf-recon-prune push {folder} tester/broken" in err
     assert TOKEN not in err
+
+
+# ---------------------------------------------------------------------------------------------------- refusals, token
+def test_prune_refuses_the_models_own_folder_and_foreign_model_folders(assets, tmp_path, capsys, no_model_loading):
+    code, _, err = run(capsys, "prune", "--model", assets["model"], "--output", assets["model"], "--no-eval")
+    assert code == cli.EXIT_USAGE
+    assert f"refusing to save into {assets['model']}: the model was loaded from it" in err and "--overwrite" in err
+    foreign = save_tiny_llama(tmp_path / "someone-elses")  # a model folder hf-recon-prune did not write
+    code, _, err = run(capsys, "prune", "--output", foreign, "--no-eval")
+    assert code == cli.EXIT_USAGE and "hf-recon-prune did not save" in err and "pass --overwrite" in err
+
+
+def test_prune_with_overwrite_replaces_a_foreign_model_folder(assets, tmp_path, capsys):
+    foreign = save_tiny_llama(tmp_path / "someone-elses", seed=3)
+    code, out, err = run(capsys, "prune", "--model", assets["model"], "--output", foreign, "--overwrite", "--no-eval",
+                         "--method", "magnitude", "--reconstruction", "none", "--calibration", assets["text"],
+                         "--num-samples", "2", "--seq-len", "16", "--device", "cpu")
+    assert code == 0, err
+    assert PruningConfig.from_pretrained(foreign).method == "magnitude"
+
+
+LEAKED = "hf_LeakyTokenForRedactionTests0123456789abcd"
+
+
+def _leaky_hub(monkeypatch, tmp_path):
+    """huggingface_hub as a careless library: it logs the token and puts it into an exception chain."""
+    import logging
+
+    import huggingface_hub
+    import huggingface_hub.constants as hf_constants
+
+    def create_repo(self, *args, **kwargs):
+        token = self.token or os.environ.get("HF_TOKEN")
+        logging.getLogger("huggingface_hub.hf_api").warning("POST /api/repos/create with Bearer %s", token)
+        logging.getLogger("huggingface_hub.hf_api").debug("headers: {'authorization': 'Bearer %s'}", token)
+        try:
+            raise ConnectionError(f"connection reset; request headers were {{'authorization': 'Bearer {token}'}}")
+        except ConnectionError as inner:
+            raise RuntimeError(f"could not create the repo with token {token}") from inner
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # never a real cached login
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+@pytest.mark.parametrize("source", ["token-file", "environment", "flag"])
+def test_the_token_appears_in_no_message_traceback_or_log(tmp_path, capsys, caplog, monkeypatch, verbose, source):
+    import logging
+
+    folder = _leaky_hub(monkeypatch, tmp_path)
+    argv = (["-v"] if verbose else []) + ["push", str(folder), "tester/leaky"]
+    if source == "token-file":
+        (tmp_path / "token").write_text(LEAKED + "\n")
+        argv += ["--token-file", str(tmp_path / "token")]
+    elif source == "environment":
+        monkeypatch.setenv("HF_TOKEN", LEAKED)
+    else:
+        argv += ["--token", LEAKED]
+    caplog.set_level(logging.DEBUG)
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_FAILURE
+    everything = out + err + caplog.text + "".join(str(r.msg) + str(r.exc_text) for r in caplog.records)
+    assert LEAKED not in everything
+    assert "could not create the repo with token" in err  # the cause is still said
+    assert "<redacted token>" in caplog.text  # the library's log line was kept, without the token
+    if verbose:
+        assert "Traceback" in err and "connection reset" in err  # the chain is printed, redacted
+    assert ("shows the token in the process list" in err) == (source == "flag")
+    # Logging is back to normal after the command.
+    logging.getLogger("after").warning("plain %s", LEAKED)
+    assert LEAKED in caplog.records[-1].getMessage()
+
+
+def test_token_file_problems_are_usage_errors(tmp_path, capsys, monkeypatch):
+    folder = _leaky_hub(monkeypatch, tmp_path)
+    code, _, err = run(capsys, "push", folder, "tester/x", "--token-file", tmp_path / "missing")
+    assert code == cli.EXIT_USAGE and "--token-file" in err and "cannot be read" in err
+    (tmp_path / "two").write_text("a" * 20 + "\n" + "b" * 20)
+    code, _, err = run(capsys, "push", folder, "tester/x", "--token-file", tmp_path / "two")
+    assert code == cli.EXIT_USAGE and "alone, on one line" in err

@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from hf_recon_prune import PruningConfig
-from hf_recon_prune.hub import model_sparsity
+from hf_recon_prune.hub import MARKER_FILE, model_sparsity
 from tiny_assets import TOKEN, save_tiny_llama, start_stand_in_hub, write_text
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -56,7 +56,9 @@ def test_quickstart(assets, tmp_path, capsys):
     assert folder == str(tmp_path / "out")
     assert_pruned_folder(folder)
     config = PruningConfig.from_pretrained(folder)
-    assert (config.method, config.reconstruction, config.calibration) == ("sparsegpt", ["lr"], assets["text"])
+    # The calibration file's absolute path is published as its last component only (hf_recon_prune.sanitise).
+    assert (config.method, config.reconstruction, config.calibration) == ("sparsegpt", ["lr"],
+                                                                          os.path.basename(assets["text"]))
     assert f"saved to {folder}" in capsys.readouterr().out
 
 
@@ -152,7 +154,8 @@ def test_evaluate_and_push(assets, tmp_path, monkeypatch):
     assert result["sparsity"] == pytest.approx(0.5, abs=1e-9)
 
     files = hub.repos["tester/tiny-sparse"].files
-    local = {name: open(os.path.join(result["folder"], name), "rb").read() for name in os.listdir(result["folder"])}
+    local = {name: open(os.path.join(result["folder"], name), "rb").read() for name in os.listdir(result["folder"])
+             if name != MARKER_FILE}  # the package's own marker is never uploaded
     assert files == local
     card = ModelCard(files["README.md"].decode())
     assert card.data.base_model == "example-org/tiny-llama"

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from hf_recon_prune import PruningConfig
 from hf_recon_prune.hub import (
+    MARKER_FILE,
     HubUploadError,
     model_sparsity,
     push_folder_to_hub,
@@ -94,6 +95,11 @@ def saved(tmp_path):
     return folder, model, config, report
 
 
+def published(config: PruningConfig) -> PruningConfig:
+    """What a saved folder holds of ``config``: the execution-only paths (here the self-generation cache) dropped."""
+    return PruningConfig.from_dict({**config.to_dict(), "self_gen_cache_dir": None})
+
+
 def snapshot(folder) -> dict[str, str]:
     result = {}
     for root, _, files in os.walk(folder):
@@ -148,7 +154,7 @@ def test_saved_folder_reloads_with_plain_transformers(saved):
     assert os.path.isabs(folder) and os.path.basename(folder) == "tiny-sparse"
     files = set(os.listdir(folder))
     assert {"config.json", "model.safetensors", "README.md", "prune_report.json", "reconstruction_error.png",
-            "tokenizer.json"} <= files
+            "tokenizer.json", MARKER_FILE} <= files
     assert not [f for f in os.listdir(os.path.dirname(folder)) if f != "tiny-sparse"]  # no temporary leftovers
 
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
@@ -159,9 +165,11 @@ def test_saved_folder_reloads_with_plain_transformers(saved):
 
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
         stored = json.load(handle)
-    assert stored["pruning_config"] == config.to_dict()
-    assert PruningConfig.from_pretrained(folder) == config
-    assert AutoConfig.from_pretrained(folder).pruning_config == config.to_dict()
+    # The config as published: the absolute self-generation cache folder only said where the run kept things.
+    assert stored["pruning_config"] == published(config).to_dict()
+    assert stored["pruning_config"]["self_gen_cache_dir"] is None
+    assert PruningConfig.from_pretrained(folder) == published(config)
+    assert AutoConfig.from_pretrained(folder).pruning_config == published(config).to_dict()
 
     with open(os.path.join(folder, "prune_report.json"), encoding="utf-8") as handle:
         assert PruneReport.from_dict(json.load(handle)).perplexity == report.perplexity
@@ -201,7 +209,7 @@ def test_model_card_metadata_and_content(saved, tmp_path):
     assert "| WikiText-2 (raw) | test | 8 | 20.000 | 24.500 | +22.5% |" in text
     raw = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
     assert str(tmp_path) not in raw  # neither the folder nor the config's absolute cache path
-    assert "selfgen-cache" in raw  # ... whose last component is kept
+    assert "selfgen-cache" not in raw  # ... which only said where the run kept things: dropped
     assert os.path.expanduser("~") + os.sep not in raw
     assert TOKEN not in raw
 
@@ -242,7 +250,7 @@ def test_save_already_pruned_model_loaded_back(saved, tmp_path):
     folder, model, config, _ = saved
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     again = save_already_pruned(reloaded, tmp_path / "again", base_model=BASE)
-    assert PruningConfig.from_pretrained(again) == config  # read back from model.config
+    assert PruningConfig.from_pretrained(again) == published(config)  # read back from model.config
     assert_same_weights(model, AutoModelForCausalLM.from_pretrained(again))
     assert "prune_report.json" not in os.listdir(again) and "reconstruction_error.png" not in os.listdir(again)
     card = ModelCard.load(os.path.join(again, "README.md"))
@@ -330,8 +338,10 @@ def test_push_uploads_the_folder_over_http(saved, hub, monkeypatch, client_path)
     for name in os.listdir(folder):
         with open(os.path.join(folder, name), "rb") as handle:
             local[name] = handle.read()
-    assert repo.files == local  # every file, byte for byte: card, config.json with pruning_config, weights, plot
-    assert json.loads(repo.files["config.json"])["pruning_config"] == saved[2].to_dict()
+    assert MARKER_FILE in local and MARKER_FILE not in repo.files  # the package's own marker stays local
+    del local[MARKER_FILE]
+    assert repo.files == local  # every other file, byte for byte: card, config.json with pruning_config, weights, plot
+    assert json.loads(repo.files["config.json"])["pruning_config"] == published(saved[2]).to_dict()
     assert ModelCard(repo.files["README.md"].decode()).data.base_model == BASE
     assert hub.token_leaks(TOKEN) == []
     assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.api_requests())

@@ -200,10 +200,10 @@ def _interrupted(config, k, calibration=None, num_layers=NUM_BLOCKS):
                on_block_end=_stop_after(k)).prune()
 
 
-def _pruned(config, resume=False, calibration=None, num_layers=NUM_BLOCKS, **kwargs):
+def _pruned(config, resume=False, calibration=None, num_layers=NUM_BLOCKS, overwrite=False, **kwargs):
     model = make_tiny_model("llama", num_layers=num_layers)
     pruner = Pruner(model, config, calibration_data=calibration or _calibration(), show_progress=False, **kwargs)
-    report = pruner.prune(resume=resume)
+    report = pruner.prune(resume=resume, overwrite=overwrite)
     return model, pruner, report
 
 
@@ -376,3 +376,115 @@ def test_resume_with_the_interrupted_model_object_itself(tmp_path):
         Pruner(model, config, calibration_data=_calibration(), show_progress=False, on_block_end=_stop_after(1)).prune()
     Pruner(model, config, calibration_data=_calibration(), show_progress=False).prune(resume=True)
     _assert_identical(model.state_dict(), reference.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------- refusals
+def _dense_state():
+    return make_tiny_model("llama", num_layers=NUM_BLOCKS).state_dict()
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def test_a_fresh_run_over_a_checkpoint_of_the_same_run_is_refused(tmp_path):
+    reference, _, _ = _pruned(_config())
+    _interrupted(_config(tmp_path), 1)
+    before = _snapshot(tmp_path)
+    model = make_tiny_model("llama", num_layers=NUM_BLOCKS)
+    with pytest.raises(checkpoints.CheckpointError, match=r"holds a checkpoint of this same run .*after decoder block 1"
+                                                          r".*resume=True \(--resume\).*overwrite=True \(--overwrite\)"):
+        Pruner(model, _config(tmp_path), calibration_data=_calibration(), show_progress=False).prune()
+    _assert_identical(model.state_dict(), _dense_state())  # refused before any block was touched
+    assert _snapshot(tmp_path) == before
+    model, _, _ = _pruned(_config(tmp_path), overwrite=True)
+    _assert_identical(model.state_dict(), reference.state_dict())
+    # The finished run's checkpoint is refused too; resuming it restores the finished model without pruning again.
+    with pytest.raises(checkpoints.CheckpointError, match="after decoder block 3"):
+        _pruned(_config(tmp_path))
+    seen = []
+    model, _, _ = _pruned(_config(tmp_path), resume=True, on_block_end=lambda i, r: seen.append(i))
+    assert seen == []
+    _assert_identical(model.state_dict(), reference.state_dict())
+
+
+@pytest.mark.parametrize("target", ["stream", "state", "block", "header"])
+def test_a_torn_checkpoint_file_is_refused_on_resume(tmp_path, target):
+    _interrupted(_config(tmp_path), 1)
+    step = tmp_path / "step-00001"
+    path = {"stream": next(step.glob("stream-*.safetensors")), "state": step / "state.safetensors",
+            "block": tmp_path / "blocks" / "block-00001.safetensors",
+            "header": tmp_path / "blocks" / "block-00000.safetensors"}[target]
+    data = path.read_bytes()
+    if target == "header":  # same size, damaged header: what a torn write that left the length can look like
+        path.write_bytes(b"\xff" * 8 + data[8:])
+        match = rf"{path} is torn or damaged \(.*\)"
+    else:
+        path.write_bytes(data[: len(data) // 2])
+        match = rf"{path} is torn: {len(data) // 2} bytes where the checkpoint wrote {len(data)}"
+    model = make_tiny_model("llama", num_layers=NUM_BLOCKS)
+    with pytest.raises(checkpoints.CheckpointError, match=match + r".*start afresh without resume"):
+        Pruner(model, _config(tmp_path), calibration_data=_calibration(), show_progress=False).prune(resume=True)
+    _assert_identical(model.state_dict(), _dense_state())  # nothing was loaded
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "wrong type", "escaping stream name", "not a dict"])
+def test_a_damaged_manifest_is_refused_on_resume(tmp_path, damage):
+    _interrupted(_config(tmp_path), 1)
+    manifest = tmp_path / "step-00001" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    if damage == "truncated":
+        manifest.write_text(manifest.read_text()[:200])
+        match = r"manifest\.json cannot be read"
+    elif damage == "not a dict":
+        manifest.write_text("[1, 2, 3]")
+        match = r"not a checkpoint of this version"
+    else:
+        if damage == "missing":
+            del data["finalised"]
+            match = r"manifest\.json is damaged: its 'finalised' is missing, expected list"
+        elif damage == "wrong type":
+            data["next_window"] = "2"
+            match = r"manifest\.json is damaged: its 'next_window' is str, expected int"
+        else:
+            data["streams"][next(iter(data["streams"]))] = "../../outside.safetensors"
+            match = r"manifest\.json is damaged: it names the stream file '\.\./\.\./outside\.safetensors'"
+        manifest.write_text(json.dumps(data))
+    model = make_tiny_model("llama", num_layers=NUM_BLOCKS)
+    with pytest.raises(checkpoints.CheckpointError, match=match):
+        Pruner(model, _config(tmp_path), calibration_data=_calibration(), show_progress=False).prune(resume=True)
+    _assert_identical(model.state_dict(), _dense_state())
+    # A damaged checkpoint cannot be the same run's: a fresh run replaces it without overwrite.
+    reference, _, _ = _pruned(_config())
+    model, _, _ = _pruned(_config(tmp_path))
+    _assert_identical(model.state_dict(), reference.state_dict())
+
+
+def test_save_after_an_in_process_resume_works(tmp_path):
+    """The model a failed run left is flagged (it refuses to save); resumed to the end in the same process, the
+    flag is cleared and it saves like the uninterrupted run."""
+    import transformers
+
+    from hf_recon_prune.hub import save_pruned_model
+
+    reference, _, _ = _pruned(_config())
+    config = _config(tmp_path / "checkpoints")
+    model = make_tiny_model("llama", num_layers=NUM_BLOCKS)
+    with pytest.raises(PruningFailedError):
+        Pruner(model, config, calibration_data=_calibration(), show_progress=False, on_block_end=_stop_after(1)).prune()
+    with pytest.raises(RuntimeError, match="partially pruned"):
+        save_pruned_model(model, tmp_path / "too-early", config)
+    pruner = Pruner(model, config, calibration_data=_calibration(), show_progress=False)
+    pruner.prune(resume=True)
+    folder = pruner.save_pretrained(str(tmp_path / "saved"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    _assert_identical(reloaded.state_dict(), reference.state_dict())
+
+
+def test_the_blocks_folder_is_fsynced_after_every_rename(tmp_path, monkeypatch):
+    synced = []
+    real = checkpoints._fsync_dir
+    monkeypatch.setattr(checkpoints, "_fsync_dir", lambda path: (synced.append(os.path.abspath(path)), real(path)))
+    _pruned(_config(tmp_path))
+    assert synced.count(str(tmp_path / "blocks")) == NUM_BLOCKS  # once per block file, after its rename

@@ -11,8 +11,12 @@ deterministic, disjoint remainder of the source. For Hugging Face datasets the s
 has no validation split) so that measuring overfitting never touches a test set that is not needed for it.
 
 Nothing named by a source string is imported or evaluated: strings are matched against the preset names, then against
-existing paths, and anything else is handed to ``datasets.load_dataset`` as a dataset id (which, since datasets 4, no
-longer runs dataset scripts).
+existing paths, and anything else is handed to ``datasets.load_dataset`` as a dataset id, always with
+``trust_remote_code=False``: datasets 3.x would otherwise run a dataset's loading script when the environment sets
+``HF_DATASETS_TRUST_REMOTE_CODE=1`` (datasets 4 runs no scripts at all).
+
+The marker a saved model's config carries in place of calibration texts (``hf_recon_prune.sanitise``) is refused
+with a ValueError that says so: the texts were never saved.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import logging
 import os
 import re
 from typing import Any, Optional, Sequence, Union
+
+from ..sanitise import parse_texts_marker
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +93,13 @@ def load_texts(source: Source, split: Optional[str] = "train", text_column: Opti
         )
     if not source.strip():
         raise ValueError("calibration source '' is empty; use 'default', a dataset id, a local path or a list of strings.")
+    marker = parse_texts_marker(source)
+    if marker is not None:
+        raise ValueError(
+            f"calibration source {source[:40]}...> is the marker a saved model's config carries in place of the "
+            f"{marker[0]} texts it was calibrated with (they are never saved); pass the texts themselves (a list of "
+            "strings), a dataset name or a file."
+        )
     if source == "self":
         raise ValueError(
             "calibration source 'self' is not a text source: self-generated samples come from the model; use "
@@ -209,7 +222,8 @@ def _call_load_dataset(desc: str, *args: Any, _unknown_split_ok: bool = False, *
     import datasets
 
     try:
-        return datasets.load_dataset(*args, **kwargs)
+        # Explicit, so that HF_DATASETS_TRUST_REMOTE_CODE=1 cannot make datasets 3.x run a loading script.
+        return datasets.load_dataset(*args, trust_remote_code=False, **kwargs)
     except ValueError as err:
         if _unknown_split_ok and "split" in str(err).lower():
             raise _UnknownSplit(str(err)) from err

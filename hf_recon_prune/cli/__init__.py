@@ -6,6 +6,9 @@ from a saved config (a saved model folder, its config.json, or a bare PruningCon
 
 Exit codes: 0 success; 2 bad arguments or configuration (nothing was run, or the message names the flag to fix);
 1 a failure while running (the message says what failed and what to try); 130 interrupted.
+
+No message, traceback (``-v``) or log line shows a Hub token: every token the command may see (its flags, HF_TOKEN,
+the cached login for ``push``) is replaced by ``<redacted token>`` (``errors.Redaction``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Optional, Sequence
 
 from .arguments import DEFAULT_EVAL_SEQ_LEN, EPILOG, FIELD_HELP, _config_from_args, build_parser
 from .commands import COMMANDS, DEFAULT_MODEL_LABEL
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, _hint
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Redaction, UsageError, _hint, known_tokens
 from .summary import summary_table
 
 __all__ = ["main", "build_parser", "summary_table", "COMMANDS", "UsageError", "FIELD_HELP", "EPILOG",
@@ -29,7 +32,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    redact = Redaction(known_tokens(args))
+    with redact.logging():
+        return _run(args, redact)
+
+
+def _run(args, redact: Redaction) -> int:
     prefix = f"hf-recon-prune {args.command}"
+
+    def report(message: str, with_traceback: bool) -> None:
+        if with_traceback:
+            print(redact(traceback.format_exc()), end="", file=sys.stderr)
+        print(redact(message), file=sys.stderr)
+
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -39,17 +54,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{args.checkpoint_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except UsageError as error:
-        print(f"{prefix}: error: {error}", file=sys.stderr)
+        report(f"{prefix}: error: {error}", False)
         return EXIT_USAGE
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"{prefix}: error: {error}{_hint(error)}", file=sys.stderr)
+        report(f"{prefix}: error: {error}{_hint(error)}", args.verbose)
         return EXIT_USAGE
-    except (OSError, RuntimeError, ImportError) as error:
-        if args.verbose:
-            traceback.print_exc()
-        else:
+    except Exception as error:  # OSError, RuntimeError, ImportError and anything unexpected: exit 1, redacted
+        if not args.verbose:
             print("(run with -v for the traceback)", file=sys.stderr)
-        print(f"{prefix}: failed: {type(error).__name__}: {error}{_hint(error)}", file=sys.stderr)
+        report(f"{prefix}: failed: {type(error).__name__}: {error}{_hint(error)}", args.verbose)
         return EXIT_FAILURE

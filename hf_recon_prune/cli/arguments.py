@@ -71,6 +71,14 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "exclude_modules": ("layer-wise", "comma-separated regexes: never prune linear layers whose name matches"),
     "sparsegpt_block_size": ("layer-wise", "columns processed together by SparseGPT / LR"),
     "sparsegpt_dampening": ("layer-wise", "Hessian dampening, as a fraction of its mean diagonal"),
+    "moe_min_tokens": ("layer-wise", "experts routed fewer calibration tokens take their statistics from every "
+                                     "token entering the experts module; 'none': the expert's input features, 0: never"),
+    "sparsity_profile": ("pruning", "per-block sparsity: " + _choices("SPARSITY_PROFILES")
+                                    + " (owl: more weights kept in blocks with more outlier activations, same mean)"),
+    "owl_threshold": ("pruning", "OWL's M: a Wanda score above M times its block's mean is an outlier"),
+    "owl_lambda": ("pruning", "OWL's lambda: how far a block's sparsity may move from --sparsity (+-)"),
+    "sparsity_overrides": ("pruning", "PATTERN=SPARSITY,...: the sparsity of the weights whose name inside a block "
+                                      "matches the regex (the first match wins)"),
     "keep_existing_zeros": ("layer-wise", "an already sparse model keeps its zeros, and they count toward the "
                                           "sparsity (true/false)"),
     "calibration": ("calibration", "default (offline), c4, wikitext2, ptb, self, an HF dataset id or a local "
@@ -87,14 +95,26 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "seed": ("calibration", "seed of window sampling, self-generation and BR batches"),
     "self_gen_greedy_tokens": ("self-generation", "tokens decoded greedily before sampling starts"),
     "self_gen_temperature": ("self-generation", "sampling temperature (0 = greedy)"),
-    "self_gen_top_k": ("self-generation", "top-k filter (0 = off)"),
+    "self_gen_top_k": ("self-generation", "top-k filter (0 = off; default 50, as the paper's code)"),
     "self_gen_top_p": ("self-generation", "top-p filter (1.0 = off)"),
-    "self_gen_language": ("self-generation", "keep samples whose prefix is in this language; 'none' keeps all"),
-    "self_gen_batch_size": ("self-generation", "sequences generated together"),
+    "self_gen_language": ("self-generation", "keep samples whose prefix is in this language, e.g. en (needs "
+                                             "langdetect: the selfgen extra); 'none' keeps all (default)"),
+    "self_gen_batch_size": ("self-generation", "sequences generated together, or auto (from the GPU's free memory)"),
+    "self_gen_max_length": ("self-generation", "tokens a sample is generated to at most (default: --seq-len); a "
+                                               "random window of --seq-len tokens is cut from it"),
+    "self_gen_stop_at_eos": ("self-generation", "end a sample at EOS and replace samples shorter than --seq-len "
+                                                "(true/false; false suppresses EOS)"),
+    "self_gen_static_cache": ("self-generation", "static KV cache while sampling (true/false)"),
     "self_gen_cache_dir": ("self-generation", "folder caching generated samples, so a rerun does not regenerate"),
     "reconstruction_mode": ("block-wise", "full (train every kept weight) or lora (masked LoRA, merged afterwards)"),
     "br_epochs": ("block-wise", "epochs over the calibration windows per block"),
-    "br_lr": ("block-wise", "Adam learning rate"),
+    "br_lr": ("block-wise", "Adam learning rate, or auto (chosen per window by held-out error, at most 1.5x the time)"),
+    "br_keep_best": ("block-wise", "keep each window's epoch with the lowest held-out error, reverting when BR made it "
+                                   "worse (true/false)"),
+    "br_patience": ("block-wise", "stop a window after this many epochs without a lower held-out error; 'none' "
+                                  "trains every epoch"),
+    "cr_schedule": ("block-wise", "CR windows: " + _choices("CR_SCHEDULES") + " (authors: single-block windows at "
+                                  "both ends, every block trained twice)"),
     "br_batch_size": ("block-wise", "windows per optimiser step"),
     "br_train_other_params": ("block-wise", "also train the block's norms and biases (true/false)"),
     "lora_rank": ("block-wise", "LoRA rank (--reconstruction-mode lora)"),
@@ -130,6 +150,11 @@ def _field_parser(annotation: str) -> Callable[[str], Any]:
             if text.lower() == "none":
                 return []
             return [part.strip() for part in text.split(",") if part.strip()]
+        if inner == "dict[str,float]":  # PATTERN=VALUE,PATTERN=VALUE
+            pairs = [part.rpartition("=") for part in text.split(",") if part.strip()]
+            if any(not sep or not key.strip() for key, sep, _ in pairs):
+                raise ValueError(text)
+            return {key.strip(): float(value) for key, _, value in pairs}
         if inner in ("bool", "Union[bool,str]"):
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -142,14 +167,21 @@ def _field_parser(annotation: str) -> Callable[[str], Any]:
             return int(text)
         if inner == "float":
             return float(text)
+        if inner in ("Union[int,str]", "Union[float,str]"):  # a number, or a word such as "auto"
+            try:
+                return int(text) if inner == "Union[int,str]" else float(text)
+            except ValueError:
+                return text  # PruningConfig names what is allowed
         return text  # str, or Union[str, list[str]] given as one name/path
 
     # argparse names the type in its message: "argument --num-samples: invalid int value: 'abc'".
-    parse.__name__ = {"list[str]": "comma-separated list", "bool": "true/false"}.get(inner, inner)
+    parse.__name__ = {"list[str]": "comma-separated list", "bool": "true/false",
+                      "dict[str,float]": "PATTERN=VALUE list"}.get(inner, inner)
     return parse
 
 
-_METAVARS = {"int": "N", "float": "X", "comma-separated list": "A,B", "true/false": "BOOL"}
+_METAVARS = {"int": "N", "float": "X", "comma-separated list": "A,B", "true/false": "BOOL",
+             "PATTERN=VALUE list": "RE=X,RE=X"}
 
 
 def _flag(name: str) -> str:
@@ -264,7 +296,8 @@ def _add_prune_command(commands: "argparse._SubParsersAction") -> None:
                "--calibration default --num-samples 32 --seq-len 512 --output out/smollm2-wanda50",
     )
     prune.add_argument("--output", "-o", required=True, metavar="DIR",
-                       help="folder to save the pruned model in (an existing one is replaced only if it holds a model)")
+                       help="folder to save the pruned model in (an existing one is replaced only if hf-recon-prune "
+                            "saved it, or with --overwrite)")
     prune.add_argument("--config", metavar="FILE",
                        help="start from a saved PruningConfig (saved model folder, config.json or bare JSON); "
                             "flags given override it")
@@ -272,6 +305,10 @@ def _add_prune_command(commands: "argparse._SubParsersAction") -> None:
     prune.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from the latest checkpoint in --checkpoint-dir (same model, "
                             "flags and calibration data; starts from the first block when there is none yet)")
+    prune.add_argument("--overwrite", action="store_true",
+                       help="replace --output even when it is the model's own folder or a model folder that "
+                            "hf-recon-prune did not save, and let a fresh run replace a checkpoint of the same run "
+                            "in --checkpoint-dir")
     prune.add_argument("--print-config", action="store_true",
                        help="print the resolved PruningConfig as JSON and exit without loading the model")
     prune.add_argument("--base-model", default=None, metavar="ID",
@@ -338,21 +375,30 @@ def _add_generate_command(commands: "argparse._SubParsersAction") -> None:
     )
     _add_model_flags(generate)
     generate.add_argument("--output", "-o", required=True, metavar="FILE", help="JSONL file to write")
-    generate.add_argument("--num-samples", type=int, default=128, metavar="N", help="sequences to generate (default: 128)")
-    generate.add_argument("--seq-len", type=int, default=2048, metavar="N", help="tokens per sequence (default: 2048)")
+    generate.add_argument("--num-samples", type=int, default=256, metavar="N", help="sequences to generate (default: 256)")
+    generate.add_argument("--seq-len", type=int, default=1024, metavar="N", help="tokens per sequence (default: 1024)")
     generate.add_argument("--seed", type=int, default=0, metavar="N", help="(default: 0)")
     # Both spellings: the short one, and the PruningConfig field's (self_gen_*), so a recipe can be copied over.
     generate.add_argument("--greedy-tokens", "--self-gen-greedy-tokens", dest="greedy_tokens", type=int, default=4, metavar="N",
                           help="tokens decoded greedily before sampling (default: 4)")
     generate.add_argument("--temperature", "--self-gen-temperature", dest="temperature", type=float, default=1.0, metavar="X",
                           help="sampling temperature, 0 = greedy (default: 1.0)")
-    generate.add_argument("--top-k", "--self-gen-top-k", dest="top_k", type=int, default=0, metavar="N", help="0 = off (default)")
+    generate.add_argument("--top-k", "--self-gen-top-k", dest="top_k", type=int, default=50, metavar="N",
+                          help="0 = off (default: 50, as the paper's code)")
     generate.add_argument("--top-p", "--self-gen-top-p", dest="top_p", type=float, default=1.0, metavar="X",
                           help="1.0 = off (default)")
-    generate.add_argument("--language", "--self-gen-language", dest="language", default="en", metavar="CODE",
-                          help="keep prefixes in this language; 'none' keeps everything (default: en)")
-    generate.add_argument("--batch-size", "--self-gen-batch-size", dest="batch_size", type=int, default=16, metavar="N",
-                          help="sequences generated together (default: 16)")
+    generate.add_argument("--language", "--self-gen-language", dest="language", default="none", metavar="CODE",
+                          help="keep prefixes in this language, e.g. en (needs langdetect: the selfgen extra); "
+                               "'none' keeps everything (default)")
+    generate.add_argument("--batch-size", "--self-gen-batch-size", dest="batch_size", type=_field_parser("Union[int,str]"),
+                          default="auto", metavar="N", help="sequences generated together; auto (default): from the "
+                                                             "GPU's free memory, 32 on the CPU")
+    generate.add_argument("--max-length", "--self-gen-max-length", dest="max_length", type=int, default=None,
+                          metavar="N", help="tokens a sequence is generated to at most; a random window of --seq-len "
+                                            "tokens is cut from it (default: --seq-len)")
+    generate.add_argument("--stop-at-eos", "--self-gen-stop-at-eos", dest="stop_at_eos", type=_field_parser("bool"),
+                          default=True, metavar="BOOL", help="end a sequence at EOS and replace those shorter than "
+                                                             "--seq-len; false suppresses EOS (default: true)")
     generate.add_argument("--cache-dir", "--self-gen-cache-dir", dest="cache_dir", default=None,
                           metavar="DIR", help="cache folder: a rerun with the same settings reads the samples "
                                               "from it instead of generating them again")
@@ -363,7 +409,8 @@ def _add_push_command(commands: "argparse._SubParsersAction") -> None:
     push = commands.add_parser(
         "push", help="upload a saved pruned folder to the Hugging Face Hub", formatter_class=_FORMATTER,
         description=_wrap("Create the model repo if needed and upload the folder in one commit. The token comes from "
-                    "--token, the HF_TOKEN variable or `hf auth login`; it is never written anywhere."),
+                    "the HF_TOKEN variable, `hf auth login` or --token-file; it is never written anywhere, and "
+                    "it is cut out of every message and log line (also with -v)."),
         epilog="example:\n  hf-recon-prune push out/smollm2-sparse50 you/smollm2-sparse50 --private",
     )
     push.add_argument("folder", help="a folder written by prune (or Pruner.save_pretrained)")
@@ -372,7 +419,11 @@ def _add_push_command(commands: "argparse._SubParsersAction") -> None:
     push.add_argument("--revision", default=None, metavar="BRANCH", help="branch to push to (created when missing)")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
     push.add_argument("--commit-message", default=None, metavar="TEXT")
-    push.add_argument("--token", default=None, metavar="TOKEN", help="a Hub token (default: HF_TOKEN or the cached login)")
+    push.add_argument("--token-file", default=None, metavar="FILE",
+                      help="read the Hub token from this file (default: HF_TOKEN or the cached login)")
+    push.add_argument("--token", default=None, metavar="TOKEN",
+                      help="a Hub token on the command line: discouraged, it shows in `ps` and the shell history "
+                           "(use HF_TOKEN or --token-file)")
 
 
 def _add_info_command(commands: "argparse._SubParsersAction") -> None:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from ..config import CONFIG_KEY, PruningConfig
 from .arguments import _config_from_args, _flag
-from .errors import EXIT_OK, UsageError
+from .errors import EXIT_OK, UsageError, push_token
 from .summary import _describe_config, summary_table
 
 DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (offline default)"
@@ -53,13 +53,20 @@ def _check_eval_flags(args) -> None:
             raise UsageError(f"{_flag(name)} {value}: must be at least {2 if name == 'eval_seq_len' else 1}")
 
 
-def _check_output_folder(path: str) -> None:
-    """Refuse before any work what saving would refuse at the end (a file, or a folder that is not a saved model)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--output {path}: exists and is not a folder; choose another --output")
-    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise UsageError(f"--output {path}: the folder is not empty and holds no saved model, so it is not replaced; "
-                         "choose another --output or empty it")
+def _check_output_folder(path: str, model: Optional[str] = None, overwrite: bool = False) -> None:
+    """Refuse before any work what saving would refuse at the end: a file, a folder that is not a saved model, the
+    model's own folder or a model folder hf-recon-prune did not save (the last two only without --overwrite)."""
+    from types import SimpleNamespace
+
+    from ..hub.save import check_save_target
+
+    source = os.path.expanduser(model) if model and os.path.isdir(os.path.expanduser(model)) else ""
+    try:
+        check_save_target(path, SimpleNamespace(config=SimpleNamespace(_name_or_path=source)), overwrite=overwrite)
+    except FileExistsError as error:
+        message = str(error).replace("overwrite=True (--overwrite)", "--overwrite")
+        message = message.replace("save_directory", "--output")
+        raise UsageError(f"--output {path}: {message}") from None
 
 
 def _cmd_prune(args) -> int:
@@ -68,7 +75,7 @@ def _cmd_prune(args) -> int:
         print(config.to_json_string(), end="")
         return EXIT_OK
     _check_eval_flags(args)
-    _check_output_folder(args.output)
+    _check_output_folder(args.output, args.model, args.overwrite)
     if args.resume and not config.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir DIR: the folder the interrupted run wrote its checkpoints to")
     from ..pruner import Pruner
@@ -85,7 +92,7 @@ def _cmd_prune(args) -> int:
         _status(f"dense perplexity: {results['dense']:.3f}")
     _status(f"pruning: {_describe_config(config)}")
     pruner = Pruner(model, config, tokenizer=tokenizer)
-    report = pruner.prune(resume=args.resume)
+    report = pruner.prune(resume=args.resume, overwrite=args.overwrite)
     if not args.no_eval:
         _status("perplexity of the pruned model ...")
         t0 = time.perf_counter()
@@ -93,8 +100,8 @@ def _cmd_prune(args) -> int:
         eval_seconds += time.perf_counter() - t0
         pruner.record_perplexity(args.eval_source, args.eval_split, args.eval_seq_len, results["dense"],
                                  results["pruned"])
-    path = pruner.save_pretrained(args.output, base_model=args.base_model, license=args.license,
-                                  repo_id=args.repo_id)
+    path = pruner.save_pretrained(args.output, overwrite=args.overwrite, base_model=args.base_model,
+                                  license=args.license, repo_id=args.repo_id)
     timings = {"pruning": report.total_seconds, "evaluation": eval_seconds,
                "total": time.perf_counter() - started}
     print()
@@ -205,8 +212,11 @@ def _cmd_generate(args) -> int:
     from ..calibration import generate_self_calibration, save_texts_jsonl
 
     for name in ("num_samples", "seq_len", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"{_flag(name)} {getattr(args, name)}: must be at least 1")
+        value = getattr(args, name)
+        if isinstance(value, str) and value != "auto" or not isinstance(value, str) and value < 1:
+            raise UsageError(f"{_flag(name)} {value}: must be at least 1" + (" or auto" if name == "batch_size" else ""))
+    if args.max_length is not None and args.max_length < args.seq_len:
+        raise UsageError(f"--max-length {args.max_length}: must be at least --seq-len ({args.seq_len})")
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         raise UsageError(f"--output {args.output}: the folder {folder} does not exist")
@@ -215,7 +225,7 @@ def _cmd_generate(args) -> int:
         model, tokenizer, args.num_samples, args.seq_len, seed=args.seed, greedy_tokens=args.greedy_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         language=None if args.language.lower() == "none" else args.language, batch_size=args.batch_size,
-        cache_dir=args.cache_dir,
+        max_length=args.max_length, stop_at_eos=args.stop_at_eos, cache_dir=args.cache_dir,
     )
     save_texts_jsonl(data, args.output)
     origin = " (read from the cache)" if data.from_cache else ""
@@ -236,7 +246,8 @@ def _cmd_push(args) -> int:
     if constants.HF_HUB_OFFLINE:
         raise UsageError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it (e.g. HF_HUB_OFFLINE=0 "
                          f"hf-recon-prune push {args.folder} {args.repo_id})")
-    url = push_folder_to_hub(args.folder, args.repo_id, private=args.private or None, token=args.token,
+    token = push_token(args)
+    url = push_folder_to_hub(args.folder, args.repo_id, private=args.private or None, token=token,
                              commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr)
     print(f"pushed {os.path.abspath(args.folder)} to {url}")
     return EXIT_OK

@@ -3,13 +3,20 @@
 The same solver performs LR for a mask chosen by another criterion (``fixed_keep_mask``): columns are pruned left to
 right and each pruned weight's error is compensated on the columns not yet processed, through the Cholesky factor of
 the inverse Hessian. All arithmetic is float32.
+
+A Hessian that is not positive definite even after ``MAX_DAMPENING_RETRIES`` dampening tries (non-finite or
+indefinite statistics) does not stop the run: its layer falls back to the identity in place of the inverse Hessian,
+which makes the saliency the weight's magnitude and the OBS update nothing (magnitude masks, weights unchanged), with
+a warning (logged, and handed to the callback of ``on_singular_hessian``, which the Pruner puts in the report).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -21,6 +28,23 @@ MAX_DAMPENING_RETRIES = 6
 
 #: default of ``sparsegpt_prune(batched=None)``: benchmarks flip it to time the column loop against the batched solve
 BATCHED_SOLVE = True
+
+_SINGULAR_CALLBACK: contextvars.ContextVar[Optional[Callable[[str], None]]] = contextvars.ContextVar(
+    "hf_recon_prune_singular_hessian", default=None)
+
+
+class SingularHessianError(RuntimeError):
+    """The Hessian stayed not positive definite after every dampening try (``inverse_hessian_cholesky``)."""
+
+
+@contextlib.contextmanager
+def on_singular_hessian(callback: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, ``callback(message)`` is called for every layer that falls back to magnitude masks."""
+    token = _SINGULAR_CALLBACK.set(callback)
+    try:
+        yield
+    finally:
+        _SINGULAR_CALLBACK.reset(token)
 
 
 @dataclass
@@ -58,9 +82,9 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float, overwrite:
             if attempt:
                 logger.warning("Hessian was singular; solved with dampening %.3g instead of %.3g", damp, dampening)
             return U, damp
-    raise RuntimeError(
+    raise SingularHessianError(
         f"SparseGPT: the Hessian is not positive definite even with dampening {damp:g}; the calibration inputs of "
-        "this layer are degenerate (all zero or non-finite)."
+        "this layer are degenerate (non-finite, or the statistics are not a Gram matrix)."
     )
 
 
@@ -74,17 +98,39 @@ class HessianFactor:
 
 
 def factor_hessian(hessian: torch.Tensor, dampening: float, consume: bool = False,
-                   device: Optional[torch.device] = None) -> HessianFactor:
+                   device: Optional[torch.device] = None, name: Optional[str] = None) -> HessianFactor:
     """Factor ``hessian`` for SparseGPT. ``consume=True`` works in the given float32 tensor (which the caller gives
-    up) instead of a copy, so that only the factor outlives the call."""
+    up) instead of a copy, so that only the factor outlives the call. A Hessian that no dampening makes positive
+    definite gives the identity factor (magnitude masks, no update; see the module docstring); ``name`` (the layer)
+    is for that warning."""
     owned = consume and hessian.dtype == torch.float32 and (device is None or hessian.device == torch.device(device))
     H = hessian.detach() if owned else hessian.detach().to(device=device, dtype=torch.float32, copy=True)
     # Inputs that are always zero on the calibration data: H needs a non-zero diagonal there, and their weights are
     # the cheapest to prune (saliency 0), but they are not zeroed beyond the mask, so the sparsity stays exact.
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
-    U, used = inverse_hessian_cholesky(H, dampening, overwrite=True)
+    try:
+        U, used = inverse_hessian_cholesky(H, dampening, overwrite=True)
+    except SingularHessianError as error:
+        return _identity_factor(H, dead, dampening, name, error)
     return HessianFactor(U, dead, used)
+
+
+def _identity_factor(H: torch.Tensor, dead: torch.Tensor, dampening: float, name: Optional[str],
+                     error: SingularHessianError) -> HessianFactor:
+    """The fallback for a singular Hessian: with the identity as the inverse Hessian's factor, OBS saliency is the
+    squared weight and every compensation term is zero."""
+    finite = bool(torch.isfinite(H).all())
+    damp = dampening * 10.0 ** (MAX_DAMPENING_RETRIES - 1)
+    message = (f"the Hessian of {name or 'a layer'} is not positive definite even with dampening {damp:g} "
+               f"({'non-finite statistics' if not finite else 'indefinite statistics'}); the layer was pruned without "
+               "the OBS weight update (SparseGPT's own mask falls back to weight magnitude)")
+    logger.warning("%s (%s)", message, error)
+    callback = _SINGULAR_CALLBACK.get()
+    if callback is not None:
+        callback(message)
+    eye = torch.eye(H.shape[0], dtype=torch.float32, device=H.device)
+    return HessianFactor(eye, dead, damp)
 
 
 class HessianFactors:
@@ -107,7 +153,7 @@ class HessianFactors:
         statistics = self._stats[name]
         key = id(statistics)
         if key not in self._factors:
-            self._factors[key] = factor_hessian(statistics.take_hessian(), self._dampening, consume=True)
+            self._factors[key] = factor_hessian(statistics.take_hessian(), self._dampening, consume=True, name=name)
         factor = self._factors[key]
         self._remaining_users[key] -= 1
         if self._remaining_users[key] == 0:

@@ -10,6 +10,11 @@ A saved folder holds:
     prune_report.json                                        the PruneReport (when there is one)
     reconstruction_error.png                                 per-block error before/after, calibration vs held-out
     README.md                                                the model card (hf_recon_prune/templates/pruned_model_card.md)
+    .hf-recon-prune.json                                     marks the folder as saved by this package (a later save
+                                                            may replace it without overwrite=True); never uploaded
+
+Nothing private is written: the config and the report pass through ``hf_recon_prune.sanitise`` first (calibration
+texts become a count and a hash, local paths lose their folders or are dropped).
 
 The folder is written next to its destination under a temporary name and renamed into place once complete, so a
 failure (or an interrupt) never leaves a half-written folder, and an existing folder is replaced only by a complete
@@ -35,14 +40,23 @@ from .card import (
     method_label,
 )
 from .model_index import METRIC_NAMES, PRESET_DATASETS, ZERO_SHOT_NAMES
-from .push import HubUploadError, push_folder_to_hub
-from .save import PLOT_FILE, REPORT_FILE, save_already_pruned, save_pruned_model
+from .push import HubUploadError, check_publishable, push_folder_to_hub
+from .save import (
+    MARKER_FILE,
+    PLOT_FILE,
+    REPORT_FILE,
+    check_save_target,
+    save_already_pruned,
+    save_pruned_model,
+    written_by_this_package,
+)
 
 __all__ = [
-    "CARD_FILE", "CARD_TEMPLATE", "CITATION", "KNOWN_LICENSES", "METRIC_NAMES",
+    "CARD_FILE", "CARD_TEMPLATE", "CITATION", "KNOWN_LICENSES", "MARKER_FILE", "METRIC_NAMES",
     "PLOT_FILE", "PRESET_DATASETS", "REPORT_FILE", "TECHNIQUES", "ZERO_SHOT_NAMES", "HubUploadError",
-    "build_model_card", "card_template_path", "method_description", "method_label", "model_sparsity",
-    "push_folder_to_hub", "save_already_pruned", "save_pruned_model",
+    "build_model_card", "card_template_path", "check_publishable", "check_save_target", "method_description",
+    "method_label", "model_sparsity", "push_folder_to_hub", "save_already_pruned", "save_pruned_model",
+    "written_by_this_package",
 ]
 
 

@@ -12,16 +12,14 @@ import re
 import warnings
 from typing import Any, Optional
 
+from ..sanitise import PATH_PREFIX_RES
+
 # Hub repo ids: "name" or "namespace/name"; "--" and ".." are not allowed in them.
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 _HF_CACHE_RE = re.compile(r"models--(.+?)--([^/\\]+)[/\\]snapshots")
 _FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".ndjson", ".csv", ".parquet", ".arrow", ".gz", ".md")
-# Directory prefixes of absolute paths inside free text (POSIX, home-relative, Windows). The look-behind keeps URLs
-# ("https://host/a/b") and ratios ("2/3") intact.
-_PATH_PREFIX_RES = (
-    re.compile(r"(?<![\w.:/~-])~?/(?:[^\s/'\"`()<>,;|]+/)+"),
-    re.compile(r"(?<![\w])[A-Za-z]:\\(?:[^\s\\'\"`()<>,;|]+\\)+"),
-)
+# Directory prefixes of absolute paths inside free text: the sanitiser's (one definition of them).
+_PATH_PREFIX_RES = PATH_PREFIX_RES
 
 
 def _looks_like_hub_id(name: Any) -> bool:

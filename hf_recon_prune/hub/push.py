@@ -7,6 +7,7 @@ import os
 from typing import Optional, Union
 
 from .._version import __version__
+from .save import MARKER_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +39,14 @@ def push_folder_to_hub(
     with ``create_pr`` the upload opens a pull request against the default branch.
 
     Returns the URL of the pull request (``create_pr``) or of the commit. Raises ``HubUploadError`` naming the
-    reason and the complete local copy, which is only read, never modified.
+    reason and the complete local copy, which is only read, never modified. A folder whose config.json or
+    prune_report.json still holds calibration texts or local paths (saved by an older version) is refused with
+    ``ValueError`` before any request; the package's marker file is never uploaded.
     """
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder} is not a folder: nothing to upload (save the model there first)")
+    check_publishable(folder)
     if create_pr and revision not in (None, "main"):
         raise ValueError("create_pr=True opens a pull request against the default branch; leave revision unset")
     from huggingface_hub import HfApi
@@ -60,7 +64,7 @@ def push_folder_to_hub(
         if revision and revision != "main" and not revision.startswith("refs/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=message,
-                                 revision=revision, create_pr=create_pr or None)
+                                 revision=revision, create_pr=create_pr or None, ignore_patterns=[MARKER_FILE])
     except Exception as err:
         raise HubUploadError(
             _upload_failure_message(folder, repo_id, err, token, private=private, revision=revision,
@@ -75,6 +79,28 @@ def push_folder_to_hub(
 
 class _Refused(RuntimeError):
     pass
+
+
+def check_publishable(folder: str) -> None:
+    """Raise ValueError when config.json's ``pruning_config`` or prune_report.json holds what the sanitiser removes."""
+    from ..config import CONFIG_KEY
+    from ..sanitise import sanitise_config_dict, sanitise_report_dict, unsanitised_fields
+    from .save import REPORT_FILE, _read_json_dict
+
+    found = []
+    stored = (_read_json_dict(os.path.join(folder, "config.json")) or {}).get(CONFIG_KEY)
+    if isinstance(stored, dict):
+        found += [f"config.json: {CONFIG_KEY}.{name}"
+                  for name in unsanitised_fields(stored, sanitise_config_dict(stored))]
+    report = _read_json_dict(os.path.join(folder, REPORT_FILE))
+    if report is not None:
+        found += [f"{REPORT_FILE}: {name}" for name in unsanitised_fields(report, sanitise_report_dict(report))]
+    if found:
+        raise ValueError(
+            f"refusing to upload {folder}: it holds calibration texts or local paths that must not be published "
+            f"({', '.join(found[:6])}{' ...' if len(found) > 6 else ''}). Save it again with this version of "
+            "hf-recon-prune (hf_recon_prune.hub.save_already_pruned, or Pruner.save_pretrained), which removes them."
+        )
 
 
 def _upload_failure_message(folder: str, repo_id: str, err: BaseException, token: Optional[str], *,

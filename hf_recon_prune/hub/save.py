@@ -2,26 +2,40 @@
 
 The folder is written next to its destination under a temporary name and renamed into place once complete, so a
 failure (or an interrupt) never leaves a half-written folder, and an existing folder is replaced only by a complete
-new one.
+new one. What a killed save left behind (``.<name>.tmp-*``, ``.<name>.old-*``) is removed by the next save to the same
+destination (an ``.old-*`` folder, the previous save moved aside, is put back when the destination is missing).
+
+Nothing is replaced without being asked: the model's own source folder and a model folder this package did not write
+(it has no ``MARKER_FILE``) are refused unless ``overwrite=True``; a non-empty folder that holds no model is always
+refused. Every file is made from the config and report as ``hf_recon_prune.sanitise`` leaves them: no calibration
+text and no absolute local path is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 import uuid
 import warnings
 from typing import Any, Optional, Union
 
+from .._version import __version__
 from ..config import CONFIG_KEY, PruningConfig
+from ..sanitise import sanitise_config_dict, sanitise_report_dict
 from .card import CARD_FILE, build_model_card
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "prune_report.json"
 PLOT_FILE = "reconstruction_error.png"
+#: Written into every folder this package saves (and never uploaded): a folder with it may be replaced by a new save.
+MARKER_FILE = ".hf-recon-prune.json"
+#: Room kept free on the disk beyond the model's bytes (tokenizer, card, plot, file system overhead).
+_DISK_MARGIN = 64 << 20
 
 
 def save_pruned_model(
@@ -34,13 +48,15 @@ def save_pruned_model(
     base_model: Optional[str] = None,
     license: Optional[str] = None,
     repo_id: Optional[str] = None,
+    overwrite: bool = False,
 ) -> str:
     """Save a pruned model with its tokenizer, PruningConfig, report, error plot and model card; return the folder.
 
     Args:
         model: the pruned ``*ForCausalLM`` model; saved with its own ``save_pretrained`` (safetensors, dense shards).
         save_directory: the folder to write. An existing folder is replaced only by a complete new one, and only if
-            it is empty or a saved model (has a config.json): other folders are refused, never deleted.
+            it is empty or a model folder this package saved: a folder without a model is refused (never deleted);
+            the model's own source folder and a model folder saved by something else only with ``overwrite``.
         config: the PruningConfig (stored in config.json under ``"pruning_config"``); defaults to the report's config
             or to one already stored in ``model.config``.
         tokenizer: saved alongside when given (the card's usage snippet then loads it from the same repo).
@@ -50,16 +66,26 @@ def save_pruned_model(
         license: the license for the card; defaults to the base model's, when a local copy of its card says it.
         repo_id: the Hub repo the folder is meant for, used in the card's usage snippet and as the model-index name
             (default: the folder's name).
+        overwrite: replace the folder the model was loaded from, or a model folder this package did not write.
 
     Returns:
         the absolute path of the saved folder.
+
+    Raises:
+        FileExistsError: the folder may not be replaced (the message names it and says what to do).
+        OSError: the disk has no room for the model.
     """
     config = _resolve_config(model, config, report)
     _check_saveable(model)
-    final = _target_folder(save_directory)
+    final = _absolute(save_directory)
     parent, name = os.path.split(final)
+    if os.path.isdir(parent):
+        _clean_leftovers(parent, name)
+    check_save_target(final, model=model, overwrite=overwrite)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    _check_disk(model, parent)
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    config, report = _sanitised(config, report, [tmp, final, *_source_folders(model)])
     os.mkdir(tmp)  # honours the umask, unlike tempfile.mkdtemp's 0o700
     try:
         _write_folder(tmp, model, config, tokenizer, report, final=final, base_model=base_model, license=license,
@@ -81,6 +107,7 @@ def save_already_pruned(
     base_model: Optional[str] = None,
     license: Optional[str] = None,
     repo_id: Optional[str] = None,
+    overwrite: bool = False,
 ) -> str:
     """Save a model pruned earlier (no PruneReport, e.g. loaded back from a saved folder) with a card of its own.
 
@@ -89,7 +116,7 @@ def save_already_pruned(
     package); without any, the card describes the measured sparsity only.
     """
     return save_pruned_model(model, save_directory, config, tokenizer, None, base_model=base_model, license=license,
-                             repo_id=repo_id)
+                             repo_id=repo_id, overwrite=overwrite)
 
 
 def _resolve_config(model: Any, config: Any, report: Any) -> Optional[PruningConfig]:
@@ -121,39 +148,175 @@ def _check_saveable(model: Any) -> None:
         )
 
 
-def _target_folder(save_directory: Union[str, os.PathLike]) -> str:
-    final = os.path.abspath(os.fspath(save_directory))
-    if os.path.islink(final):
-        final = os.path.realpath(final)
-    if os.path.exists(final):
-        if not os.path.isdir(final):
-            raise FileExistsError(f"{final} exists and is not a folder; choose another save_directory")
-        entries = os.listdir(final)
-        if entries and "config.json" not in entries:
-            raise FileExistsError(
-                f"{final} exists and does not hold a saved model (no config.json); it is not replaced. Choose another "
-                "save_directory or empty it first."
-            )
+def _absolute(save_directory: Union[str, os.PathLike]) -> str:
+    final = os.path.abspath(os.path.expanduser(os.fspath(save_directory)))
+    return os.path.realpath(final) if os.path.islink(final) else final
+
+
+def check_save_target(save_directory: Union[str, os.PathLike], model: Any = None, overwrite: bool = False) -> str:
+    """Refuse, before anything is written, a destination that saving must not replace; returns its absolute path.
+
+    Always refused: a file, a non-empty folder without a config.json (it holds no model) and the working directory.
+    Refused unless ``overwrite``: the folder ``model`` was loaded from (or one that contains it), a folder inside the
+    Hugging Face cache, and a model folder without ``MARKER_FILE`` (written by something other than this package).
+    """
+    final = _absolute(save_directory)
+    if os.path.exists(final) and not os.path.isdir(final):
+        raise FileExistsError(f"{final} exists and is not a folder; choose another save_directory")
     cwd = os.path.realpath(os.getcwd())
-    if cwd == final or cwd.startswith(final.rstrip(os.sep) + os.sep):
-        raise ValueError(f"cannot replace {final}: it is (or contains) the current working directory")
+    if _inside(cwd, final):
+        raise FileExistsError(f"cannot replace {final}: it is (or contains) the current working directory; choose "
+                              "another save_directory")
+    way_out = "choose another save_directory, or pass overwrite=True (--overwrite) to replace it"
+    if not overwrite:
+        for source in _source_folders(model):
+            if _inside(source, final):
+                raise FileExistsError(f"refusing to save into {final}: the model was loaded from "
+                                      f"{'it' if source == final else source}, so saving would replace its own "
+                                      f"weights; {way_out}")
+        cache = _hub_cache()
+        if cache and _inside(final, cache):
+            raise FileExistsError(f"refusing to save into {final}: it is inside the Hugging Face cache ({cache}); "
+                                  f"{way_out}")
+    entries = os.listdir(final) if os.path.isdir(final) else []
+    if entries and "config.json" not in entries:
+        raise FileExistsError(
+            f"{final} exists and does not hold a saved model (no config.json); it is not replaced. Choose another "
+            "save_directory or empty it first."
+        )
+    if entries and not overwrite and not written_by_this_package(final):
+        raise FileExistsError(f"refusing to replace {final}: it holds a model that hf-recon-prune did not save (no "
+                              f"{MARKER_FILE}); {way_out}")
     return final
+
+
+def written_by_this_package(folder: str) -> bool:
+    """Whether ``folder`` was saved by this package: its ``MARKER_FILE`` says so (folders saved before the marker
+    existed: a ``prune_report.json`` next to a config.json with a ``pruning_config``)."""
+    marker = _read_json_dict(os.path.join(folder, MARKER_FILE))
+    if marker is not None:
+        return marker.get("written_by") == "hf-recon-prune"
+    if not os.path.isfile(os.path.join(folder, REPORT_FILE)):
+        return False
+    return CONFIG_KEY in (_read_json_dict(os.path.join(folder, "config.json")) or {})
+
+
+def _read_json_dict(path: str) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies under it."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _source_folders(model: Any) -> list[str]:
+    """Local folders the model's weights came from: ``config._name_or_path`` when it is a folder."""
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    return [os.path.realpath(name)] if name and os.path.isdir(name) else []
+
+
+def _hub_cache() -> Optional[str]:
+    with contextlib.suppress(Exception):
+        from huggingface_hub import constants
+
+        return os.path.realpath(constants.HF_HUB_CACHE)
+    return None
+
+
+_LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{12}$")
+
+
+def _clean_leftovers(parent: str, name: str) -> None:
+    """Remove what a killed save to ``parent/name`` left: temporary folders, and the previous save moved aside
+    (restored when the destination itself is missing). Those of a save still running in another process stay."""
+    final = os.path.join(parent, name)
+    for entry in sorted(os.listdir(parent)):
+        match = _LEFTOVER_RE.match(entry)
+        path = os.path.join(parent, entry)
+        if not match or match.group("name") != name or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        pid = int(match.group("pid")) if match.group("pid") else None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue
+        if match.group("kind") == "old" and not os.path.lexists(final):
+            os.rename(path, final)
+            logger.warning("a killed save had moved %s aside; it was put back", final)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("removed %s, left by a save that did not finish", path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _check_disk(model: Any, parent: str) -> None:
+    needed = _model_bytes(model) + _DISK_MARGIN
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise OSError(f"not enough disk space to save the model in {parent}: it needs about {needed / 2**30:.2f} GiB "
+                      f"and {free / 2**30:.2f} GiB are free; free some space or choose another save_directory")
+
+
+def _model_bytes(model: Any) -> int:
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _sanitised(config: Optional[PruningConfig], report: Any, known: list[str]) -> tuple[Optional[PruningConfig], Any]:
+    """The config and report every saved file is made from: as ``hf_recon_prune.sanitise`` leaves them."""
+    if config is not None:
+        config = PruningConfig.from_dict(sanitise_config_dict(config.to_dict(), known))
+    if report is not None:
+        from ..report import PruneReport
+
+        report = PruneReport.from_dict(sanitise_report_dict(report.to_dict(), known))
+    return config, report
 
 
 def _move_into_place(tmp: str, final: str) -> None:
     """Rename the complete ``tmp`` to ``final``; an existing ``final`` is moved aside first and restored on failure."""
+    parent, name = os.path.split(final)
     if not os.path.lexists(final):
         os.rename(tmp, final)
+        _fsync_dir(parent)
         return
-    parent, name = os.path.split(final)
-    backup = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
+    backup = os.path.join(parent, f".{name}.old-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     os.rename(final, backup)
     try:
         os.rename(tmp, final)
     except BaseException:
         os.rename(backup, final)
         raise
+    _fsync_dir(parent)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make the renames in ``path`` durable (a no-op where folders cannot be opened, e.g. on Windows)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_folder(tmp: str, model: Any, config: Optional[PruningConfig], tokenizer: Any, report: Any, *,
@@ -166,6 +329,8 @@ def _write_folder(tmp: str, model: Any, config: Optional[PruningConfig], tokeniz
         raise RuntimeError(f"{type(model).__name__}.save_pretrained wrote no .safetensors file")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, MARKER_FILE), "w", encoding="utf-8") as handle:
+        json.dump({"written_by": "hf-recon-prune", "version": __version__}, handle)
     plot_file = None
     if report is not None:
         report.to_json_file(os.path.join(tmp, REPORT_FILE))
