@@ -4,11 +4,12 @@ Shin et al. (EMNLP 2024), with perplexity before and after and the per-block rec
     # offline, on a CPU: SmolLM2-135M-Instruct (a Llama) with small settings, a few minutes
     python examples/sparsegpt_br_gp_llama.py
 
-    # the paper's setting, on a GPU (128 x 2048 tokens of C4, 10 epochs of BR, 2:4 or 50% unstructured)
+    # the paper's setting, on a GPU (256 x 1024 tokens of C4, 10 epochs of BR, 2:4 or 50% unstructured)
     python examples/sparsegpt_br_gp_llama.py --model meta-llama/Llama-2-7b-hf --calibration c4 \
-        --num-samples 128 --seq-len 2048 --br-epochs 10 --eval-source wikitext2 --eval-seq-len 2048 --pattern 2:4
+        --num-samples 256 --seq-len 1024 --br-epochs 10 --eval-source wikitext2 --eval-seq-len 2048 --pattern 2:4
 
-Add --cross-block for CR (windows of two adjacent blocks, sliding by one).
+Add --cross-block for CR (windows of two adjacent blocks, sliding by one, with a single block at both ends as in
+the authors' code).
 """
 
 from __future__ import annotations

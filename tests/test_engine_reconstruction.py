@@ -50,7 +50,11 @@ def test_br_lowers_error_below_lr_and_keeps_every_zero(mode):
     for lr_block, br_block in zip(lr_report.blocks, br_report.blocks):
         assert br_block.error_after["calibration"] < lr_block.error_after["calibration"]
         assert br_block.error_before["calibration"] > br_block.error_after["calibration"]
-        assert len(br_block.train_losses) == 1 and len(br_block.train_losses[0]) == BR["br_epochs"]
+        # One window per block; early stopping on the held-out rows may end it before br_epochs, and says so.
+        choice = br_block.br_choices[0]
+        assert len(br_block.train_losses) == 1 == len(br_block.br_choices)
+        assert len(br_block.train_losses[0]) == choice["epochs_run"] <= BR["br_epochs"]
+        assert choice["stopped_early"] == (choice["epochs_run"] < BR["br_epochs"])
     layout = resolve_layout(br_model)
     for index, block in enumerate(layout.blocks):
         for name, layer in prunable_linears(block).items():
@@ -87,14 +91,20 @@ def test_gp_trains_toward_the_dense_stream_and_local_toward_the_dense_block_on_t
     assert not torch.allclose(sparse_input, hidden[1], atol=1e-3)
 
 
-def test_cr_visits_overlapping_windows_of_two_blocks(monkeypatch):
+@pytest.mark.parametrize("schedule, expected, trained", [
+    ("authors", [(0,), (0, 1), (1, 2), (2, 3), (3,)], [2, 2, 2, 2]),
+    ("sliding", [(0, 1), (1, 2), (2, 3)], [1, 2, 2, 1]),
+])
+def test_cr_visits_overlapping_windows_of_two_blocks(monkeypatch, schedule, expected, trained):
     model = make_tiny_model("llama", num_layers=4)
     spy = _Spy(monkeypatch)
-    _, report = _run(model, _calibration(), reconstruction=["lr", "br", "gp", "cr"], br_epochs=2)
+    _, report = _run(model, _calibration(), reconstruction=["lr", "br", "gp", "cr"], br_epochs=2, cr_schedule=schedule)
     blocks = resolve_layout(model).blocks
     visited = [tuple(next(i for i, b in enumerate(blocks) if b is block) for block in call["blocks"]) for call in spy.calls]
-    assert visited == [(0, 1), (1, 2), (2, 3)]
-    assert [len(b.train_losses) for b in report.blocks] == [1, 2, 2, 1]
+    assert visited == expected
+    assert [len(b.train_losses) for b in report.blocks] == trained
+    assert [[tuple(c["window"]) for c in b.br_choices] for b in report.blocks] == [
+        [w for w in expected if i in w] for i in range(4)]
 
 
 def test_non_finite_loss_reverts_the_block_and_the_run_goes_on(monkeypatch):
@@ -120,13 +130,22 @@ def test_non_finite_loss_reverts_the_block_and_the_run_goes_on(monkeypatch):
 
 def test_overfitting_is_visible_in_the_report():
     """Few calibration samples, many epochs: calibration error falls much more than held-out error."""
-    model = make_tiny_model("llama", num_layers=2)
-    _, report = _run(model, _calibration(num=4, heldout=8), reconstruction=["lr", "br", "gp"], br_epochs=60,
-                     br_lr=3e-3, br_batch_size=2)
+    base = make_tiny_model("llama", num_layers=2)
+    settings = dict(reconstruction=["lr", "br", "gp"], br_epochs=60, br_lr=3e-3, br_batch_size=2)
+    _, report = _run(copy.deepcopy(base), _calibration(num=4, heldout=8), **settings, br_keep_best=False,
+                     br_patience=None)
     block = report.blocks[-1]
     calibration_gain = block.error_before["calibration"] / block.error_after["calibration"]
     heldout_gain = block.error_before["heldout"] / block.error_after["heldout"]
     assert calibration_gain > 2 * heldout_gain
+    # With the held-out controls (the default) each window keeps its best epoch on the held-out rows and stops
+    # once more epochs stop helping: the window error on held-out rows never ends above where BR started.
+    _, controlled = _run(copy.deepcopy(base), _calibration(num=4, heldout=8), **settings)
+    for block in controlled.blocks:
+        (choice,) = block.br_choices
+        assert choice["stopped_early"] and choice["epochs_run"] < 60
+        kept = choice["heldout_by_epoch"][choice["kept_epoch"] - 1] if choice["kept_epoch"] else choice["heldout_before"]
+        assert kept == min([choice["heldout_before"], *choice["heldout_by_epoch"]])
 
 
 def test_heldout_rows_never_reach_the_optimiser():

@@ -121,11 +121,19 @@ def _assert_mask_exact(masks):
 # ---------------------------------------------------------------------------------------------- schedule
 def test_schedule():
     assert reconstruction_windows(4, cross_block=False) == [(0,), (1,), (2,), (3,)]
-    assert reconstruction_windows(4, cross_block=True) == [(0, 1), (1, 2), (2, 3)]
-    assert reconstruction_windows(1, cross_block=True) == [(0,)]
-    assert reconstruction_windows(0, cross_block=True) == []
-    windows = reconstruction_windows(5, cross_block=True)
-    assert [sum(i in w for w in windows) for i in range(5)] == [1, 2, 2, 2, 1]  # interior blocks trained twice
+    # The authors' schedule (the default): single-block windows at both ends.
+    assert reconstruction_windows(4, cross_block=True) == [(0,), (0, 1), (1, 2), (2, 3), (3,)]
+    assert reconstruction_windows(4, cross_block=True, schedule="sliding") == [(0, 1), (1, 2), (2, 3)]
+    for schedule in ("authors", "sliding"):
+        assert reconstruction_windows(1, cross_block=True, schedule=schedule) == [(0,)]
+        assert reconstruction_windows(0, cross_block=True, schedule=schedule) == []
+        assert reconstruction_windows(3, cross_block=False, schedule=schedule) == [(0,), (1,), (2,)]
+    authors = reconstruction_windows(5, cross_block=True)
+    assert [sum(i in w for w in authors) for i in range(5)] == [2, 2, 2, 2, 2]  # every block trained twice
+    sliding = reconstruction_windows(5, cross_block=True, schedule="sliding")
+    assert [sum(i in w for w in sliding) for i in range(5)] == [1, 2, 2, 2, 1]  # interior blocks trained twice
+    with pytest.raises(ValueError, match="cr_schedule='paper' is not allowed; allowed: 'authors', 'sliding'"):
+        reconstruction_windows(4, cross_block=True, schedule="paper")
 
 
 # ---------------------------------------------------------------------------------------------- BR
@@ -320,13 +328,18 @@ def test_bad_arguments():
 def test_settings_hold_the_configs_block_training_fields():
     config = PruningConfig(reconstruction_mode="lora", br_epochs=3, br_lr=5e-4, br_batch_size=2,
                            br_train_other_params=False, lora_rank=4, lora_alpha=8.0, lora_target_modules=["mlp"],
-                           seed=7, autocast_dtype="float32", compile_blocks=False)
+                           seed=7, autocast_dtype="float32", compile_blocks=False, br_keep_best=False, br_patience=2)
     settings = BlockTrainingSettings.from_config(config)
     names = {f.name for f in dataclasses.fields(settings)}
     assert names == {"reconstruction_mode", "br_train_other_params", "br_epochs", "br_batch_size", "br_lr", "seed",
-                     "lora_rank", "lora_alpha", "lora_target_modules", "autocast_dtype", "compile_blocks"}
-    assert all(getattr(settings, n) == getattr(config, n) for n in names - {"lora_target_modules"})
+                     "lora_rank", "lora_alpha", "lora_target_modules", "autocast_dtype", "compile_blocks",
+                     "br_keep_best", "br_patience", "br_lr_grid"}
+    assert all(getattr(settings, n) == getattr(config, n) for n in names - {"lora_target_modules", "br_lr_grid"})
     assert settings.lora_target_modules == ("mlp",)  # a copy: changing the config's list does not reach it
+    assert settings.br_lr_grid == (2e-4, 5e-4, 1e-3, 2e-3) and not hasattr(config, "br_lr_grid")
+    assert BlockTrainingSettings.from_config(PruningConfig(br_lr="auto")).br_lr == "auto"
+    with pytest.raises(ValueError, match="br_lr_grid=.* is not allowed"):
+        dataclasses.replace(settings, br_lr_grid=(1e-3, 0.0))
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.br_lr = 1.0
 

@@ -71,9 +71,10 @@ def test_greedy_results_do_not_depend_on_batch_size(model, tokenizer):
 
 
 def test_sampling_settings_change_the_samples(model, tokenizer):
-    base = _generate(model, tokenizer, greedy_tokens=2)
-    top_k_1 = _generate(model, tokenizer, greedy_tokens=2, top_k=1)
-    greedy = _generate(model, tokenizer, greedy_tokens=2, temperature=0)
+    # EOS suppressed, so that no sample is replaced and all three keep the same candidates.
+    base = _generate(model, tokenizer, greedy_tokens=2, stop_at_eos=False)
+    top_k_1 = _generate(model, tokenizer, greedy_tokens=2, top_k=1, stop_at_eos=False)
+    greedy = _generate(model, tokenizer, greedy_tokens=2, temperature=0, stop_at_eos=False)
     assert torch.equal(base.input_ids[:, :3], greedy.input_ids[:, :3])  # same accepted prefixes
     assert not torch.equal(base.input_ids, greedy.input_ids)
     assert torch.equal(top_k_1.input_ids, greedy.input_ids)  # top-1 sampling is greedy decoding
@@ -91,14 +92,17 @@ def test_language_filter_predicate_is_applied_to_prefixes(model, tokenizer):
     assert data.input_ids.shape == (NUM, LENGTH)
     for row in data.input_ids:
         assert odd_first_character(tokenizer.decode(row[:4].tolist(), skip_special_tokens=True))
-    rejected = [t for t in judged if not (t and ord(t[0]) % 2 == 1)]
-    # Every candidate was judged once, and each rejected one was replaced by a new draw.
-    assert rejected and data.num_candidates == len(judged) == NUM + len(rejected)
+    # Candidates are judged in order (a batch at a time, so a few past the last one used may be judged too); each
+    # rejected one was replaced by the next draw.
+    used = judged[:data.num_candidates]
+    rejected = [t for t in used if not (t and ord(t[0]) % 2 == 1)]
+    assert rejected and len(judged) >= data.num_candidates == NUM + len(rejected)
 
 
 def test_filter_that_rejects_everything_gives_up_after_the_budget(model, tokenizer):
     calls = []
-    with pytest.raises(SelfGenerationError, match=r"only 0 of 18 generated prefixes passed.*num_samples=6.*max_attempts_factor=3"):
+    with pytest.raises(SelfGenerationError, match=r"only 0 of num_samples=6 samples came from 18 candidates "
+                                                  r"\(max_attempts_factor=3 allows 18\): 18 prefixes failed the language"):
         _generate(model, tokenizer, language_filter=lambda text: calls.append(text) and False, max_attempts_factor=3)
     assert len(calls) == 3 * NUM
 
@@ -114,22 +118,24 @@ def test_langdetect_filter_on_fixed_sentences():
         make_language_filter("english")
 
 
-def test_default_english_filter_keeps_only_english_prefixes(model, tokenizer):
+def test_english_filter_keeps_only_english_prefixes(model, tokenizer):
     data = _generate(model, tokenizer, num=3, language="en", greedy_tokens=4, max_attempts_factor=40)
     for row in data.input_ids:
         assert detect_language(tokenizer.decode(row[:5].tolist(), skip_special_tokens=True)) == "en"
 
 
-def test_eos_is_suppressed_so_every_sample_has_full_length(tokenizer):
+def test_without_stop_at_eos_eos_is_suppressed_so_every_sample_has_full_length(tokenizer):
     model = make_tiny_llama(len(tokenizer), seed=1)
     eos = tokenizer.eos_token_id
     hook = model.lm_head.register_forward_hook(lambda module, args, out: out.index_add(-1, torch.tensor([eos]), torch.full((*out.shape[:-1], 1), 1e4)))
     try:
         assert model(torch.tensor([[5, 6]])).logits[0, -1].argmax() == eos
-        data = _generate(model, tokenizer)
+        data = _generate(model, tokenizer, stop_at_eos=False)
+        with pytest.raises(SelfGenerationError, match=r"48 samples ended \(EOS\) before seq_len=20.*stop_at_eos=False"):
+            _generate(model, tokenizer)  # every sample ends at once: none is long enough
     finally:
         hook.remove()
-    assert data.input_ids.shape == (NUM, LENGTH) and not (data.input_ids == eos).any()
+    assert data.input_ids.shape == (NUM, LENGTH) and not (data.input_ids == eos).any() and data.num_short == 0
 
 
 def test_tokenizer_without_pad_uses_eos_and_without_eos_fails(model):
@@ -175,6 +181,11 @@ def test_invalid_arguments_name_the_value(model, tokenizer):
         _generate(model, tokenizer, temperature=-1)
     with pytest.raises(ValueError, match="top_p=0 is not allowed"):
         _generate(model, tokenizer, top_p=0)
+    with pytest.raises(ValueError, match="batch_size='many' is not allowed; allowed: an integer >= 1 or 'auto'"):
+        _generate(model, tokenizer, batch_size="many")
+    with pytest.raises(ValueError, match=r"max_length=10 is not allowed; allowed: None \(= seq_len\) or an integer >= "
+                                         r"seq_len \(20\)"):
+        _generate(model, tokenizer, max_length=10)
 
 
 # ---------------------------------------------------------------------------------------------------------- mixed set

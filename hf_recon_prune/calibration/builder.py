@@ -231,6 +231,9 @@ def _self_generate(config: Any, tokenizer: Any, model: Any, count: int, show_pro
         top_p=config.self_gen_top_p,
         language=config.self_gen_language,
         batch_size=config.self_gen_batch_size,
+        max_length=config.self_gen_max_length,
+        stop_at_eos=config.self_gen_stop_at_eos,
+        static_cache=config.self_gen_static_cache,
         cache_dir=config.self_gen_cache_dir,
         show_progress=show_progress,
     )
@@ -245,7 +248,10 @@ def _self_description(config: Any, data: Any) -> dict[str, Any]:
         "top_k": config.self_gen_top_k,
         "top_p": config.self_gen_top_p,
         "language": config.self_gen_language,
-        "batch_size": config.self_gen_batch_size,
+        "max_length": config.self_gen_max_length or config.seq_len,
+        "stop_at_eos": config.self_gen_stop_at_eos,
+        "batch_size": data.batch_size if data.batch_size is not None else config.self_gen_batch_size,
         "candidates_tried": data.num_candidates,
+        "ended_before_seq_len": data.num_short,
         "from_cache": data.from_cache,
     }

@@ -1,8 +1,11 @@
 """Language filter for self-generated calibration prefixes (LLM-QAT keeps only prefixes in the target language).
 
-The detector is ``langdetect`` (a port of Google's language-detection library, maintained on PyPI). It samples
-n-grams at random, so every detector here is created from a private factory with a fixed seed: the same text always
-gets the same verdict, and the library's global factory (which other code may use) is left untouched.
+The filter is off by default (``PruningConfig.self_gen_language=None``): its detector, ``langdetect`` (a port of
+Google's language-detection library, maintained on PyPI), is not a dependency of the base install; install it with
+``pip install hf-recon-prune[selfgen]`` (or ``pip install langdetect``) and set ``self_gen_language="en"`` to filter
+as the paper (LLM-QAT) does. langdetect samples n-grams at random, so every detector here is created from a private
+factory with a fixed seed: the same text always gets the same verdict, and the library's global factory (which other
+code may use) is left untouched.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ def _factory() -> Any:
     except ImportError as err:
         raise ImportError(
             "the language filter of self-generated calibration data needs langdetect: pip install langdetect "
-            "(or hf-recon-prune[selfgen]); or pass language=None to keep every prefix, or a language_filter callable."
+            "(or hf-recon-prune[selfgen]); or keep every prefix with language=None (self_gen_language=None, the "
+            "default), or pass a language_filter callable."
         ) from err
     factory = DetectorFactory()
     factory.load_profile(PROFILES_DIRECTORY)

@@ -2,20 +2,28 @@
 
 Shin et al. (2024, "Rethinking Pruning LLMs: Benefits and Pitfalls of Reconstruction Error Minimization") show that
 reconstruction overfits the calibration set and that text sampled from the dense model itself reduces the overfitting.
-The generation procedure is LLM-QAT's (Liu et al. 2023):
+The procedure is LLM-QAT's (Liu et al. 2023), as the authors' code runs it:
 
 1. every sample starts from a token drawn uniformly from the vocabulary (special tokens excluded);
-2. the next ``greedy_tokens`` tokens are generated greedily, which turns the random token into a plausible prefix;
-3. prefixes that are not in the target language are dropped and replaced by new candidates;
-4. the rest of the ``seq_len`` tokens is sampled (temperature / top-k / top-p) with EOS suppressed, so every sample
-   has exactly ``seq_len`` tokens.
+2. the next ``greedy_tokens`` tokens are generated greedily (EOS suppressed), which turns the random token into a
+   plausible prefix;
+3. optionally (``language``; off by default, since the detector, langdetect, is not part of the base install),
+   prefixes not in the target language are dropped and replaced by new candidates;
+4. the rest is sampled (temperature, top-k 50 by default as the authors' ``generate()`` call had it, top-p) until
+   EOS or ``max_length`` tokens (default ``seq_len``);
+5. from every sample with at least ``seq_len`` tokens before its EOS a seeded random window of ``seq_len`` tokens
+   is cut; shorter samples are dropped and replaced by new candidates. (The authors' loader drew, with
+   replacement, among the generated texts longer than ``seq_len``; here every row is a different sample.)
+   ``stop_at_eos=False`` suppresses EOS instead, so that every sample runs to ``max_length``.
 
-Reproducibility. The candidate start tokens come from a ``torch.Generator`` seeded with ``seed`` and are drawn up
-front in a fixed order, and a prefix is accepted in candidate order, so the accepted prefixes do not depend on
-``batch_size``. The sampling stage seeds torch's RNG per batch inside ``torch.random.fork_rng`` (the caller's RNG
-state is left as it was); sampled continuations therefore depend on ``batch_size`` as well as ``seed``.
-``temperature=0`` makes the sampling stage greedy too, and then the result does not depend on ``batch_size`` at all
-(up to floating-point differences between batched and unbatched matrix products).
+Reproducibility. Every random choice depends only on ``seed`` and the sample's candidate index: the start tokens come
+from a ``torch.Generator`` seeded with ``seed`` in a fixed order; sampled tokens use keyed noise instead of torch's
+global RNG (``sampling.py``); a window's start comes from a generator seeded with (seed, index). Samples are accepted
+in candidate order, so the data does not depend on the batch size (up to float rounding of batched matrix products)
+and ``batch_size="auto"`` may choose it from the device's free memory; the caller's RNG state is not touched.
+
+Speed. Samples are generated in batches of ``batch_size`` with a KV cache. ``static_cache=True`` asks transformers
+for a static cache (which it may compile); whether that pays off was not measured, so it is off by default.
 """
 
 from __future__ import annotations
@@ -24,25 +32,38 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
+import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
+from .generation_cache import (
+    atomic_write_lines,
+    cache_file,
+    model_fingerprint,
+    read_cache,
+    sample_line,
+    settings_key,
+    tokenizer_fingerprint,
+    write_cache,
+)
 from .language import LanguageFilter, filter_name, resolve_language_filter
+from .sampling import auto_batch_size, lengths_before_eos, sampling_processors
+
+__all__ = ["SelfGeneratedData", "SelfGenerationError", "generate_self_calibration", "model_fingerprint",
+           "save_texts_jsonl", "tokenizer_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "hf-recon-prune/self-calibration/v1"
+CACHE_FORMAT = "hf-recon-prune/self-calibration/v2"
+#: How sampled tokens are drawn (part of the cache key): keyed Gumbel noise, see ``sampling.py``.
+SAMPLER = "gumbel-max/mix32-v1"
 _CANDIDATE_CHUNK = 1024
-_FINGERPRINT_ELEMENTS = 4096
-_FINGERPRINT_PARAMS = 8
 
 
 class SelfGenerationError(RuntimeError):
-    """Too few generated prefixes passed the language filter."""
+    """Too few candidates gave a sample (prefixes rejected by the language filter, samples ended before seq_len)."""
 
 
 @dataclass
@@ -52,9 +73,13 @@ class SelfGeneratedData:
     input_ids: torch.Tensor
     texts: list[str]
     from_cache: bool = False
-    #: Start tokens tried to find ``num_samples`` prefixes the language filter accepts (acceptance rate = N / this).
+    #: Start tokens used to find the ``num_samples`` samples (the last accepted candidate's index + 1).
     num_candidates: Optional[int] = None
     cache_path: Optional[str] = None
+    #: Candidates dropped because the sample ended (EOS) before ``seq_len`` tokens.
+    num_short: Optional[int] = None
+    #: Sequences generated together (``batch_size="auto"`` resolved); None when read from the cache.
+    batch_size: Optional[int] = None
 
 
 def generate_self_calibration(
@@ -66,11 +91,14 @@ def generate_self_calibration(
     seed: int = 0,
     greedy_tokens: int = 4,
     temperature: float = 1.0,
-    top_k: int = 0,
+    top_k: int = 50,
     top_p: float = 1.0,
-    language: Optional[str] = "en",
+    language: Optional[str] = None,
     language_filter: Optional[LanguageFilter] = None,
-    batch_size: int = 16,
+    batch_size: Union[int, str] = "auto",
+    max_length: Optional[int] = None,
+    stop_at_eos: bool = True,
+    static_cache: bool = False,
     cache_dir: Optional[str] = None,
     show_progress: bool = True,
     max_attempts_factor: int = 8,
@@ -79,173 +107,225 @@ def generate_self_calibration(
 
     Args:
         greedy_tokens: tokens generated greedily after the random start token, before the language filter.
-        temperature, top_k, top_p: sampling of the remaining tokens as in ``model.generate`` with ``do_sample=True``
+        temperature, top_k, top_p: sampling of the remaining tokens as ``model.generate(do_sample=True)`` does it
             (``top_k=0`` and ``top_p=1.0`` disable those filters); ``temperature=0`` means greedy decoding.
-        language: keep prefixes whose langdetect language is this code (``"en"``); None keeps every prefix.
+        language: keep prefixes whose langdetect language is this code (``"en"``, needs ``pip install langdetect``);
+            None (default) keeps every prefix.
         language_filter: a predicate on the decoded prefix that replaces the langdetect filter.
+        batch_size: sequences generated together; ``"auto"``: from the GPU's free memory (see
+            ``sampling.auto_batch_size``), 32 on the CPU. The samples do not depend on it.
+        max_length: the most tokens a sample is generated to (default ``seq_len``); a larger value lets the window
+            start later in the text (the authors generated up to 2048 tokens).
+        stop_at_eos: end a sample at EOS (samples shorter than ``seq_len`` are then replaced); False suppresses EOS.
+        static_cache: a static KV cache during sampling (transformers may compile the decoding step).
         cache_dir: if given, samples are stored in / read from a JSONL file there whose name is a hash of the model,
-            tokenizer and every setting above; a cache hit does not run the model. A custom ``language_filter`` is
-            identified by its module and qualified name only: rename it when its behaviour changes.
+            tokenizer and every setting above except ``batch_size``; a cache hit does not run the model. A custom
+            ``language_filter`` is identified by its module and qualified name only: rename it when its behaviour
+            changes.
         max_attempts_factor: give up after ``max_attempts_factor * num_samples`` start tokens.
 
     The model is put in eval mode for generation and returned to its previous mode; its generation config is not used
     (checkpoint defaults such as a repetition penalty would change the samples) and is restored afterwards.
     """
-    _validate(num_samples, seq_len, seed, greedy_tokens, temperature, top_k, top_p, batch_size, max_attempts_factor)
+    max_length = seq_len if max_length is None else max_length
+    _validate(num_samples, seq_len, seed, greedy_tokens, temperature, top_k, top_p, batch_size, max_attempts_factor,
+              max_length)
     settings = {
-        "format": CACHE_FORMAT,
-        "num_samples": num_samples,
-        "seq_len": seq_len,
-        "seed": seed,
-        "greedy_tokens": greedy_tokens,
-        "temperature": float(temperature),
-        "top_k": top_k,
-        "top_p": float(top_p),
-        "language_filter": filter_name(language, language_filter),
-        # Only sampled continuations depend on how samples are batched (one RNG stream per batch).
-        "batch_size": batch_size if temperature > 0 else None,
-        "model": model_fingerprint(model),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "format": CACHE_FORMAT, "sampler": SAMPLER, "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
+        "greedy_tokens": greedy_tokens, "temperature": float(temperature), "top_k": top_k, "top_p": float(top_p),
+        "language_filter": filter_name(language, language_filter), "max_length": max_length,
+        "stop_at_eos": bool(stop_at_eos), "static_cache": bool(static_cache),
+        "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer),
     }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()
-    cache_path = None
-    if cache_dir is not None:
-        cache_path = os.path.join(os.fspath(cache_dir), f"self-calibration-{key[:24]}.jsonl")
-        cached = _read_cache(cache_path, key, num_samples, seq_len)
-        if cached is not None:
-            logger.info("self-generated calibration data read from %s", cache_path)
-            return cached
+    key = settings_key(settings)
+    path = None if cache_dir is None else cache_file(cache_dir, key)
+    cached = None if path is None else read_cache(path, key, num_samples, seq_len)
+    if cached is not None:
+        header, input_ids, texts = cached
+        logger.info("self-generated calibration data read from %s", path)
+        return SelfGeneratedData(input_ids, texts, from_cache=True, num_candidates=header.get("num_candidates"),
+                                 cache_path=path, num_short=header.get("num_short"))
 
     keep = resolve_language_filter(language, language_filter)
     special = _SpecialTokens.from_model_and_tokenizer(model, tokenizer)
     device = _model_device(model)
-    was_training = model.training
-    saved_generation_config = getattr(model, "generation_config", None)
-    try:
-        model.eval()
-        # Generate from a blank config so that no checkpoint default (repetition penalty, top_k=50, ...) leaks in.
-        if saved_generation_config is not None:
-            from transformers import GenerationConfig
-
-            model.generation_config = GenerationConfig()
-        with torch.inference_mode():
-            prefixes, num_candidates = _accepted_prefixes(
-                model, tokenizer, special, device, num_samples, seq_len, seed, greedy_tokens, keep, language,
-                language_filter, batch_size, max_attempts_factor, show_progress,
-            )
-            input_ids = _complete(
-                model, special, device, prefixes, seq_len, seed, temperature, top_k, top_p, batch_size, show_progress
-            )
-    finally:
-        if saved_generation_config is not None:
-            model.generation_config = saved_generation_config
-        model.train(was_training)
-
+    if batch_size == "auto":
+        batch_size = auto_batch_size(model, device, max_length, _model_vocab_size(model) or len(tokenizer))
+    run = _Generation(model, tokenizer, special, device, keep, filter_name(language, language_filter), dict(
+        num_samples=num_samples, seq_len=seq_len, max_length=max_length, seed=seed,
+        greedy=min(greedy_tokens, seq_len - 1), temperature=temperature, top_k=top_k, top_p=top_p,
+        stop_at_eos=stop_at_eos, static_cache=static_cache, batch_size=batch_size,
+        max_candidates=max_attempts_factor * num_samples, max_attempts_factor=max_attempts_factor))
+    with _generation_mode(model), torch.inference_mode():
+        input_ids = run.samples(show_progress)
     # Tensors made under inference_mode can never enter autograd (reconstruction trains on these ids): copy out.
     input_ids = input_ids.clone()
     texts = [tokenizer.decode(row.tolist(), skip_special_tokens=False) for row in input_ids]
-    data = SelfGeneratedData(input_ids=input_ids, texts=texts, from_cache=False, num_candidates=num_candidates)
-    if cache_path is not None:
-        _write_cache(cache_path, {**settings, "key": key, "num_candidates": num_candidates}, data)
-        data.cache_path = cache_path
+    data = SelfGeneratedData(input_ids=input_ids, texts=texts, from_cache=False, num_candidates=run.used,
+                             num_short=run.used_short, batch_size=batch_size)
+    if path is not None:
+        write_cache(path, {**settings, "key": key, "num_candidates": run.used, "num_short": run.used_short},
+                    input_ids, texts)
+        data.cache_path = path
     return data
 
 
 def save_texts_jsonl(data: SelfGeneratedData, path: str) -> None:
     """Write the samples as JSONL (``{"input_ids": [...], "text": ...}`` per line), atomically."""
-    _atomic_write_lines(path, (_sample_line(ids, text) for ids, text in zip(data.input_ids, data.texts)))
+    atomic_write_lines(path, (sample_line(ids, text) for ids, text in zip(data.input_ids, data.texts)))
+
+
+@contextlib.contextmanager
+def _generation_mode(model: Any) -> Iterator[None]:
+    """Eval mode and a blank generation config (no checkpoint default such as a repetition penalty or top_k=50 leaks
+    in), both put back afterwards."""
+    was_training = model.training
+    saved = getattr(model, "generation_config", None)
+    try:
+        model.eval()
+        if saved is not None:
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig()
+        yield
+    finally:
+        if saved is not None:
+            model.generation_config = saved
+        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------------- stages
-def _accepted_prefixes(
-    model: Any, tokenizer: Any, special: "_SpecialTokens", device: torch.device, num_samples: int, seq_len: int,
-    seed: int, greedy_tokens: int, keep: Optional[LanguageFilter], language: Optional[str],
-    language_filter: Optional[LanguageFilter], batch_size: int, max_attempts_factor: int, show_progress: bool,
-) -> tuple[torch.Tensor, int]:
-    """Stages 1-3: ``[num_samples, 1 + greedy]`` prefixes in candidate order, and how many candidates were tried."""
-    from tqdm.auto import tqdm
+class _Generation:
+    """One generation: candidates in order -> greedy prefixes -> language filter -> sampled samples -> windows."""
 
-    greedy = min(greedy_tokens, seq_len - 1)
-    max_candidates = max_attempts_factor * num_samples
-    candidates = _candidate_tokens(special.start_token_ids, seed)
-    accepted: list[torch.Tensor] = []
-    tried = 0
-    with tqdm(total=num_samples, desc="self-generation: prefixes", unit="sample", disable=not show_progress) as bar:
-        while len(accepted) < num_samples and tried < max_candidates:
-            count = min(batch_size, max_candidates - tried)
-            starts = torch.stack([next(candidates) for _ in range(count)]).view(count, 1)
-            prefixes = _generate(model, special, device, starts, greedy, do_sample=False) if greedy > 0 else starts
-            for row in prefixes:
-                tried += 1
-                if keep is None or keep(tokenizer.decode(row.tolist(), skip_special_tokens=True)):
-                    accepted.append(row)
+    def __init__(self, model: Any, tokenizer: Any, special: "_SpecialTokens", device: torch.device,
+                 keep: Optional[LanguageFilter], filter_label: Optional[str], plan: dict[str, Any]):
+        self.model, self.tokenizer, self.special, self.device = model, tokenizer, special, device
+        self.keep, self.filter_label, self.plan = keep, filter_label, plan
+        self.candidates = _candidate_tokens(special.start_token_ids, plan["seed"])
+        self.queue: list[tuple[int, torch.Tensor]] = []  # (candidate index, accepted prefix), in candidate order
+        self.tried = self.rejected = self.short = self.completed = self.used = 0
+        self.short_indices: list[int] = []
+
+    def samples(self, show_progress: bool) -> torch.Tensor:
+        """``[num_samples, seq_len]``: the windows of the first candidates (in order) that pass every stage."""
+        from tqdm.auto import tqdm
+
+        wanted, accepted = self.plan["num_samples"], []
+        with tqdm(total=wanted, desc="self-generation", unit="sample", disable=not show_progress) as bar:
+            while len(accepted) < wanted:
+                size = self._completion_batch(wanted - len(accepted))
+                self._fill_queue(size)
+                if not self.queue:
+                    break
+                batch, self.queue = self.queue[:size], self.queue[size:]
+                for index, window in self._complete(batch):
+                    if window is None:
+                        continue
+                    accepted.append(window)
+                    self.used = index + 1
                     bar.update(1)
-                    if len(accepted) == num_samples:
+                    if len(accepted) == wanted:
                         break
-    if len(accepted) < num_samples:
-        name = filter_name(language, language_filter)
-        raise SelfGenerationError(
-            f"only {len(accepted)} of {tried} generated prefixes passed the language filter {name}, but "
-            f"num_samples={num_samples} are needed (max_attempts_factor={max_attempts_factor} allows {max_candidates} "
-            "candidates). Raise max_attempts_factor, raise greedy_tokens (longer prefixes are judged more reliably), "
-            "or disable the filter with language=None."
+        if len(accepted) < wanted:
+            raise SelfGenerationError(self._shortfall(len(accepted)))
+        return torch.stack(accepted)
+
+    @property
+    def used_short(self) -> int:
+        """Samples that ended before ``seq_len`` among the candidates used (it does not depend on the batch size)."""
+        return sum(index < self.used for index in self.short_indices)
+
+    def _completion_batch(self, remaining: int) -> int:
+        """Prefixes to complete next: enough for the samples still needed at the rate seen so far, at most a batch."""
+        rate = (self.completed - self.short) / self.completed if self.completed else 1.0
+        return max(1, min(self.plan["batch_size"], math.ceil(remaining / max(rate, 0.1))))
+
+    def _fill_queue(self, size: int) -> None:
+        """Stages 1-3 for new candidates (a batch at a time) until ``size`` accepted prefixes wait, or the budget
+        of candidates is spent."""
+        plan = self.plan
+        while len(self.queue) < size and self.tried < plan["max_candidates"]:
+            count = min(plan["batch_size"], plan["max_candidates"] - self.tried)
+            starts = torch.stack([next(self.candidates) for _ in range(count)]).view(count, 1)
+            prefixes = self._generate(starts, plan["greedy"]) if plan["greedy"] > 0 else starts
+            for row in prefixes:
+                index, self.tried = self.tried, self.tried + 1
+                if self.keep is None or self.keep(self.tokenizer.decode(row.tolist(), skip_special_tokens=True)):
+                    self.queue.append((index, row))
+                else:
+                    self.rejected += 1
+
+    def _complete(self, batch: list[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, Optional[torch.Tensor]]]:
+        """Stages 4-5: (candidate index, its window or None when the sample ended before ``seq_len`` tokens)."""
+        plan = self.plan
+        prompts = torch.stack([prefix for _, prefix in batch])
+        keys = [_derive_seed(plan["seed"], "sample", index) for index, _ in batch]
+        sequences = self._generate(prompts, plan["max_length"] - prompts.shape[1], keys=keys)
+        if plan["stop_at_eos"]:
+            lengths = lengths_before_eos(sequences, prompts.shape[1], self.special.eos_token_ids)
+        else:
+            lengths = torch.full((len(batch),), sequences.shape[1], dtype=torch.long)
+        for (index, _), sequence, length in zip(batch, sequences, lengths.tolist()):
+            self.completed += 1
+            if length < plan["seq_len"]:
+                self.short += 1
+                self.short_indices.append(index)
+                yield index, None
+                continue
+            start = window_start(plan["seed"], index, length, plan["seq_len"])
+            yield index, sequence[start:start + plan["seq_len"]].long()
+
+    def _generate(self, input_ids: torch.Tensor, new_tokens: int, keys: Optional[list[int]] = None) -> torch.Tensor:
+        """``model.generate`` of up to ``new_tokens`` tokens; the prompt + new tokens on the CPU. Without ``keys``
+        (the prefixes) greedy with EOS suppressed; with them sampled (keyed) until EOS when ``stop_at_eos``."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        if new_tokens <= 0:
+            return input_ids.cpu()
+        plan, special = self.plan, self.special
+        sampled = keys is not None
+        until_eos = sampled and plan["stop_at_eos"]
+        suppressed = special.undecodable + ([] if until_eos else special.eos_token_ids)
+        generation_config = GenerationConfig(
+            max_new_tokens=new_tokens, min_new_tokens=0 if until_eos else new_tokens,
+            suppress_tokens=suppressed or None, eos_token_id=special.eos_token_ids or None,
+            pad_token_id=special.pad_token_id, do_sample=False, num_beams=1, use_cache=True,
+            **({"cache_implementation": "static"} if sampled and plan["static_cache"] else {}),
         )
-    return torch.stack(accepted), tried
+        processors = None
+        if sampled and plan["temperature"] > 0:
+            processors = LogitsProcessorList(sampling_processors(keys, plan["temperature"], plan["top_k"], plan["top_p"]))
+        input_ids = input_ids.to(self.device)
+        output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     generation_config=generation_config, logits_processor=processors)
+        full = input_ids.shape[1] + new_tokens
+        if output.shape[0] != input_ids.shape[0] or output.shape[1] > full or (not until_eos and output.shape[1] != full):
+            raise RuntimeError(f"model.generate returned shape {tuple(output.shape)} for {input_ids.shape[0]} prompts "
+                               f"of {input_ids.shape[1]} tokens and {new_tokens} new tokens; the model's generate() "
+                               "ignores max/min_new_tokens.")
+        return output.cpu()
+
+    def _shortfall(self, found: int) -> str:
+        plan = self.plan
+        advice = []
+        if self.rejected:
+            advice.append("raise greedy_tokens (longer prefixes are judged more reliably) or disable the filter with "
+                          "language=None")
+        if self.short:
+            advice.append("stop_at_eos=False (EOS suppressed: every sample runs to the full length)")
+        return (f"only {found} of num_samples={plan['num_samples']} samples came from {self.tried} candidates "
+                f"(max_attempts_factor={plan['max_attempts_factor']} allows {plan['max_candidates']}): "
+                f"{self.rejected} prefixes failed the language filter {self.filter_label}, {self.short} samples ended "
+                f"(EOS) before seq_len={plan['seq_len']} tokens. Raise max_attempts_factor"
+                + "".join(f", or {a}" for a in advice) + ".")
 
 
-def _complete(
-    model: Any, special: "_SpecialTokens", device: torch.device, prefixes: torch.Tensor, seq_len: int, seed: int,
-    temperature: float, top_k: int, top_p: float, batch_size: int, show_progress: bool,
-) -> torch.Tensor:
-    """Stage 4: extend every prefix to exactly ``seq_len`` tokens, batch by batch."""
-    from tqdm.auto import tqdm
-
-    new_tokens = seq_len - prefixes.shape[1]
-    if new_tokens == 0:
-        return prefixes.cpu().long()
-    rows = []
-    do_sample = temperature > 0
-    with tqdm(total=len(prefixes), desc="self-generation: samples", unit="sample", disable=not show_progress) as bar:
-        for batch_index, begin in enumerate(range(0, len(prefixes), batch_size)):
-            batch = prefixes[begin:begin + batch_size]
-            with _seeded_rng(_derive_seed(seed, "sampling", batch_index), device, enabled=do_sample):
-                rows.append(
-                    _generate(model, special, device, batch, new_tokens, do_sample, temperature, top_k, top_p)
-                )
-            bar.update(len(batch))
-    return torch.cat(rows).cpu().long()
-
-
-def _generate(
-    model: Any, special: "_SpecialTokens", device: torch.device, input_ids: torch.Tensor, new_tokens: int,
-    do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-) -> torch.Tensor:
-    """``model.generate`` of exactly ``new_tokens`` tokens; returns prompt + new tokens on the CPU."""
-    from transformers import GenerationConfig
-
-    sampling = dict(do_sample=True, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)) if do_sample else dict(do_sample=False)
-    generation_config = GenerationConfig(
-        max_new_tokens=new_tokens,
-        # EOS is suppressed at every step (min_new_tokens covers models whose EOS list generate() extends), so every
-        # sequence runs to the full length and no padding is ever produced.
-        min_new_tokens=new_tokens,
-        suppress_tokens=special.suppressed or None,
-        eos_token_id=special.eos_token_ids or None,
-        pad_token_id=special.pad_token_id,
-        num_beams=1,
-        use_cache=True,
-        **sampling,
-    )
-    input_ids = input_ids.to(device)
-    output = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation_config
-    )
-    if output.shape != (input_ids.shape[0], input_ids.shape[1] + new_tokens):
-        raise RuntimeError(
-            f"model.generate returned shape {tuple(output.shape)} instead of "
-            f"{(input_ids.shape[0], input_ids.shape[1] + new_tokens)}; the model's generate() ignores max/min_new_tokens."
-        )
-    return output.cpu()
+def window_start(seed: int, index: int, length: int, seq_len: int) -> int:
+    """Where the window of ``seq_len`` tokens starts in candidate ``index``'s sample of ``length`` tokens: uniform
+    over ``0 .. length - seq_len``, from a generator seeded with (``seed``, ``index``)."""
+    generator = torch.Generator().manual_seed(_derive_seed(seed, "window", index))
+    return int(torch.randint(0, length - seq_len + 1, (1,), generator=generator))
 
 
 # ---------------------------------------------------------------------------------------------------------- tokens
@@ -254,7 +334,7 @@ class _SpecialTokens:
     start_token_ids: torch.Tensor  # ids a sample may start with
     eos_token_ids: list[int]
     pad_token_id: int
-    suppressed: list[int]  # never generated: EOS, and ids the model has but the tokenizer cannot decode
+    undecodable: list[int]  # never generated: ids the model has but the tokenizer cannot decode
 
     @classmethod
     def from_model_and_tokenizer(cls, model: Any, tokenizer: Any) -> "_SpecialTokens":
@@ -281,7 +361,7 @@ class _SpecialTokens:
         if len(allowed) == 0:
             raise ValueError(f"the tokenizer's {vocab} token ids are all special tokens; there is no start token to draw.")
         undecodable = list(range(tokenizer_vocab, model_vocab)) if model_vocab and model_vocab > tokenizer_vocab else []
-        return cls(allowed, sorted(eos), int(pad), sorted(eos) + undecodable)
+        return cls(allowed, sorted(eos), int(pad), undecodable)
 
 
 def _candidate_tokens(allowed: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:
@@ -320,120 +400,14 @@ def _model_device(model: Any) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _seeded_rng(seed: int, device: torch.device, enabled: bool) -> Iterator[None]:
-    """Seed torch's RNG for one generate() call without changing the caller's RNG state."""
-    if not enabled:
-        yield
-        return
-    if device.type == "cpu":
-        fork = torch.random.fork_rng(devices=[])
-    else:
-        index = device.index if device.index is not None else 0
-        fork = torch.random.fork_rng(devices=[index], device_type=device.type)
-    with fork:
-        torch.manual_seed(seed)
-        yield
-
-
 def _derive_seed(seed: int, *parts: Any) -> int:
     digest = hashlib.sha256(json.dumps([seed, *parts]).encode("utf-8")).hexdigest()
     return int(digest[:15], 16)
 
 
-# ---------------------------------------------------------------------------------------------------------- cache key
-def model_fingerprint(model: Any) -> dict[str, Any]:
-    """What identifies the model's outputs: its class, name, config and a strided sample of a few weight tensors."""
-    config = getattr(model, "config", None)
-    config_dict = config.to_dict() if hasattr(config, "to_dict") else {}
-    # use_cache changes speed, not the generated tokens (the pruner switches it off while it runs).
-    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype", "use_cache"):
-        config_dict.pop(volatile, None)
-    digest = hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode("utf-8"))
-    parameters = [p for p in model.parameters() if p.device.type != "meta" and p.numel() > 0]
-    if len(parameters) > _FINGERPRINT_PARAMS:
-        step = (len(parameters) - 1) / (_FINGERPRINT_PARAMS - 1)
-        parameters = [parameters[round(i * step)] for i in range(_FINGERPRINT_PARAMS)]
-    with torch.no_grad():
-        for parameter in parameters:
-            flat = parameter.detach().reshape(-1)
-            stride = max(flat.numel() // _FINGERPRINT_ELEMENTS, 1)
-            sample = flat[::stride][:_FINGERPRINT_ELEMENTS].float().cpu().contiguous()
-            digest.update(str(tuple(parameter.shape)).encode())
-            digest.update(sample.numpy().tobytes())
-    return {
-        "class": type(model).__name__,
-        "name_or_path": str(getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""),
-        "sha256": digest.hexdigest(),
-    }
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    digest = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode("utf-8")).hexdigest()
-    return {
-        "class": type(tokenizer).__name__,
-        "name_or_path": str(getattr(tokenizer, "name_or_path", "") or ""),
-        "size": len(tokenizer),
-        "vocab_sha256": digest,
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------- cache io
-def _sample_line(ids: torch.Tensor, text: str) -> str:
-    return json.dumps({"input_ids": ids.tolist(), "text": text}, ensure_ascii=False)
-
-
-def _write_cache(path: str, header: dict[str, Any], data: SelfGeneratedData) -> None:
-    lines = [json.dumps({"header": header}, sort_keys=True, ensure_ascii=False)]
-    lines.extend(_sample_line(ids, text) for ids, text in zip(data.input_ids, data.texts))
-    _atomic_write_lines(path, lines)
-    logger.info("self-generated calibration data written to %s", path)
-
-
-def _atomic_write_lines(path: str, lines: Any) -> None:
-    # A temp file in the target folder + os.replace: readers (another run sharing the cache) never see half a file.
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=".tmp-", suffix=".jsonl", delete=False)
-    try:
-        with handle:
-            for line in lines:
-                handle.write(line + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(handle.name)
-        raise
-
-
-def _read_cache(path: str, key: str, num_samples: int, seq_len: int) -> Optional[SelfGeneratedData]:
-    """The cached samples, or None (with a warning when a file exists but is unusable, which is then regenerated)."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            header = json.loads(handle.readline())["header"]
-            if header.get("key") != key:
-                raise ValueError("its settings hash differs")
-            records = [json.loads(line) for line in handle if line.strip()]
-        if len(records) != num_samples:
-            raise ValueError(f"it holds {len(records)} samples, not {num_samples}")
-        input_ids = torch.tensor([r["input_ids"] for r in records], dtype=torch.long)
-        if input_ids.shape != (num_samples, seq_len):
-            raise ValueError(f"its input_ids have shape {tuple(input_ids.shape)}, not {(num_samples, seq_len)}")
-        texts = [str(r["text"]) for r in records]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        logger.warning("ignoring the self-generation cache file %s (%s); generating again.", path, err)
-        return None
-    return SelfGeneratedData(input_ids, texts, from_cache=True, num_candidates=header.get("num_candidates"), cache_path=path)
-
-
 # ---------------------------------------------------------------------------------------------------------- checks
 def _validate(num_samples: int, seq_len: int, seed: int, greedy_tokens: int, temperature: float, top_k: int,
-              top_p: float, batch_size: int, max_attempts_factor: int) -> None:
+              top_p: float, batch_size: Union[int, str], max_attempts_factor: int, max_length: int) -> None:
     def integer(name: str, value: Any, lowest: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
             raise ValueError(f"{name}={value!r} is not allowed; allowed: an integer >= {lowest}.")
@@ -443,8 +417,12 @@ def _validate(num_samples: int, seq_len: int, seed: int, greedy_tokens: int, tem
     integer("seed", seed, 0)
     integer("greedy_tokens", greedy_tokens, 0)
     integer("top_k", top_k, 0)
-    integer("batch_size", batch_size, 1)
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} is not allowed; allowed: an integer >= 1 or 'auto'.")
     integer("max_attempts_factor", max_attempts_factor, 1)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < seq_len:
+        raise ValueError(f"max_length={max_length!r} is not allowed; allowed: None (= seq_len) or an integer >= "
+                         f"seq_len ({seq_len}).")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
         raise ValueError(f"temperature={temperature!r} is not allowed; allowed: 0 (greedy) or a finite number > 0.")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:

@@ -8,6 +8,7 @@ is trained depends on the mode (``strategies.py``); the loop below is the same f
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -20,7 +21,8 @@ from torch import nn
 from ..block_io import batches, call_window, halved_after_out_of_memory, move_to
 from ..distributed import ShardedRows
 from ..offload import StreamRows, normalise_device
-from .settings import BlockTrainingSettings
+from .selection import HeldoutError, WindowChoice, train_window
+from .settings import BlockTrainingSettings, resolve_autocast_dtype
 from .strategies import TrainingStrategy, training_strategy
 from .window_state import WindowState, apply_masks
 
@@ -34,8 +36,6 @@ __all__ = ["TrainResult", "LossTransform", "reconstruct_window", "resolve_autoca
 #: (they reflect every previous step, masks included). Return the loss unchanged to only observe.
 LossTransform = Callable[[int, torch.Tensor], torch.Tensor]
 
-_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class TrainResult:
@@ -45,21 +45,7 @@ class TrainResult:
     seconds: float = 0.0
     num_steps: int = 0
     notes: list[str] = field(default_factory=list)  # e.g. the micro-batch was halved after running out of memory
-
-
-def resolve_autocast_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of the training forward/backward, or None for plain float32.
-
-    ``"auto"``: bfloat16 on CUDA (float16 on GPUs without bf16), none on CPU; ``"float32"``: none;
-    ``"bfloat16"`` / ``"float16"``: that dtype on any device.
-    """
-    if name == "float32":
-        return None
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return _AUTOCAST[name]
+    choice: Optional[WindowChoice] = None  # the learning rate, epoch and revert chosen, and why (selection.py)
 
 
 def reconstruct_window(
@@ -74,6 +60,9 @@ def reconstruct_window(
     loss_transform: Optional[LossTransform] = None,
     window_name: Optional[str] = None,
     sharded_rows: Optional[ShardedRows] = None,
+    heldout_inputs: Optional[torch.Tensor] = None,
+    heldout_targets: Optional[torch.Tensor] = None,
+    frozen: Sequence[nn.Parameter] = (),
 ) -> TrainResult:
     """Minimise ``MSE(call_window(blocks, inputs), targets)`` over the window's weights, in place.
 
@@ -89,7 +78,7 @@ def reconstruct_window(
         settings: what is trained and how (mode, epochs, mini-batch size, learning rate, seed, autocast,
             compilation): see :class:`BlockTrainingSettings`. Training runs on float32 master weights: bf16/fp16
             parameters are upcast for the duration and written back in their original dtype (untrained parameters
-            round-trip exactly). For now a ``PruningConfig`` is accepted too (read with
+            round-trip exactly). A ``PruningConfig`` is refused with ``TypeError`` (use
             :meth:`BlockTrainingSettings.from_config`).
         device: where the blocks are and the training runs.
         show_progress: a tqdm bar over the steps.
@@ -99,6 +88,13 @@ def reconstruct_window(
         sharded_rows: data-parallel training (see ``distributed.py``): ``inputs`` / ``targets`` hold this process's
             shard of the rows. Every process draws the permutation of all rows, runs the part of each mini-batch in
             its shard, and the summed gradient (and loss) is that of the whole mini-batch; all processes must call.
+        heldout_inputs, heldout_targets: ``[H, L, d]`` inputs and targets of held-out rows (this process's shard
+            when data-parallel), never trained on. With them, ``settings.br_lr="auto"``, ``br_keep_best`` and
+            ``br_patience`` choose the learning rate, the epoch to keep (or the revert to the weights before BR,
+            bit for bit, when no epoch beats them) and when to stop, by the held-out error (``selection.py``);
+            without them every epoch is trained, the last kept, and ``"auto"`` trains at 2e-4. ``result.choice``
+            says what was chosen and why.
+        frozen: parameters that never train (the engine passes the routers of MoE blocks).
 
     A mini-batch that runs out of memory is redone in smaller micro-batches whose gradients add up to the whole
     mini-batch's (the optimizer steps are unchanged; the result's notes say so).
@@ -121,6 +117,8 @@ def reconstruct_window(
     device = normalise_device(device)
     name = window_name or _describe_window(blocks)
     _check_arguments(blocks, masks, inputs, targets, kwargs_per_block, sharded_rows)
+    if (heldout_inputs is None) != (heldout_targets is None):
+        raise ValueError("give both heldout_inputs and heldout_targets, or neither")
     strategy = training_strategy(settings)
     plan = _StepPlan.of(inputs.shape[0] if sharded_rows is None else sharded_rows.total_rows, settings)
     amp_dtype = resolve_autocast_dtype(settings.autocast_dtype, device)
@@ -133,7 +131,7 @@ def reconstruct_window(
     try:
         window.prepare(kept)
         train_kwargs = [move_to(kw, dtype=torch.float32) for kw in kwargs_per_block]
-        trainable = _make_trainable(strategy, window, kept, settings)
+        trainable = _make_trainable(strategy, window, kept, settings, frozen)
         if not trainable:
             result.warning = (f"reconstruction of {name}: nothing to train (no pruned linear matched, "
                               "no other parameters)")
@@ -141,9 +139,15 @@ def reconstruct_window(
         else:
             loss = _MiniBatchLoss(_WindowLoss(blocks, train_kwargs, _use_compile(settings.compile_blocks, device)),
                                   _MiniBatches(inputs, targets, device), device, amp_dtype, loss_transform)
-            training = _Training(loss, trainable, strategy.masks_to_reapply, settings, plan, result, sharded_rows)
+            heldout = None if heldout_inputs is None else HeldoutError(
+                functools.partial(_window_squared_error, blocks, train_kwargs), heldout_inputs, heldout_targets,
+                device, amp_dtype, plan.batch_size, None if sharded_rows is None else sharded_rows.data_parallel.sum_floats)
+
+            def make_training(lr: float, record: TrainResult) -> _Training:
+                return _Training(loss, trainable, strategy.masks_to_reapply, lr, plan, record, sharded_rows, settings.seed)
+
             with _progress_bar(show_progress, plan.total_steps, name) as progress:
-                non_finite = training.run(progress)
+                non_finite = train_window(make_training, trainable, settings, plan, heldout, result, progress)
             if non_finite is not None:
                 step, value = non_finite
                 result.reverted = True
@@ -153,6 +157,9 @@ def reconstruct_window(
                 )
                 logger.warning(result.warning)
                 return result  # the finally clause restores the snapshot
+            if result.choice.reverted_because_worse:
+                logger.info("reconstruction of %s: no epoch beat the held-out error before BR; reverted", name)
+                return result  # the finally clause restores the weights before BR, bit for bit
             strategy.finish()
         trained = True
         return result
@@ -163,14 +170,14 @@ def reconstruct_window(
 
 
 def _make_trainable(strategy: TrainingStrategy, window: WindowState, kept: Mapping[nn.Linear, torch.Tensor],
-                    settings: BlockTrainingSettings) -> list[nn.Parameter]:
+                    settings: BlockTrainingSettings, frozen: Sequence[nn.Parameter] = ()) -> list[nn.Parameter]:
     """What the strategy trains and, with ``br_train_other_params``, the window's other floating parameters (those
-    it had before the strategy added any), now requiring grad; nothing else does."""
+    it had before the strategy added any, ``frozen`` ones such as routers excepted), now requiring grad."""
     trainable = list(strategy.trainable_parameters(window.blocks, kept))
     for param in window.params:  # attaching may change flags (peft freezes the blocks): start from "nothing trains"
         param.requires_grad_(False)
     if settings.br_train_other_params:
-        pruned_weight_ids = {id(layer.weight) for layer in kept}
+        pruned_weight_ids = {id(layer.weight) for layer in kept} | {id(p) for p in frozen}
         trainable.extend(p for p in window.params if id(p) not in pruned_weight_ids and p.is_floating_point())
     for param in trainable:
         param.requires_grad_(True)
@@ -209,41 +216,51 @@ def _progress_bar(show: bool, total_steps: int, name: str):
 
 
 class _Training:
-    """The optimisation of one window: Adam (fused on CUDA) at ``br_lr`` decayed linearly to 0 over all steps,
+    """The optimisation of one window: Adam (fused on CUDA) at ``lr`` decayed linearly to 0 over all planned steps,
     mini-batches in an order shuffled by a generator seeded with ``seed``, the strategy's masks re-applied after
-    every step."""
+    every step. Two trainings made alike from the same weights take the same steps (the probe of ``"auto"``)."""
 
     def __init__(self, loss: _MiniBatchLoss, trainable: list[nn.Parameter],
-                 masks_to_reapply: Mapping[nn.Linear, torch.Tensor], settings: BlockTrainingSettings,
-                 plan: _StepPlan, result: TrainResult, sharded_rows: Optional[ShardedRows]):
+                 masks_to_reapply: Mapping[nn.Linear, torch.Tensor], lr: float,
+                 plan: _StepPlan, result: TrainResult, sharded_rows: Optional[ShardedRows], seed: int):
         self.loss, self.trainable, self.masks_to_reapply = loss, trainable, masks_to_reapply
         self.plan, self.result, self.sharded_rows = plan, result, sharded_rows
         device = loss.device
-        self.optimizer = torch.optim.Adam(trainable, lr=settings.br_lr, fused=True if device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(trainable, lr=lr, fused=True if device.type == "cuda" else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: max(0.0, 1.0 - step / plan.total_steps))
         self.scaler = torch.amp.GradScaler(device.type, enabled=loss.amp_dtype is torch.float16)
-        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
         # halved after an out-of-memory error; the optimiser still sees whole mini-batches
         self.micro_batch = plan.batch_size
 
-    def run(self, progress=None) -> Optional[tuple[int, float]]:
-        """Every epoch; returns (step, loss) of the first non-finite loss, or None."""
+    def run(self, progress=None, max_steps: Optional[int] = None,
+            after_epoch: Optional[Callable[[int], bool]] = None) -> Optional[tuple[int, float]]:
+        """Every epoch (or the first ``max_steps`` steps; ``after_epoch(epoch)`` after each, True stops); returns
+        (step, loss) of the first non-finite loss, or None."""
         with torch.enable_grad():
-            for _epoch in range(self.plan.epochs):
-                non_finite = self._epoch(progress)
+            for epoch in range(1, self.plan.epochs + 1):
+                non_finite = self._epoch(progress, max_steps)
                 if non_finite is not None:
                     return non_finite
+                if max_steps is not None and self.step >= max_steps:
+                    break
+                if after_epoch is not None and after_epoch(epoch):
+                    break
         self.optimizer.zero_grad(set_to_none=True)
         return None
 
-    def _epoch(self, progress) -> Optional[tuple[int, float]]:
+    def _epoch(self, progress, max_steps: Optional[int] = None) -> Optional[tuple[int, float]]:
         plan = self.plan
         order = torch.randperm(plan.num_rows, generator=self.generator)
-        losses = torch.empty(plan.steps_per_epoch, dtype=torch.float32, device=self.loss.device)
-        rows_per_step = []
         epoch_batches = list(batches(plan.num_rows, plan.batch_size))
+        if max_steps is not None:
+            epoch_batches = epoch_batches[:max(0, max_steps - self.step)]
+            if not epoch_batches:
+                return None
+        losses = torch.empty(len(epoch_batches), dtype=torch.float32, device=self.loss.device)
+        rows_per_step = []
         for i, rows in enumerate(epoch_batches):
             index = order[rows]
             following = order[epoch_batches[i + 1]] if i + 1 < len(epoch_batches) else None
@@ -262,9 +279,9 @@ class _Training:
         finite = torch.isfinite(values)
         if not bool(finite.all()):
             first = int((~finite).nonzero()[0])
-            return self.step - plan.steps_per_epoch + first, float(values[first])
+            return self.step - len(epoch_batches) + first, float(values[first])
         weights = torch.tensor(rows_per_step, dtype=torch.float64)
-        self.result.epoch_losses.append(float((values * weights).sum() / plan.num_rows))
+        self.result.epoch_losses.append(float((values * weights).sum() / weights.sum()))
         if progress is not None:
             progress.set_postfix(loss=f"{self.result.epoch_losses[-1]:.4g}")
         return None
@@ -456,10 +473,11 @@ def _check_arguments(blocks, masks, inputs, targets, kwargs_per_block, sharded_r
         raise TypeError("inputs and targets must be floating point")
     inside = {id(m) for block in blocks for m in block.modules()}
     for layer, mask in masks.items():
-        if id(layer) not in inside:
+        module = layer if isinstance(layer, nn.Module) else getattr(layer, "module", None)  # PrunableWeight
+        if module is None or id(module) not in inside:
             raise ValueError(f"a masked module ({layer!r}) is not inside the window's blocks")
-        if not isinstance(layer, nn.Linear):
-            raise TypeError(f"masked module {layer!r} is not an nn.Linear")
+        if isinstance(layer, nn.Module) and not isinstance(layer, nn.Linear):
+            raise TypeError(f"masked module {layer!r} is not an nn.Linear (other weights: a PrunableWeight)")
         if tuple(mask.shape) != tuple(layer.weight.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(layer.weight.shape)} for {layer!r}")
         if mask.dtype != torch.bool:

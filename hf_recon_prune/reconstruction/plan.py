@@ -6,7 +6,9 @@ The engine and the memory estimate read the plan instead of decoding the techniq
 * ``block_wise`` (BR): each window's kept weights are trained toward a target;
 * ``global_targets`` (GP): BR's targets are the dense model's own activations (the dense stream), instead of the
   window's dense copy applied to the sparse stream (which then needs ``dense_copies``);
-* ``windows`` (CR makes them two adjacent blocks, see ``schedule.py``);
+* ``windows`` (CR makes them two adjacent blocks, with single-block windows at both ends under the default
+  ``cr_schedule="authors"``, see ``schedule.py``); :meth:`ReconstructionPlan.finalised_after` says which blocks are
+  final after each window (those whose last window it is);
 * ``dense_stream``: the dense model's activations are propagated alongside (GP's targets, or the reported errors).
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .schedule import reconstruction_windows
+from . import schedule
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,8 @@ class ReconstructionPlan:
         techniques = set(config.reconstruction)
         block_wise = "br" in techniques
         cross_block = block_wise and "cr" in techniques
-        windows = reconstruction_windows(num_blocks, cross_block=cross_block)
+        windows = schedule.reconstruction_windows(num_blocks, cross_block=cross_block,
+                                                  schedule=getattr(config, "cr_schedule", "authors"))
         global_targets = block_wise and "gp" in techniques
         return cls(layer_wise="lr" in techniques, block_wise=block_wise, global_targets=global_targets,
                    windows=tuple(windows), dense_stream=global_targets or bool(config.track_reconstruction_error))
@@ -45,3 +48,7 @@ class ReconstructionPlan:
     def dense_copies(self) -> bool:
         """BR without GP: each window's dense blocks are kept to compute its targets."""
         return self.block_wise and not self.global_targets
+
+    def finalised_after(self, window_number: int) -> tuple[int, ...]:
+        """The blocks that are final once window ``window_number`` is trained: those it is the last window of."""
+        return schedule.finalised_after(self.windows, window_number)
