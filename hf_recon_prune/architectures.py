@@ -1,9 +1,12 @@
-"""Where each model family keeps its decoder blocks: the only place with family knowledge.
+"""Where each model family keeps its decoder blocks, routers and fused projections: the only place with family
+knowledge.
 
 The engine needs three things from a causal LM: the ordered list of decoder blocks, the base model that runs the
-embeddings (and computes the per-forward keyword arguments the blocks receive), and the prunable linear layers of a
-block. Families that keep their blocks in a known place are listed in ``KNOWN_BLOCK_PATHS``; any other model is
-handled by the generic fallback, which looks for the ``nn.ModuleList`` of the model's ``_no_split_modules`` class.
+embeddings (and computes the per-forward keyword arguments the blocks receive), and the prunable weights of a block
+(``prunable.py``, which asks this module which names are routers and how fused projections split). Families that
+keep their blocks in a known place are listed in ``KNOWN_BLOCK_PATHS``; any other model is handled by the generic
+fallback, which looks for the ``nn.ModuleList`` of the model's ``_no_split_modules`` class, inside the text decoder
+first (so a multimodal model's vision tower is never taken for its decoder, and is left untouched).
 """
 
 from __future__ import annotations
@@ -29,7 +32,44 @@ KNOWN_BLOCK_PATHS: dict[str, str] = {
     "granite": "model.layers",
     "opt": "model.decoder.layers",
     "gpt_neox": "gpt_neox.layers",
+    "gpt2": "transformer.h",
 }
+
+#: Names (``re.search`` on the name inside a block) of the routers that choose each token's experts, and of the
+#: gates that scale a shared expert. They stay dense unless an ``include_modules`` pattern names them: a pruned
+#: router changes which experts every token reaches.
+ROUTER_PATTERNS: tuple[str, ...] = (r"(^|\.)(gate|router)$", r"(^|\.)shared_experts?_gate$")
+
+
+def _halves(config, rows: int) -> list[tuple[str, slice]]:
+    half = rows // 2
+    return [("gate", slice(0, half)), ("up", slice(half, rows))]
+
+
+def _qkv(config, rows: int) -> list[tuple[str, slice]]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    kv = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+    return [("q", slice(0, q)), ("k", slice(q, q + kv)), ("v", slice(q + kv, q + 2 * kv))]
+
+
+#: model_type -> {name of a fused projection inside a block: its rows split into the projections it fuses}. Each
+#: part is pruned as its own matrix (its own sparsity, its own SparseGPT column blocks).
+FUSED_PROJECTIONS: dict[str, dict[str, object]] = {
+    "phi3": {"self_attn.qkv_proj": _qkv, "mlp.gate_up_proj": _halves},
+}
+
+
+def fused_projection_rows(config, name: str, rows: int) -> Optional[list[tuple[str, slice]]]:
+    """How the linear ``name`` (``rows`` output features) splits into fused projections, or None."""
+    model_type = getattr(config, "model_type", None)
+    split = FUSED_PROJECTIONS.get(model_type, {}).get(name) if config is not None else None
+    if split is None:
+        return None
+    parts = split(config, rows)
+    if parts[-1][1].stop != rows:
+        raise UnsupportedModelError(f"{name}: {rows} output rows do not split as {model_type} fuses them ({parts})")
+    return parts
 
 
 class UnsupportedModelError(ValueError):
@@ -55,10 +95,13 @@ def _get_path(root: nn.Module, path: str) -> Optional[nn.Module]:
 
 def _find_block_list(model: nn.Module) -> Optional[tuple[str, nn.ModuleList]]:
     block_classes = set(getattr(model, "_no_split_modules", None) or [])
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if all(type(child).__name__ in block_classes for child in module):
-                return name, module
+    names = {id(module): name for name, module in model.named_modules()}
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for root in ([decoder] if isinstance(decoder, nn.Module) else []) + [model]:
+        for module in root.modules():
+            if isinstance(module, nn.ModuleList) and len(module) > 0 and id(module) in names:
+                if all(type(child).__name__ in block_classes for child in module):
+                    return names[id(module)], module
     return None
 
 
@@ -78,10 +121,12 @@ def resolve_layout(model: nn.Module) -> DecoderLayout:
     base_model = getattr(model, "base_model", model)
     if base_model is model or not isinstance(base_model, nn.Module):
         raise UnsupportedModelError(f"{type(model).__name__} has no base model to run the embeddings with")
-    if not prunable_linears(blocks[0]):
+    from .prunable import prunable_weights
+
+    if not any(prunable_weights(block) for block in blocks):
         raise UnsupportedModelError(
-            f"{type(model).__name__}: its decoder blocks ({type(blocks[0]).__name__}) contain no torch.nn.Linear "
-            "layers to prune (GPT-2 style Conv1D layers are not supported)."
+            f"{type(model).__name__}: its decoder blocks ({type(blocks[0]).__name__}) contain nothing to prune "
+            "(no torch.nn.Linear, GPT-2 Conv1D or fused experts parameter)."
         )
     return DecoderLayout(family=model_type or "generic", blocks=blocks, blocks_path=path, base_model=base_model)
 

@@ -322,14 +322,16 @@ def _perplexity_entry(model, tokenizer, source, *, split, seq_len, batch_size, m
 
 
 def model_sparsity(model: Any) -> dict[str, Any]:
-    """Fraction of zero weights in the linear layers of the decoder blocks (embeddings and LM head are skipped).
+    """Fraction of zero weights in the prunable weights of the decoder blocks (``prunable.prunable_weights``:
+    linear layers, fused experts parameters, Conv1D; routers, embeddings and the LM head are skipped).
 
     Returns ``{"overall": zeros / weights over all those layers, "zeros": int, "total": int,
     "layers": {"model.layers.0.self_attn.q_proj": fraction, ...}, "by_type": {"self_attn.q_proj": fraction, ...},
     "skipped": [names of layers whose weights are not materialised (meta device)]}``. Works on any supported model,
     including one loaded back with plain ``AutoModelForCausalLM.from_pretrained``.
     """
-    from .architectures import prunable_linears, resolve_layout
+    from .architectures import resolve_layout
+    from .prunable import prunable_weights
 
     layout = resolve_layout(model)
     layers: dict[str, float] = {}
@@ -338,9 +340,9 @@ def model_sparsity(model: Any) -> dict[str, Any]:
     zeros_total = weights_total = 0
     with torch.no_grad():
         for index, block in enumerate(layout.blocks):
-            for name, layer in prunable_linears(block).items():
+            for name, prunable in prunable_weights(block, family_config=model.config.get_text_config()).items():
                 full_name = f"{layout.blocks_path}.{index}.{name}"
-                weight = layer.weight
+                weight = prunable.weight
                 if weight.device.type == "meta":
                     skipped.append(full_name)
                     continue

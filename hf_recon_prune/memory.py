@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .architectures import prunable_linears
+from .prunable import prunable_weights
 from .config import PruningConfig, parse_memory_size
 
 #: Fraction of the available memory a plan may use; the rest absorbs fragmentation and kernel workspaces.
@@ -92,18 +92,22 @@ def estimate_memory(
     block_bytes = sum(t.numel() * t.element_size() for t in _tensors(largest))
     block_params = sum(p.numel() for p in largest.parameters())
     block_dtype_bytes = next((p.element_size() for p in largest.parameters() if p.is_floating_point()), 4)
-    layers = prunable_linears(blocks[0], config.include_modules, config.exclude_modules)
-    ffn = max([max(layer.in_features, layer.out_features) for layer in layers.values()] + [hidden_size])
+    weights = prunable_weights(largest, config.include_modules, config.exclude_modules)
+    # every matrix unit acts as a linear layer (an expert's gate, a fused q/k/v part); units reading one input
+    # share their statistics, so those are counted once per input
+    units = [unit for weight in weights.values() for unit in weight.units]
+    layers = {unit.statistics: unit for unit in units}
+    ffn = max([max(unit.in_features, unit.out_features) for unit in units] + [hidden_size])
 
     uses_br = plan.block_wise
     dense_copies = window * block_bytes if plan.dense_copies else 0
 
     reconstruction = 0
     if uses_br:
-        pruned_weights = sum(layer.weight.numel() for layer in layers.values())
+        pruned_weights = sum(weight.weight.numel() for weight in weights.values())
         others = block_params - pruned_weights
         if config.reconstruction_mode == "lora":
-            trainable = sum(config.lora_rank * (layer.in_features + layer.out_features) for layer in layers.values())
+            trainable = sum(config.lora_rank * (unit.in_features + unit.out_features) for unit in units)
         else:
             trainable = pruned_weights
         if config.br_train_other_params:

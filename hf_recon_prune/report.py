@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 ROLES = ("dense", "pruned")
 
@@ -21,17 +23,46 @@ ROLES = ("dense", "pruned")
 @dataclass
 class BlockReport:
     index: int
-    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    layer_sparsity: dict[str, float] = field(default_factory=dict)  # per prunable weight (a fused experts parameter
+    # counts once, over all its experts)
+    # {"block": parameters in the block, "eligible": in its pruned weights, "pruned": zeros among those,
+    #  "dense:<why>": parameters left dense for that reason ("router", "bias", "norm or vector", "excluded", ...)}
+    parameters: dict[str, int] = field(default_factory=dict)
+    left_dense: dict[str, str] = field(default_factory=dict)  # parameter -> why it was not pruned (prunable.py)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # experts module -> tokens routed per expert
+    expert_fallback: dict[str, list[int]] = field(default_factory=dict)  # experts given every token's statistics
+    target_sparsity: Optional[float] = None  # the block's own target (sparsity_profile="owl"); None: the config's
+    outlier_ratio: Optional[float] = None  # OWL's share of outlier scores in the block, measured before pruning
     dampening: dict[str, float] = field(default_factory=dict)
     error_before: dict[str, Optional[float]] = field(default_factory=dict)  # {"calibration": ..., "heldout": ...}
     error_after: dict[str, Optional[float]] = field(default_factory=dict)
     train_losses: list[list[float]] = field(default_factory=list)  # one list of epoch losses per window trained in
+    # One entry per window trained in: what BR chose from the held-out error and why (reconstruction/selection.py,
+    # WindowChoice): {"window", "lr", "lr_rule", "lr_probe", "best_epoch", "kept_epoch", "epochs_run",
+    # "stopped_early", "reverted_because_worse", "heldout_before", "heldout_by_epoch", "notes", ...}
+    br_choices: list[dict[str, Any]] = field(default_factory=list)
     reverted: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+@contextmanager
+def timed_stage(report: BlockReport, stage: str) -> Iterator[None]:
+    """Add the stage's wall time to the block's report. CUDA work is asynchronous, so the stage ends with a
+    synchronisation: without it a stage's kernels would be billed to whichever later stage waits for them (the
+    stages are long, so the lost overlap costs little)."""
+    import torch  # the report itself is read without torch (the CLI, the card)
+
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        report.add_time(stage, time.perf_counter() - start)
 
 
 @dataclass
@@ -136,8 +167,34 @@ class PruneReport:
 
     @property
     def mean_sparsity(self) -> float:
+        """Zeros over eligible parameters in the pruned weights (each weight counts by its size); reports written
+        before blocks counted their parameters fall back to the mean over layers."""
+        counted = self.parameter_counts()
+        if counted is not None:
+            return counted["pruned"] / counted["eligible"] if counted["eligible"] else 0.0
         values = list(self.layer_sparsity.values())
         return sum(values) / len(values) if values else 0.0
+
+    def parameter_counts(self) -> Optional[dict[str, int]]:
+        """{"block", "eligible", "pruned"} summed over the blocks, or None if a block did not count them."""
+        if not self.blocks or any(not b.parameters for b in self.blocks):
+            return None
+        return {key: sum(b.parameters.get(key, 0) for b in self.blocks) for key in ("block", "eligible", "pruned")}
+
+    @property
+    def block_sparsity(self) -> Optional[float]:
+        """Zeros over *all* parameters of the decoder blocks (norms, routers and what was left dense included)."""
+        counted = self.parameter_counts()
+        return counted["pruned"] / counted["block"] if counted and counted["block"] else None
+
+    def left_dense(self) -> dict[str, int]:
+        """Why parameters were left dense -> how many parameters that is, summed over the blocks."""
+        totals: dict[str, int] = {}
+        for b in self.blocks:
+            for reason, count in b.parameters.items():
+                if reason.startswith("dense:"):
+                    totals[reason[len("dense:"):]] = totals.get(reason[len("dense:"):], 0) + count
+        return totals
 
     def sparsity_by_layer_type(self) -> dict[str, float]:
         grouped: dict[str, list[float]] = {}
@@ -162,6 +219,7 @@ class PruneReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["mean_sparsity"] = self.mean_sparsity
+        data["block_sparsity"] = self.block_sparsity
         data["stage_seconds"] = self.stage_seconds()
         return data
 
@@ -175,6 +233,7 @@ class PruneReport:
     def from_dict(cls, data: dict[str, Any]) -> "PruneReport":
         data = dict(data)
         data.pop("mean_sparsity", None)
+        data.pop("block_sparsity", None)
         data.pop("stage_seconds", None)
         blocks = [BlockReport(**b) for b in data.pop("blocks", [])]
         return cls(blocks=blocks, **data)
@@ -190,12 +249,15 @@ class PruneReport:
             "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for b in self.blocks:
-            sparsity = sum(b.layer_sparsity.values()) / max(len(b.layer_sparsity), 1)
+            sparsity = (b.parameters["pruned"] / b.parameters["eligible"] if b.parameters.get("eligible") else
+                        sum(b.layer_sparsity.values()) / max(len(b.layer_sparsity), 1))
             lines.append(
                 f"| {b.index} | {sparsity:.3f} | {fmt(b.error_before.get('calibration'))} | "
                 f"{fmt(b.error_after.get('calibration'))} | {fmt(b.error_before.get('heldout'))} | "
                 f"{fmt(b.error_after.get('heldout'))} | {sum(b.seconds.values()):.1f} |"
                 + (" reverted" if b.reverted else "")
+                + (" BR reverted (held-out error worse)" if any(c.get("reverted_because_worse") for c in b.br_choices)
+                   else "")
             )
         return "\n".join(lines)
 

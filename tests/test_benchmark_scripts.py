@@ -87,3 +87,19 @@ def test_gpu_check_runs_every_location_and_judges_by_the_lr_bar(tmp_path):
     problems = gpu_check.check(fake, 0.01)
     assert any("differ by 40.00%" in p for p in problems) and any("c 21.000 is not below LR-only" in p for p in problems)
     assert not gpu_check.check(fake[:3], 0.01)
+
+
+def test_moe_profile_reports_coverage_time_and_sparsity(tmp_path):
+    moe_profile = _benchmark("moe_profile")
+    out = tmp_path / "moe.json"
+    moe_profile.main(["--device", "cpu", "--layers", "2", "--hidden", "64", "--experts", "4", "--top-k", "2",
+                      "--moe-intermediate", "32", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                      "--vocab", "256", "--samples", "4", "--seq-len", "16", "--epochs", "1",
+                      "--recipes", "lr,br+gp", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert [r["recipe"] for r in results["recipes"]] == ["lr", "br+gp"]
+    for entry in results["recipes"]:
+        assert entry["sparsity_of_pruned_weights"] == pytest.approx(0.5)
+        assert entry["block_sparsity"] < 0.5 and entry["left_dense"]["router"] == 2 * 4 * 64
+        assert [c["total"] for c in entry["expert_coverage"]] == [4 * 16 * 2] * 2  # every token, top-2
+        assert entry["seconds_per_block_median"] > 0 and "masks_lr" in entry["stage_median_seconds"]

@@ -201,6 +201,50 @@ def test_every_stream_location_gives_the_device_stream_result(family, recipe, mo
     _assert_same_result(pruner, model, reference)
 
 
+# ---------------------------------------------------------------------------------------------------- experts
+def _moe_model(family: str, dtype=torch.float32):
+    from test_moe import make_model
+
+    model = make_model(family).to(dtype)
+    model.config._attn_implementation = "eager"
+    return model.cuda()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("recipe, mode", [("lr", "full"), ("br+gp", "full"), ("br+gp+cr", "lora")])
+def test_fused_experts_on_cpu_streams_give_the_device_stream_result(family, recipe, mode):
+    """Routed-expert statistics, 3-D masks, and BR through fused experts (full, and masked low-rank deltas)."""
+    results = {}
+    for location in ("device", "cpu"):
+        model = _moe_model(family)
+        pruner, report = _prune(model, method="wanda", reconstruction=RECIPES[recipe], reconstruction_mode=mode,
+                                stream_location=location, moe_min_tokens=0)
+        results[location] = (pruner, report, model)
+    pruner, report, model = results["cpu"]
+    reference = ({k: v.clone() for k, v in results["device"][0].masks.items()}, _cpu_state(results["device"][2]))
+    _assert_same_result(pruner, model, reference)
+    assert any("experts" in name for name in pruner.masks)
+    assert report.blocks[0].expert_tokens == results["device"][1].blocks[0].expert_tokens
+    params = dict(model.named_parameters())
+    for name, keep in pruner.masks.items():
+        weight = params[name] if name in params else params[f"{name}.weight"]
+        assert bool((weight.detach().cpu()[~keep] == 0).all()), name
+
+
+def test_fused_experts_of_a_bfloat16_model_with_compiled_lora_br_on_cuda():
+    model = _moe_model("qwen3_moe", dtype=torch.bfloat16)
+    pruner, report = _prune(model, method="sparsegpt", reconstruction=["lr", "br", "gp"], reconstruction_mode="lora",
+                            compile_blocks=True, stream_location="cpu", moe_min_tokens=0)
+    assert not any("torch.compile failed" in w for w in report.warnings), report.warnings
+    assert report.mean_sparsity == pytest.approx(0.5)
+    params = dict(model.named_parameters())
+    for name, keep in pruner.masks.items():
+        weight = params[name] if name in params else params[f"{name}.weight"]
+        assert weight.dtype == torch.bfloat16 and bool((weight.detach().cpu()[~keep] == 0).all()), name
+    for block in report.blocks:
+        assert block.error_after["calibration"] < block.error_before["calibration"]
+
+
 def test_bfloat16_streams_of_a_bfloat16_model_on_cpu_match_the_device(monkeypatch):
     results = {}
     for location in ("device", "cpu"):

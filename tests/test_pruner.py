@@ -118,7 +118,7 @@ def test_statistics_mask_decides_which_rows_feed_statistics():
 
 def test_failure_without_backup_says_loudly_which_blocks_changed(monkeypatch):
     model = make_tiny_model("llama", num_layers=3)
-    import hf_recon_prune.engine as engine
+    import hf_recon_prune.masking as engine
 
     real = engine.prune_linear
     calls = {"n": 0}
@@ -138,7 +138,7 @@ def test_failure_without_backup_says_loudly_which_blocks_changed(monkeypatch):
 def test_failure_with_backup_restores_the_model(monkeypatch):
     model = make_tiny_model("llama", num_layers=3)
     original = copy.deepcopy(model.state_dict())
-    import hf_recon_prune.engine as engine
+    import hf_recon_prune.masking as engine
 
     real = engine.prune_linear
     calls = {"n": 0}

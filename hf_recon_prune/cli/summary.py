@@ -23,7 +23,19 @@ def summary_table(report, results: dict[str, float], timings: dict[str, float], 
         rows.append(("model", model))
     if config is not None:
         rows.append(("pruning", _describe_config(config)))
-    rows.append(("mean sparsity of pruned layers", f"{report.mean_sparsity:.4f} ({len(report.layer_sparsity)} layers)"))
+    rows.append(("sparsity of the pruned weights", f"{report.mean_sparsity:.4f} ({len(report.layer_sparsity)} weights)"))
+    if report.block_sparsity is not None:
+        dense = report.left_dense()
+        left = ", ".join(f"{why} {count:,}" for why, count in sorted(dense.items(), key=lambda item: -item[1]))
+        rows.append(("zeros among all block parameters", f"{report.block_sparsity:.4f}"
+                     + (f" (left dense: {left})" if left else "")))
+    coverage = [tokens for b in report.blocks for tokens in b.expert_tokens.values()]
+    if coverage:
+        counts = sorted(n for tokens in coverage for n in tokens)
+        fallback = sum(len(e) for b in report.blocks for e in b.expert_fallback.values())
+        rows.append(("calibration tokens per expert (min / median / max)",
+                     f"{counts[0]} / {counts[len(counts) // 2]} / {counts[-1]}"
+                     + (f"; {fallback} experts used every token's statistics" if fallback else "")))
     # Without BR nothing changes a block after its masks (and LR): one error per split, not a before/after pair.
     trained = "br" in ((report.config or {}).get("reconstruction") or [])
     for split, label in (("calibration", "calibration"), ("heldout", "held-out")):

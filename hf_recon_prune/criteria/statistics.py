@@ -108,9 +108,11 @@ class StatisticsRecorder:
     decided by the first batch and checked on every later one.
     """
 
-    def __init__(self, layers: dict[str, nn.Linear], hessian: bool):
+    def __init__(self, layers: dict[str, nn.Module], hessian: bool, in_features: Optional[dict[str, int]] = None):
+        in_features = in_features or {}
         self.stats = {
-            name: InputStatistics(layer.in_features, layer.weight.device, hessian) for name, layer in layers.items()
+            name: InputStatistics(in_features.get(name) or layer.in_features, layer.weight.device, hessian)
+            for name, layer in layers.items()
         }
         self.shares_input_with: dict[str, str] = {}  # follower layer -> the layer whose statistics it uses
         self.active_rows: Optional[torch.Tensor] = None  # None: every row of the batch counts

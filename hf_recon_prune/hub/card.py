@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional
 
 from .._version import __version__
 from ..config import RECONSTRUCTIONS, TECHNIQUES, PruningConfig, parse_nm
+from ..sanitise import parse_texts_marker, sanitise_config_dict
 from .formatting import _cell, _percent
 from .model_index import PRESET_DATASETS, _evaluation
 from .provenance import _FILE_SUFFIXES, _base_model_id, _looks_like_hub_id, _Redactor
@@ -154,7 +155,7 @@ def _card_context(model, config, report, *, base, model_name, repo_id, has_token
     sparsity_rows, sparsity_source = _sparsity_rows(report, sparsity)
     config_json = None
     if config is not None:
-        config_json = json.dumps(redactor.value(config.to_dict()), indent=2, sort_keys=True)
+        config_json = json.dumps(redactor.value(sanitise_config_dict(config.to_dict())), indent=2, sort_keys=True)
     base_note = None
     if not base:
         base_note = ("The Hub id of the base model is not recorded (it was loaded from a local folder); pass "
@@ -183,6 +184,8 @@ def _card_context(model, config, report, *, base, model_name, repo_id, has_token
         "uses_lr": "lr" in used,
         "sparsity_rows": sparsity_rows,
         "sparsity_source": sparsity_source,
+        **_coverage_context(report),
+        "sparsity_profile": _profile(config),
         "block_table": report.to_markdown() if report is not None and report.blocks else None,
         "plot_file": plot_file,
         "perplexity_rows": perplexity_rows,
@@ -218,8 +221,8 @@ def _summary(config: Optional[PruningConfig], report: Any, base: Optional[str], 
     how = f"{method_label(config.method)} masks" + (
         f", {', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else
         f" and {names[0]}" if names else " and no reconstruction")
-    summary = (f"This model is {base_link} pruned to {target} {short_pattern} sparsity in the linear layers of its "
-               f"decoder blocks, with {how}, by hf-recon-prune.")
+    summary = (f"This model is {base_link} pruned to {target} {short_pattern} sparsity in the prunable weights of "
+               f"its decoder blocks (linear layers and routed experts), with {how}, by hf-recon-prune.")
     return nm, target, pattern_label, summary
 
 
@@ -240,6 +243,38 @@ def _sparsity_rows(report: Any, sparsity: Optional[dict[str, Any]]) -> tuple[lis
         rows = [(name, _percent(v, 2)) for name, v in sparsity["by_type"].items()]
         return rows, "Fraction of zero weights in each kind of linear layer, measured on the saved weights."
     return [], ""
+
+
+def _profile(config: Optional[PruningConfig]) -> Optional[str]:
+    from ..sparsity_profile import describe
+
+    return describe(config) if config is not None else None
+
+
+def _coverage_context(report: Any) -> dict[str, Any]:
+    """What the pruned weights cover: zeros over all block parameters, what was left dense and why, and how many
+    calibration tokens reached each routed expert (mixture-of-experts models)."""
+    if report is None or not getattr(report, "blocks", None):
+        return {"block_sparsity": None, "dense_rows": [], "expert_rows": []}
+    block_sparsity = getattr(report, "block_sparsity", None)
+    counts = report.parameter_counts() if hasattr(report, "parameter_counts") else None
+    dense_rows = []
+    if counts:
+        for reason, count in sorted(report.left_dense().items(), key=lambda item: -item[1]):
+            names = sorted({name for b in report.blocks for name, why in b.left_dense.items() if why == reason})
+            shown = ", ".join(f"`{n}`" for n in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            dense_rows.append((reason, f"{count:,}", _percent(count / counts["block"], 2), shown))
+    expert_rows = []
+    for b in report.blocks:
+        for module, tokens in (getattr(b, "expert_tokens", None) or {}).items():
+            ordered = sorted(tokens)
+            median = ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1]
+                                                                          + ordered[len(ordered) // 2]) / 2
+            fallback = (getattr(b, "expert_fallback", None) or {}).get(module, [])
+            expert_rows.append((b.index, module, len(tokens), ordered[0], f"{median:g}", ordered[-1],
+                                ", ".join(map(str, fallback)) or "none"))
+    return {"block_sparsity": _percent(block_sparsity, 2) if block_sparsity is not None else None,
+            "dense_rows": dense_rows, "expert_rows": expert_rows}
 
 
 def _card_warnings(report: Any, redactor: "_Redactor") -> list[str]:
@@ -312,8 +347,11 @@ def _calibration_rows(config: PruningConfig, report: Any, redactor: "_Redactor")
 
 
 def _describe_source(source: Any, split: Optional[str] = None) -> str:
+    marker = parse_texts_marker(source)
     if isinstance(source, dict) and "texts" in source:
-        text = f"{source['texts']} user-provided texts (sha256 {source.get('sha256', '?')})"
+        text = f"{source['texts']} user-provided texts (sha256 {str(source.get('sha256', '?'))[:16]})"
+    elif marker is not None:
+        text = f"{marker[0]} user-provided texts (sha256 {marker[1][:16]})"
     elif isinstance(source, list):
         text = f"{len(source)} user-provided texts"
     elif source == "self":

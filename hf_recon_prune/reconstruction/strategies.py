@@ -8,11 +8,13 @@ name from :data:`TRAINING_STRATEGIES`.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .masked_delta import MaskedDeltaHandle, attach_masked_deltas
 from .masked_lora import MaskedLoraHandle, attach_masked_lora, merge_masked_lora, unload_masked_lora
 from .settings import BlockTrainingSettings
 
@@ -77,26 +79,38 @@ class FullWeights(TrainingStrategy):
 
 
 class MaskedLora(TrainingStrategy):
-    """``"lora"``: trains masked LoRA adapters on the targeted pruned linears and merges them with the masked merge.
-    The adapted layers apply the mask to their effective weight, so neither gradient hooks nor re-masking are
-    needed; the pruned linears' own weights do not train."""
+    """``"lora"``: trains masked LoRA adapters on the targeted pruned weights and merges them with the masked merge.
+    Pruned ``nn.Linear`` layers get peft adapters (``masked_lora.py``); the weights peft has no layer for (fused
+    experts, Conv1D) get masked low-rank deltas of the same form (``masked_delta.py``). Both apply the mask to the
+    effective weight, so neither gradient hooks nor re-masking are needed; the pruned weights themselves do not
+    train."""
 
     def __init__(self, settings: BlockTrainingSettings):
         super().__init__(settings)
         self._handle: Optional[MaskedLoraHandle] = None
+        self._deltas: Optional[MaskedDeltaHandle] = None
 
     def trainable_parameters(self, blocks: Sequence[nn.Module], kept: Masks) -> list[nn.Parameter]:
         settings = self.settings
-        self._handle = attach_masked_lora(blocks, kept, settings.lora_rank, settings.lora_alpha,
+        linears = {key: mask for key, mask in kept.items() if isinstance(key, nn.Module)}
+        self._handle = attach_masked_lora(blocks, linears, settings.lora_rank, settings.lora_alpha,
                                           settings.lora_target_modules, seed=settings.seed)
-        return self._handle.parameters()
+        patterns = [re.compile(p) for p in (settings.lora_target_modules or [])]
+        others = [key for key in kept if not isinstance(key, nn.Module)
+                  and (not patterns or any(p.search(key.name) for p in patterns))]
+        self._deltas = attach_masked_deltas(kept, settings.lora_rank, settings.lora_alpha, others,
+                                            seed=None if settings.seed is None else settings.seed + 1)
+        return self._handle.parameters() + self._deltas.parameters()
 
     def finish(self) -> None:
         merge_masked_lora(self._handle)
+        self._deltas.merge()
 
     def close(self) -> None:
         if self._handle is not None and self._handle.active:
             unload_masked_lora(self._handle)  # not merged: the trainer restores the weights
+        if self._deltas is not None:
+            self._deltas.unload()
 
 
 #: The strategy of each ``reconstruction_mode``.
