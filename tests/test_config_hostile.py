@@ -61,6 +61,8 @@ _BY_TYPE = {
     "float": st.one_of(st.floats(min_value=-0.5, max_value=1.5), st.floats(), st.integers(min_value=-2, max_value=2)),
     "bool": st.booleans(),
     "list[str]": st.lists(st.one_of(strings, st.sampled_from(["lr", "br", "gp", "cr"])), max_size=5),
+    "dict[str,float]": st.dictionaries(st.one_of(strings, st.sampled_from(["mlp", r"self_attn\.q_proj", "("])),
+                                       st.floats(min_value=-0.5, max_value=1.5), max_size=3),
 }
 
 
