@@ -417,3 +417,26 @@ def test_push_of_a_missing_folder_is_refused_before_any_request(hub, tmp_path):
     with pytest.raises(FileNotFoundError):
         push_folder_to_hub(tmp_path / "nothing", "tester/x", token=TOKEN)
     assert hub.api_requests() == []
+
+
+def test_card_says_which_learning_rates_auto_chose(tmp_path):
+    from conftest import make_tiny_model, random_ids
+    from hf_recon_prune.pruner import Pruner
+
+    model = make_tiny_model("llama")
+    config = PruningConfig(method="wanda", reconstruction=["br", "gp"], br_lr="auto", br_epochs=8, br_batch_size=2,
+                           num_samples=12, seq_len=16, device="cpu")
+    from hf_recon_prune.calibration import CalibrationSet
+
+    calibration = CalibrationSet(input_ids=random_ids(12, 16), is_self_generated=torch.zeros(12, dtype=torch.bool),
+                                 heldout_ids=random_ids(4, 16, seed=9), statistics_mask=torch.ones(12, dtype=torch.bool),
+                                 description={"source": "test"})
+    pruner = Pruner(model, config, calibration_data=calibration, show_progress=False)
+    report = pruner.prune()
+    choices = [choice for block in report.blocks for choice in block.br_choices]
+    assert [c["lr_rule"] for c in choices] == ["auto", "auto"]  # the probe ran in both windows
+    chosen = [c["lr"] for c in choices]
+    card = open(os.path.join(pruner.save_pretrained(str(tmp_path / "auto")), "README.md"), encoding="utf-8").read()
+    assert "learning rate chosen per window by held-out error (" in card
+    for lr in set(chosen):
+        assert f"{lr:g} in {chosen.count(lr)} window" in card

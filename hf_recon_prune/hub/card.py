@@ -174,7 +174,8 @@ def _card_context(model, config, report, *, base, model_name, repo_id, has_token
         "target_sparsity": target,
         "achieved_sparsity": _achieved_sparsity(report, sparsity),
         "reconstruction_label": ", ".join(t.upper() for t in used) or "none",
-        "reconstruction_mode_label": _reconstruction_mode(config) if config is not None and "br" in used else None,
+        "reconstruction_mode_label": _reconstruction_mode(config, report) if config is not None and "br" in used
+        else None,
         "calibration_rows": [(a, _cell(b)) for a, b in _calibration_rows(config, report, redactor)]
         if config is not None else [],
         "seed": config.seed if config is not None else "unknown",
@@ -299,15 +300,32 @@ def _zero_shot_setting(report: Any) -> str:
     return text
 
 
-def _reconstruction_mode(config: PruningConfig) -> str:
+def _learning_rate(config: PruningConfig, report: Any) -> str:
+    """The fixed learning rate, or what ``br_lr="auto"`` chose over the windows."""
+    if not isinstance(config.br_lr, str):
+        return f"learning rate {config.br_lr:g}"
+    chosen: dict[str, int] = {}
+    for block in getattr(report, "blocks", None) or []:
+        for choice in getattr(block, "br_choices", None) or []:
+            key = f"{choice['lr']:g}" + (" (fallback)" if choice.get("lr_rule") == "auto-fallback" else "")
+            chosen[key] = chosen.get(key, 0) + 1
+    used = ", ".join(f"{lr} in {n} window{'s' if n > 1 else ''}" for lr, n in sorted(chosen.items()))
+    return "learning rate chosen per window by held-out error" + (f" ({used})" if used else "")
+
+
+def _reconstruction_mode(config: PruningConfig, report: Any = None) -> str:
     if config.reconstruction_mode == "lora":
         what = (f"masked LoRA adapters (rank {config.lora_rank}, alpha {config.lora_alpha:g}) trained, then merged "
                 "into the weights under the masks")
     else:
         what = "all kept weights of the block" + (
             " and its other parameters (norms, biases)" if config.br_train_other_params else "")
-    return (f"`{config.reconstruction_mode}` mode, {what}; Adam, learning rate {config.br_lr:g}, batch size "
-            f"{config.br_batch_size}, {config.br_epochs} epochs")
+    kept = ""
+    if getattr(config, "br_keep_best", False):
+        kept = "; the epoch with the lowest held-out error kept" + (
+            f", stopping after {config.br_patience} epochs without a new best" if config.br_patience else "")
+    return (f"`{config.reconstruction_mode}` mode, {what}; Adam, {_learning_rate(config, report)}, batch size "
+            f"{config.br_batch_size}, up to {config.br_epochs} epochs{kept}")
 
 
 def _calibration_rows(config: PruningConfig, report: Any, redactor: "_Redactor") -> list[tuple[str, str]]:
