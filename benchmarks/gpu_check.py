@@ -22,12 +22,9 @@ standard library's modules (and, reported too, the default corpus's held-out top
 from __future__ import annotations
 
 import argparse
-import ast
-import glob
 import json
 import os
 import sys
-import sysconfig
 import tempfile
 import time
 from typing import Any
@@ -42,25 +39,11 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from hf_recon_prune import PruningConfig  # noqa: E402
+from hf_recon_prune.calibration.sources import stdlib_docstrings  # noqa: E402
 from hf_recon_prune.evaluation import perplexity_of_ids  # noqa: E402
 from hf_recon_prune.pruner import Pruner  # noqa: E402
 
 LOCATIONS = ("device", "cpu", "disk")
-
-
-def stdlib_docstrings(min_chars: int = 200) -> list[str]:
-    """Module docstrings of the standard library (a source other than the documentation topics), sorted by path."""
-    root = sysconfig.get_paths()["stdlib"]
-    texts = []
-    for path in sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "*", "__init__.py"))):
-        try:
-            with open(path, encoding="utf-8") as handle:
-                doc = ast.get_docstring(ast.parse(handle.read()))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        if doc and len(doc) >= min_chars:
-            texts.append(doc)
-    return texts
 
 
 def prepare(folder: str, num_samples: int, seq_len: int) -> None:

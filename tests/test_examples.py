@@ -36,7 +36,7 @@ def assets(tmp_path_factory):
 def test_every_example_is_tested():
     names = {f[:-3] for f in os.listdir(EXAMPLES) if f.endswith(".py")}
     tested = {"quickstart", "sparsegpt_br_gp_llama", "masked_lora_reconstruction", "self_generated_calibration",
-              "offload_memory_limit", "evaluate_and_push", "custom_criterion"}
+              "offload_memory_limit", "evaluate_and_push", "custom_criterion", "reconstruction_demo"}
     assert names == tested
 
 
@@ -182,3 +182,20 @@ def test_custom_criterion(assets, tmp_path):
         assert "row-relative magnitude (|W| divided by the mean |W| of its output row)" in card
     finally:
         unregister_criterion("row-relative-magnitude")
+
+
+def test_reconstruction_demo_compares_lr_with_lr_br_gp_on_two_held_out_sources(assets, tmp_path, capsys):
+    result = run_example("reconstruction_demo", "--model", assets["model"], "--num-samples", "4", "--seq-len", "32",
+                         "--epochs", "1", "--eval-seq-len", "32", "--eval-windows", "2",
+                         "--output", str(tmp_path / "demo"))
+    perplexity = result["perplexity"]
+    assert list(perplexity) == ["dense", "LR", "LR + BR + GP"]
+    sources = list(perplexity["dense"])
+    assert len(sources) == 2 and "another source" in sources[1]
+    assert all(math.isfinite(v) for row in perplexity.values() for v in row.values())
+    assert_pruned_folder(result["folder"])
+    card = open(os.path.join(result["folder"], "README.md"), encoding="utf-8").read()
+    for source in sources:  # both perplexities of the saved (LR + BR + GP) model reach its card
+        assert source in card and f"{perplexity['LR + BR + GP'][source]:.2f}" in card
+    table = capsys.readouterr().out
+    assert "| LR + BR + GP |" in table and "gap to dense closed" in table

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 Source = Union[str, "os.PathLike[str]", Sequence[str]]
 
 #: Preset names; they take precedence over a local file or folder of the same name.
-PRESETS = ("default", "wikitext2", "ptb", "c4")
+PRESETS = ("default", "docstrings", "wikitext2", "ptb", "c4")
 #: Split names understood by the sources that have no splits of their own (default corpus, local files).
 LOCAL_SPLITS = ("train", "test", "validation", "heldout")
 _HELDOUT_SPLITS = ("test", "validation", "heldout")
@@ -67,7 +67,8 @@ def load_texts(source: Source, split: Optional[str] = "train", text_column: Opti
     """Return the documents of a calibration source as a list of strings.
 
     Args:
-        source: ``"default"`` (the Python reference documentation shipped with CPython, offline), ``"wikitext2"``,
+        source: ``"default"`` (the Python reference documentation shipped with CPython, offline), ``"docstrings"``
+            (the standard library's module docstrings, offline: another source, see ``stdlib_docstrings``), ``"wikitext2"``,
             ``"ptb"``, ``"c4"`` (the reference repositories' datasets and files), any other Hugging Face dataset id,
             a local path (``.txt``, ``.jsonl``, ``.json``/``.csv``/``.parquet``, a folder written by
             ``Dataset.save_to_disk``, or a folder of data files), or a list of strings.
@@ -107,6 +108,10 @@ def load_texts(source: Source, split: Optional[str] = "train", text_column: Opti
         )
     if source == "default":
         return _default_corpus(split)
+    if source == "docstrings":
+        heldout = _split_part(split, "the 'docstrings' corpus")
+        texts = stdlib_docstrings()
+        return [t for i, t in enumerate(texts) if (i % _TOPIC_SPLIT_MODULUS == _TOPIC_SPLIT_MODULUS - 1) == heldout]
     if source in PRESETS:
         return _load_preset(source, split, text_column)
     path = os.path.expanduser(source)
@@ -168,6 +173,27 @@ def _default_corpus(split: str) -> list[str]:
     keys = sorted(topics)
     keep = [k for i, k in enumerate(keys) if (i % _TOPIC_SPLIT_MODULUS == _TOPIC_SPLIT_MODULUS - 1) == heldout]
     return [topics[k] for k in keep]
+
+
+def stdlib_docstrings(min_chars: int = 200) -> list[str]:
+    """The module docstrings of this Python's standard library (at least ``min_chars`` long), sorted by path: a
+    second offline corpus, by other authors and on other topics than the ``default`` documentation topics, so
+    that quality can be judged on text of another source than the calibration text without a download."""
+    import ast
+    import glob
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    texts = []
+    for path in sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "*", "__init__.py"))):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                doc = ast.get_docstring(ast.parse(handle.read()))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        if doc and len(doc) >= min_chars:
+            texts.append(doc)
+    return texts
 
 
 def _load_preset(name: str, split: str, text_column: Optional[str]) -> list[str]:
@@ -391,4 +417,5 @@ def _column_texts(dataset: Any, column: str, desc: str) -> list[str]:
     return texts
 
 
-__all__ = ["load_texts", "describe_source", "SourceLoadError", "PRESETS", "LOCAL_SPLITS", "is_heldout_split"]
+__all__ = ["load_texts", "describe_source", "SourceLoadError", "PRESETS", "LOCAL_SPLITS", "is_heldout_split",
+           "stdlib_docstrings"]
