@@ -201,6 +201,7 @@ class BlockEngine(MaskSelection):
             text_config.hidden_size, stream_dtype(self.model, cfg), device,
             attention=getattr(text_config, "_attn_implementation", None),
             num_heads=getattr(text_config, "num_attention_heads", 0) or 0,
+            experts_per_token=getattr(text_config, "num_experts_per_tok", 0) or 0,
         )
         plan_placement(estimate, cfg, device)
         logger.info("%s", estimate.summary())

@@ -79,8 +79,13 @@ def estimate_memory(
     device: torch.device,
     attention: Optional[str] = None,
     num_heads: int = 0,
+    experts_per_token: int = 0,
 ) -> MemoryEstimate:
-    """Estimate the run's memory from the shapes; ``rows`` / ``heldout_rows`` are this process's shard."""
+    """Estimate the run's memory from the shapes; ``rows`` / ``heldout_rows`` are this process's shard.
+
+    ``experts_per_token`` (a mixture-of-experts model's top-k): every token passes through that many experts, so the
+    experts' activations (the gathered input, the gate/up output, the gated product and the down output of each
+    routed copy) count top-k times per token."""
     from .methods import get_criterion
     from .reconstruction import resolve_autocast_dtype
     from .reconstruction.plan import ReconstructionPlan
@@ -120,14 +125,19 @@ def estimate_memory(
 
     model_bytes = block_dtype_bytes
     attention_probs = num_heads * seq_len if attention == "eager" else 0
+    intermediate = max([w.units[0].in_features for w in weights.values()
+                        if w.kind == "experts" and w.param_name == "down_proj"] + [0])
+    routed = experts_per_token * (3 * intermediate + 2 * hidden_size) if intermediate else 0
     forward_tokens = config.forward_batch_size * seq_len
-    forward_activations = forward_tokens * ((4 * hidden_size + 3 * ffn + attention_probs) * model_bytes + 8 * hidden_size)
+    forward_activations = forward_tokens * ((4 * hidden_size + 3 * ffn + attention_probs + routed) * model_bytes
+                                            + 8 * hidden_size)
     activations = forward_activations
     if uses_br:
         amp = resolve_autocast_dtype(config.autocast_dtype, device)
         act_bytes = 4 if amp is None else 2
         train_tokens = min(config.br_batch_size, max(rows, 1)) * seq_len
-        per_token = window * ((16 * hidden_size + 8 * ffn + 3 * attention_probs) * act_bytes) + 12 * hidden_size
+        per_token = window * ((16 * hidden_size + 8 * ffn + 3 * attention_probs + 3 * routed) * act_bytes) \
+            + 12 * hidden_size
         activations = max(activations, train_tokens * per_token)
 
     stream_item = torch.empty((), dtype=stream_dtype).element_size()

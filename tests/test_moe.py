@@ -312,6 +312,16 @@ def test_memory_estimate_counts_expert_weights_and_their_optimizer_state():
     assert with_experts - without == 12 * expert_params  # fp32 gradient + two Adam moments
 
 
+def test_memory_estimate_counts_each_token_once_per_routed_expert():
+    model = make_model("mixtral")  # hidden 64, expert intermediate 128, top-2
+    blocks = resolve_layout(model).blocks
+    config = PruningConfig(reconstruction=["lr"], num_samples=8, seq_len=16, forward_batch_size=4, device="cpu")
+    dense, routed = (estimate_memory(blocks, config, 8, 0, 16, 64, torch.float32, torch.device("cpu"),
+                                     experts_per_token=k).activations for k in (0, 2))
+    # per token and routed copy: gathered input (64) + gate/up output (2 x 128) + gated product (128) + output (64)
+    assert routed - dense == 4 * 16 * 2 * (3 * 128 + 2 * 64) * 4
+
+
 def test_card_and_report_give_sparsity_over_what_was_eligible_and_name_what_stayed_dense(tmp_path):
     model = make_model("qwen2_moe")
     pruner, report = prune(model, method="wanda")

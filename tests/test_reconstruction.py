@@ -387,3 +387,16 @@ def test_cuda_bf16_autocast_pinned_streams(mode):
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cuda" for b in blocks for p in b.parameters())
     assert _mse(blocks, kwargs, x_dev, target_dev) < 0.8 * error_before
     _assert_mask_exact(masks)
+
+
+def test_compile_auto_compiles_only_large_windows_on_cuda():
+    from torch import nn
+
+    from hf_recon_prune.reconstruction import block_trainer
+
+    small, large = nn.Linear(1000, 1000), nn.Linear(8000, 6250)  # 1.0 M and 50.0 M parameters (with biases)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert sum(p.numel() for p in large.parameters()) >= block_trainer.COMPILE_MIN_PARAMETERS
+    assert block_trainer._use_compile("auto", cuda, [large]) and not block_trainer._use_compile("auto", cuda, [small])
+    assert not block_trainer._use_compile("auto", cpu, [large])
+    assert block_trainer._use_compile(True, cpu, [small]) and not block_trainer._use_compile(False, cuda, [large])

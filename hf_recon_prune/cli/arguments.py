@@ -81,8 +81,8 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                                       "matches the regex (the first match wins)"),
     "keep_existing_zeros": ("layer-wise", "an already sparse model keeps its zeros, and they count toward the "
                                           "sparsity (true/false)"),
-    "calibration": ("calibration", "default (offline), c4, wikitext2, ptb, self, an HF dataset id or a local "
-                                   "file/folder (.txt, .jsonl, .json, .csv, .parquet)"),
+    "calibration": ("calibration", "default (offline), docstrings (offline), c4, wikitext2, ptb, self, an HF "
+                                   "dataset id or a local file/folder (.txt, .jsonl, .json, .csv, .parquet)"),
     "calibration_split": ("calibration", "split of the calibration source (default: train)"),
     "calibration_text_column": ("calibration", "column / JSON key that holds the text (default: text)"),
     "num_samples": ("calibration", "calibration windows"),
@@ -128,7 +128,7 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                                    + _choices("DATA_PARALLEL_MODES")),
     "stream_dtype": ("execution", "dtype of the activation streams: bfloat16, float16, float32 (default: the model's)"),
     "autocast_dtype": ("execution", "autocast dtype of BR: " + _choices("AUTOCAST_DTYPES")),
-    "compile_blocks": ("execution", "torch.compile the blocks during BR: true, false or auto (on CUDA only)"),
+    "compile_blocks": ("execution", "torch.compile the blocks during BR: true, false or auto (on CUDA, windows of >= 50 M parameters)"),
     "forward_batch_size": ("execution", "windows per forward pass"),
     "track_reconstruction_error": ("execution", "measure the per-block error against the dense model (true/false)"),
     "checkpoint_dir": ("execution", "write a checkpoint after every block to this folder; with --resume, continue "
