@@ -66,3 +66,19 @@ def random_ids(num: int, seq_len: int, seed: int = 1, vocab: int = VOCAB) -> tor
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def fail_pruning_after(monkeypatch, layers: int, message: str = "simulated device failure") -> None:
+    """Make the engine raise RuntimeError(message) when it comes to prune layer ``layers + 1`` of the run: a device
+    failure part-way through (block 0 of a tiny Llama has 7 linears)."""
+    import hf_recon_prune.masking as masking
+
+    real, calls = masking.prune_linear, {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > layers:
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(masking, "prune_linear", failing)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_model, random_ids
+from conftest import fail_pruning_after, make_tiny_model, random_ids
 from hf_recon_prune import PruningConfig
 from hf_recon_prune import preflight as preflight_module
 from hf_recon_prune.architectures import resolve_layout
@@ -103,21 +103,11 @@ def test_peft_adapters_are_refused_before_pruning():
 
 
 def test_a_model_left_partially_pruned_is_refused_for_a_fresh_run(monkeypatch):
-    import hf_recon_prune.masking as engine
-
     model = make_tiny_model("llama", num_layers=3)
-    real, calls = engine.prune_linear, {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 7:  # block 0 has 7 linears; fail in block 1
-            raise RuntimeError("simulated device failure")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "prune_linear", failing)
+    fail_pruning_after(monkeypatch, 7)  # fails in block 1
     with pytest.raises(PruningFailedError):
         Pruner(model, _config(), calibration_data=_calibration(), show_progress=False).prune()
-    monkeypatch.setattr(engine, "prune_linear", real)
+    monkeypatch.undo()
     _refused(model, _config(), r"left partially pruned by a failed prune\(\).*Reload the dense model.*resume=True",
              _calibration())
 

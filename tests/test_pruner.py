@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import FAMILIES, VOCAB, make_tiny_model, random_ids
+from conftest import FAMILIES, VOCAB, fail_pruning_after, make_tiny_model, random_ids
 from hf_recon_prune import PruningConfig
 from hf_recon_prune.architectures import UnsupportedModelError, prunable_linears, resolve_layout
 from hf_recon_prune.calibration import CalibrationSet
@@ -118,18 +118,7 @@ def test_statistics_mask_decides_which_rows_feed_statistics():
 
 def test_failure_without_backup_says_loudly_which_blocks_changed(monkeypatch):
     model = make_tiny_model("llama", num_layers=3)
-    import hf_recon_prune.masking as engine
-
-    real = engine.prune_linear
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 7:  # block 0 has 7 linears; fail in block 1
-            raise RuntimeError("simulated device failure")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "prune_linear", failing)
+    fail_pruning_after(monkeypatch, 7)  # fails in block 1
     with pytest.raises(PruningFailedError, match=r"blocks \[0, 1\].*ALREADY MODIFIED"):
         _prune(model, _config())
     assert model._hf_recon_prune_incomplete is True
@@ -138,18 +127,7 @@ def test_failure_without_backup_says_loudly_which_blocks_changed(monkeypatch):
 def test_failure_with_backup_restores_the_model(monkeypatch):
     model = make_tiny_model("llama", num_layers=3)
     original = copy.deepcopy(model.state_dict())
-    import hf_recon_prune.masking as engine
-
-    real = engine.prune_linear
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 10:
-            raise RuntimeError("simulated failure")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "prune_linear", failing)
+    fail_pruning_after(monkeypatch, 10, "simulated failure")
     with pytest.raises(RuntimeError, match="simulated failure"):
         _prune(model, _config(), keep_backup=True)
     for key, value in model.state_dict().items():
