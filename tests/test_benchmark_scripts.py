@@ -103,3 +103,22 @@ def test_moe_profile_reports_coverage_time_and_sparsity(tmp_path):
         assert entry["block_sparsity"] < 0.5 and entry["left_dense"]["router"] == 2 * 4 * 64
         assert [c["total"] for c in entry["expert_coverage"]] == [4 * 16 * 2] * 2  # every token, top-2
         assert entry["seconds_per_block_median"] > 0 and "masks_lr" in entry["stage_median_seconds"]
+
+
+def test_lr_sweep_compares_fixed_rates_with_auto_against_the_lr_baseline(tmp_path):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tiny_assets import save_tiny_llama
+
+    lr_sweep = _benchmark("lr_sweep")
+    out = tmp_path / "sweep.json"
+    results = lr_sweep.main(["--model", save_tiny_llama(tmp_path / "tiny"), "--device", "cpu", "--samples", "6",
+                             "--seq-len", "16", "--epochs", "2", "--lrs", "1e-3,auto", "--eval-seq-len", "16",
+                             "--eval-windows", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    baseline, fixed, auto = results["runs"]
+    assert baseline["reconstruction"] == ["lr"] and [fixed["lr"], auto["lr"]] == [1e-3, "auto"]
+    assert auto["chosen_lrs"] and fixed["chosen_lrs"] is None
+    for run in (fixed, auto):
+        for source, value in run["perplexity"].items():
+            gap = baseline["perplexity"][source] - results["dense"][source]
+            assert run["gap_closed"][source] == pytest.approx((baseline["perplexity"][source] - value) / gap)
