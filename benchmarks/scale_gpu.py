@@ -50,6 +50,8 @@ def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--hidden", type=int, default=4096)
     shape.add_argument("--intermediate", type=int, default=11008)
     shape.add_argument("--heads", type=int, default=32)
+    shape.add_argument("--kv-heads", type=int, default=None, help="key/value heads (grouped-query attention; "
+                       "default: --heads, full multi-head attention; Llama-3-70B: 8)")
     shape.add_argument("--vocab", type=int, default=32000)
     shape.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 
@@ -102,7 +104,8 @@ def llama_config(args):
 
     return LlamaConfig(
         hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
+        num_attention_heads=args.heads, num_key_value_heads=getattr(args, "kv_heads", None) or args.heads,
+        vocab_size=args.vocab,
         max_position_embeddings=max(4096, args.seq_len), rms_norm_eps=1e-5, tie_word_embeddings=False,
         dtype=args.dtype,
     )

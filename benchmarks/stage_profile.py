@@ -154,7 +154,7 @@ def copy_bandwidth(device: torch.device, mib: int = 512, repeats: int = 5) -> Op
 def block_shapes(args) -> dict[str, tuple[int, int]]:
     """(out, in) of every linear of one Llama block."""
     d, f = args.hidden, args.intermediate
-    kv = d  # num_key_value_heads == num_attention_heads in this benchmark
+    kv = d * (getattr(args, "kv_heads", None) or args.heads) // args.heads  # grouped-query attention: --kv-heads
     return {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d),
             "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
 

@@ -122,3 +122,49 @@ def test_lr_sweep_compares_fixed_rates_with_auto_against_the_lr_baseline(tmp_pat
         for source, value in run["perplexity"].items():
             gap = baseline["perplexity"][source] - results["dense"][source]
             assert run["gap_closed"][source] == pytest.approx((baseline["perplexity"][source] - value) / gap)
+
+
+def test_lr_sweep_workers_share_the_runs_and_a_second_invocation_resumes(tmp_path):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tiny_assets import save_tiny_llama
+
+    lr_sweep = _benchmark("lr_sweep")
+    out = tmp_path / "sweep.json"
+    argv = ["--model", save_tiny_llama(tmp_path / "tiny"), "--device", "cpu", "--samples", "6", "--seq-len", "16",
+            "--epochs", "1", "--lrs", "1e-3,auto", "--self-samples", "0,2", "--eval-seq-len", "16",
+            "--eval-windows", "2", "--workers", "2", "--out", str(out)]
+    results = lr_sweep.main(argv)
+    planned = [lr_sweep.run_key(r) for r in lr_sweep.planned_runs(lr_sweep.parse_args(argv))]
+    assert [lr_sweep.run_key(r) for r in results["runs"]] == planned and not results["missing"]
+    assert len(planned) == 1 + 2 * 2  # the LR baseline, then {0, 2} self samples x {1e-3, auto}
+    assert results["self_generation"]["2"]["rows"] == 2
+    assert {r["self_samples"] for r in results["runs"]} == {0, 2}
+    with_self = [r for r in results["runs"] if r["self_samples"] == 2]
+    assert all(r["workers"] == 2 and "gap_closed" in r for r in with_self)
+
+    again = lr_sweep.main(argv)  # everything is done: nothing runs again, the same results come back
+    assert again["runs"] == results["runs"]
+    lines = (tmp_path / "sweep.work" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len(planned)
+
+
+def test_self_generation_speed_times_every_setting_on_a_random_gqa_model(tmp_path):
+    speed = _benchmark("self_generation_speed")
+    out = tmp_path / "selfgen.json"
+    results = speed.main(["--random", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4",
+                          "--kv-heads", "2", "--vocab", "300", "--samples", "3", "--seq-len", "12", "--device", "cpu",
+                          "--dtypes", "float32", "--static-cache", "off", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    (run,) = results["runs"]
+    assert (run["samples"], run["seq_len"]) == (3, 12) and run["seconds"] > 0
+    assert run["candidates_used"] >= 3 and run["candidates_used"] - run["ended_before_seq_len"] == 3
+
+
+def test_stage_profile_counts_grouped_query_attention_projections(stage_profile):
+    args = stage_profile.parse_args(["--device", "cpu", "--hidden", "64", "--intermediate", "128", "--heads", "8",
+                                     "--kv-heads", "2"])
+    shapes = stage_profile.block_shapes(args)
+    assert shapes["k_proj"] == shapes["v_proj"] == (16, 64) and shapes["q_proj"] == (64, 64)
+    from scale_gpu import llama_config
+
+    assert llama_config(args).num_key_value_heads == 2

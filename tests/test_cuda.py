@@ -476,6 +476,20 @@ def test_self_generation_on_cuda_is_reproducible_for_a_seed():
     assert not torch.equal(first.input_ids, other.input_ids)
 
 
+def test_self_generation_on_cuda_completes_whole_batches_and_keeps_the_samples_of_candidate_order():
+    """On a GPU every round completes a whole batch; the samples kept are still the first candidates that pass, so
+    batch 8 (one round, surplus rows dropped) gives the samples of batch 1 (one candidate a round)."""
+    from conftest_calibration_helpers import make_bpe_tokenizer, make_tiny_llama
+    from hf_recon_prune.calibration import generate_self_calibration
+
+    tokenizer = make_bpe_tokenizer()
+    model = make_tiny_llama(len(tokenizer)).cuda().double()  # float64: batching cannot flip an argmax
+    one, eight = (generate_self_calibration(model, tokenizer, 3, 12, seed=4, language=None, batch_size=size,
+                                            temperature=0, show_progress=False) for size in (1, 8))
+    assert torch.equal(one.input_ids, eight.input_ids)
+    assert one.num_candidates == eight.num_candidates and one.num_short == eight.num_short
+
+
 def test_perplexity_on_cuda_equals_the_cpu():
     from hf_recon_prune.evaluation import perplexity_of_ids
 

