@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--device", default=None, help="default: cuda if available")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
+                        help="instead of timing: profile one batch of --samples rows generated to TOKENS tokens "
+                             "(torch.profiler; the table of the ops that took most device time goes beside --out)")
     parser.add_argument("--out", default="benchmarks/results/self_generation.json")
     args = parser.parse_args(argv)
     args.dtypes = [d for d in args.dtypes.split(",") if d]
@@ -112,8 +115,34 @@ def time_generation(model, tokenizer, args: argparse.Namespace, static_cache: bo
             "tokens_per_second": args.samples * args.seq_len / seconds}
 
 
+def profile(model, tokenizer, args: argparse.Namespace, dtype: str) -> str:
+    """The ops that took the most device (or CPU) time while one batch is generated to ``--profile`` tokens."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    settings = dict(seed=args.seed, language=None, batch_size=args.samples, stop_at_eos=False, show_progress=False)
+    generate_self_calibration(model, tokenizer, 2, 8, **{**settings, "batch_size": 2})  # warm-up
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profiler(activities=activities) as prof:
+        generate_self_calibration(model, tokenizer, args.samples, args.profile, **settings)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return f"{dtype}, {args.samples} rows x {args.profile} tokens\n" + prof.key_averages().table(sort_by=sort,
+                                                                                                row_limit=25)
+
+
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.profile:
+        tables = []
+        for dtype in args.dtypes:
+            model, tokenizer = load(args, dtype)
+            tables.append(profile(model.to(args.device), tokenizer, args, dtype))
+        text = "\n\n".join(tables)
+        with open(os.path.splitext(args.out)[0] + ".profile.txt", "w", encoding="utf-8") as handle:
+            handle.write(text)
+        print(text)
+        return {"profile": text}
     results: dict[str, Any] = {"machine": machine(torch.device(args.device), 1), "torch": torch.__version__,
                                "model": "random Llama shape" if args.random else "SmolLM2-135M-Instruct",
                                "settings": {k: v for k, v in vars(args).items() if k not in ("out", "gguf", "dtype")},

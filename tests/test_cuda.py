@@ -476,9 +476,9 @@ def test_self_generation_on_cuda_is_reproducible_for_a_seed():
     assert not torch.equal(first.input_ids, other.input_ids)
 
 
-def test_self_generation_on_cuda_completes_whole_batches_and_keeps_the_samples_of_candidate_order():
-    """On a GPU every round completes a whole batch; the samples kept are still the first candidates that pass, so
-    batch 8 (one round, surplus rows dropped) gives the samples of batch 1 (one candidate a round)."""
+def test_self_generation_on_cuda_keeps_the_samples_of_candidate_order_whatever_the_batch():
+    """The samples kept are the first candidates that pass, so batch 8 gives the samples of batch 1 (one candidate
+    a round)."""
     from conftest_calibration_helpers import make_bpe_tokenizer, make_tiny_llama
     from hf_recon_prune.calibration import generate_self_calibration
 

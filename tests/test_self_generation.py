@@ -245,15 +245,3 @@ def test_model_fingerprint_ignores_use_cache_but_not_weights(tokenizer):
         model.lm_head.weight[0, 0] += 1.0
     assert model_fingerprint(model)["sha256"] != before["sha256"]
 
-
-def test_a_gpu_round_completes_a_whole_batch_and_a_cpu_round_what_is_still_needed():
-    from hf_recon_prune.calibration.self_generation import _Generation
-
-    def rounds(device):
-        generation = object.__new__(_Generation)
-        generation.device, generation.plan = torch.device(device), {"batch_size": 64}
-        generation.completed, generation.short = 10, 5  # half the samples so far ended too soon
-        return generation._completion_batch(12)
-
-    assert rounds("cuda") == 64
-    assert rounds("cpu") == 24

@@ -22,8 +22,7 @@ global RNG (``sampling.py``); a window's start comes from a generator seeded wit
 in candidate order, so the data does not depend on the batch size (up to float rounding of batched matrix products)
 and ``batch_size="auto"`` may choose it from the device's free memory; the caller's RNG state is not touched.
 
-Speed. Samples are generated in batches of ``batch_size`` with a KV cache; on a GPU every round completes a whole
-batch (see ``_Generation._completion_batch``). ``static_cache=True`` asks transformers
+Speed. Samples are generated in batches of ``batch_size`` with a KV cache. ``static_cache=True`` asks transformers
 for a static cache (which it may compile); whether that pays off was not measured, so it is off by default.
 """
 
@@ -238,12 +237,9 @@ class _Generation:
         return sum(index < self.used for index in self.short_indices)
 
     def _completion_batch(self, remaining: int) -> int:
-        """Prefixes to complete next. On a GPU a whole batch: a decoding step costs about the same for any batch that
-        fits, and every round is up to ``max_length`` steps, so rounds, not rows, are what to save (rows beyond the
-        samples needed are dropped in candidate order, so the data stays the same). Elsewhere, where a row costs
-        its share: enough for the samples still needed at the rate seen so far, at most a batch."""
-        if self.device.type == "cuda":
-            return self.plan["batch_size"]
+        """Prefixes to complete next: enough for the samples still needed at the rate seen so far, at most a batch.
+        (Completing a whole batch every round was measured slower on an H200: decoding is bound by the KV cache's
+        memory traffic, which grows with every row, so surplus rows are not free; docs/benchmarks.md.)"""
         rate = (self.completed - self.short) / self.completed if self.completed else 1.0
         return max(1, min(self.plan["batch_size"], math.ceil(remaining / max(rate, 0.1))))
 
