@@ -17,8 +17,10 @@ workers ran (``workers``); compare them only with each other.
 
 The issue's benchmark (H200, 256 x 1024 tokens, 10 epochs):
     python benchmarks/lr_sweep.py --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --samples 256 --seq-len 1024 \\
-        --epochs 10 --patterns unstructured,2:4 --recipes br+gp+cr,br+gp --self-samples 0,256 --workers 8 \\
-        --work-dir /tmp/sweep --deadline 540 --out benchmarks/results/lr_sweep_h200.json
+        --epochs 10 --patterns unstructured,2:4 --recipes br+gp+cr,br+gp --self-samples 0,256 \\
+        --lrs auto,2e-4,1e-3,2e-3,5e-4 --workers 8 --work-dir /tmp/sweep --deadline 540 \\
+        --resume-from benchmarks/results/lr_sweep_h200.jsonl --out benchmarks/results/lr_sweep_h200.json
+    (then copy the work dir's results.jsonl over benchmarks/results/lr_sweep_h200.jsonl: what the next one resumes)
 A CPU run at the demo's budget (what docs/benchmarks.md quotes):
     OMP_NUM_THREADS=2 python benchmarks/lr_sweep.py --device cpu --samples 32 --seq-len 256 --epochs 4 \\
         --recipes br+gp --out benchmarks/results/lr_sweep_cpu.json
@@ -64,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--work-dir", default=None, help="default: a folder beside --out")
     parser.add_argument("--deadline", type=float, default=None, help="seconds from the start: claim no run after it")
+    parser.add_argument("--resume-from", default=None, metavar="JSONL",
+                        help="finished runs of an earlier invocation (its work dir's results.jsonl, e.g. "
+                             "benchmarks/results/lr_sweep_h200.jsonl): not run again")
     parser.add_argument("--out", default="benchmarks/results/lr_sweep.json")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
@@ -250,7 +255,7 @@ def collect(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:
         if run["recipe"] != "lr" and baseline is not None:
             run["gap_closed"] = {n: (baseline["perplexity"][n] - v) / (baseline["perplexity"][n] - state["dense"][n])
                                  for n, v in run["perplexity"].items()}
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "worker", "started", "work_dir", "gguf")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "worker", "started", "work_dir", "gguf", "resume_from")}
     results = {"settings": settings, "torch": torch.__version__, "dense": state["dense"],
                "self_generation": state["self_generation"], "runs": runs,
                "missing": [run_key(r) for r in planned_runs(args) if run_key(r) not in done]}
@@ -258,6 +263,15 @@ def collect(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:
     with open(args.out, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
     return results
+
+
+def _adopt_results(args: argparse.Namespace) -> None:
+    """Append the runs of ``--resume-from`` that the work dir does not have yet."""
+    done = _done(args.work_dir)
+    with open(args.resume_from, encoding="utf-8") as handle:
+        earlier = [line for line in handle if line.strip() and run_key(json.loads(line)) not in done]
+    with open(os.path.join(args.work_dir, RESULTS), "a", encoding="utf-8") as handle:
+        handle.writelines(line if line.endswith("\n") else line + "\n" for line in earlier)
 
 
 def _release_stale_claims(args: argparse.Namespace) -> None:
@@ -275,6 +289,8 @@ def main(argv=None) -> dict[str, Any]:
         return {}
     state = prepare(args)
     _release_stale_claims(args)
+    if args.resume_from:
+        _adopt_results(args)
     if args.workers <= 1:
         worker(args)
     else:

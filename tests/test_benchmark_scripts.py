@@ -147,6 +147,12 @@ def test_lr_sweep_workers_share_the_runs_and_a_second_invocation_resumes(tmp_pat
     lines = (tmp_path / "sweep.work" / "results.jsonl").read_text().splitlines()
     assert len(lines) == len(planned)
 
+    # Another work dir (another machine) that adopts these results runs nothing either.
+    adopted = lr_sweep.main([*argv[:-2], "--work-dir", str(tmp_path / "elsewhere"), "--resume-from",
+                             str(tmp_path / "sweep.work" / "results.jsonl"), "--out", str(tmp_path / "again.json")])
+    assert adopted["runs"] == results["runs"]
+    assert len((tmp_path / "elsewhere" / "results.jsonl").read_text().splitlines()) == len(planned)
+
 
 def test_self_generation_speed_times_every_setting_on_a_random_gqa_model(tmp_path):
     speed = _benchmark("self_generation_speed")
