@@ -174,3 +174,20 @@ def test_stage_profile_counts_grouped_query_attention_projections(stage_profile)
     from scale_gpu import llama_config
 
     assert llama_config(args).num_key_value_heads == 2
+
+
+def test_memory_plan_on_paper_matches_a_hand_count_for_the_70b_shape(tmp_path):
+    memory_plan = _benchmark("memory_plan")
+    results = memory_plan.main(["--shapes", "llama-3-70b", "--out", str(tmp_path / "plan.json")])
+    rows = {(r["recipe"], r["mode"]): r for r in results["shapes"]["llama-3-70b"]["rows"]}
+    hidden, ffn, kv = 8192, 28672, 8192 * 8 // 64
+    linear = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * ffn
+    params = linear + 2 * hidden  # + the two RMSNorm weights
+    # full mode, one block per window: float32 master (4 B) per parameter + gradient and two Adam moments (12 B) per
+    # trained one (the pruned weights and, by default, br_train_other_params, the norms); CR trains two blocks at once
+    assert rows[("br+gp", "full")]["reconstruction_state_gib"] * 2**30 == 4 * params + 12 * params
+    assert rows[("br+gp+cr", "full")]["reconstruction_state_gib"] * 2**30 == 2 * (4 * params + 12 * params)
+    assert rows[("br+gp+cr", "full")]["window_blocks"] == 2
+    # the point: a two-block CR window does not fit 24 GiB in full mode; masked LoRA does
+    assert not rows[("br+gp+cr", "full")]["fits"] and rows[("br+gp+cr", "lora")]["fits"]
+    assert rows[("br+gp", "full")]["fits"] and rows[("lr", "full")]["fits"]
