@@ -570,3 +570,20 @@ def test_defaults_are_the_papers_calibration_budget_and_roundtrip():
     assert (config.br_keep_best, config.br_patience, config.self_gen_batch_size) == (True, 3, "auto")
     auto = PruningConfig(br_lr="auto", self_gen_batch_size=64, self_gen_max_length=2048, br_patience=None)
     assert PruningConfig.from_dict(json.loads(auto.to_json_string())) == auto
+
+
+def test_gumbel_noise_on_the_top_k_alone_is_the_full_noise_bit_for_bit():
+    from transformers.generation import TopKLogitsWarper
+
+    generator = torch.Generator().manual_seed(3)
+    scores = TopKLogitsWarper(50)(None, torch.randn(6, 3000, generator=generator))
+    keys = [11, 12, 13, 14, 15, 2**40 + 7]
+    ids = torch.zeros(6, 9, dtype=torch.long)
+    assert int(torch.isfinite(scores).sum()) == 6 * 50  # the sparse path is the one taken
+    noisy = sampling.SeededGumbelNoise(keys)(ids, scores)
+    # reference: noise for every vocabulary entry, as the dense path computes it
+    full = sampling.uniform_noise(torch.tensor([k & 0xFFFFFFFF for k in keys]), 9, 3000)
+    assert torch.equal(noisy, scores + (-torch.log(-torch.log(full))))
+    # a dense row (no top-k) takes the dense path: the same formula
+    dense = torch.randn(6, 3000, generator=generator)
+    assert torch.equal(sampling.SeededGumbelNoise(keys)(ids, dense), dense + (-torch.log(-torch.log(full))))
