@@ -34,7 +34,8 @@ TECHNIQUES = {
            "window at both ends, so that every block is trained twice)."),
 }
 RECONSTRUCTIONS = tuple(TECHNIQUES)
-RECONSTRUCTION_MODES = ("full", "lora")
+TRAINED_MODES = ("full", "lora")  # what a window trains (reconstruction/strategies.py)
+RECONSTRUCTION_MODES = TRAINED_MODES + ("auto",)  # auto: full if a window fits the budget, else lora (memory.py)
 SELF_SAMPLE_USES = ("reconstruction", "all")
 STREAM_LOCATIONS = ("auto", "device", "cpu", "disk")
 DATA_PARALLEL_MODES = ("auto", "off")

@@ -23,7 +23,7 @@ import copy
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -33,7 +33,7 @@ from .architectures import DecoderLayout
 from .capture import capture_block_kwargs
 from .checkpoint import RunCheckpoints, restore_run
 from .distributed import DataParallel, ShardedRows
-from .memory import MemoryEstimate, estimate_memory, plan_placement
+from .memory import MemoryEstimate, choose_reconstruction_mode, estimate_memory, plan_placement
 from .masking import MaskSelection
 from .methods import get_criterion
 from .offload import BlockPlacement, StreamFactory, execution_device, resolve_dtype
@@ -161,7 +161,7 @@ class BlockEngine(MaskSelection):
         if cfg.checkpoint_dir:
             self.checkpoints, saved = RunCheckpoints.open(cfg, self.model, blocks, (ids, heldout_ids, statistics_mask),
                                                           resume, overwrite)
-        estimate = self._memory_plan(local_ids, ids.shape[1], device)
+        estimate = self._memory_plan(local_ids, ids.shape[1], device, data_parallel)
         check_resources(estimate, cfg, blocks, device)  # host memory and disk, before any block is touched
         report = self._new_report(calibration, estimate, data_parallel)
         factory = StreamFactory(estimate.stream_location, device, stream_dtype(self.model, cfg), cfg.stream_folder)
@@ -175,7 +175,8 @@ class BlockEngine(MaskSelection):
             if data_parallel else None,
         )
         if plan.block_wise:
-            state.training = BlockTrainingSettings.from_config(cfg)
+            state.training = replace(BlockTrainingSettings.from_config(cfg),
+                                     reconstruction_mode=estimate.reconstruction_mode)
         self.placement = BlockPlacement(device, cfg.stream_folder)
         state.kwargs = capture_block_kwargs(self.layout.base_model, blocks, ids[:1], device)
         if saved is not None:
@@ -194,15 +195,27 @@ class BlockEngine(MaskSelection):
             calibration = data_parallel.broadcast_object(calibration)
         return calibration
 
-    def _memory_plan(self, local_ids: dict[str, torch.Tensor], seq_len: int, device: torch.device) -> MemoryEstimate:
+    def _memory_plan(self, local_ids: dict[str, torch.Tensor], seq_len: int, device: torch.device,
+                     data_parallel: Optional[DataParallel]) -> MemoryEstimate:
+        """The memory estimate, with ``reconstruction_mode="auto"`` resolved (the same mode on every process)."""
         cfg, text_config = self.config, self.model.config.get_text_config()
-        estimate = estimate_memory(
-            self.layout.blocks, cfg, local_ids["calibration"].shape[0], local_ids["heldout"].shape[0], seq_len,
-            text_config.hidden_size, stream_dtype(self.model, cfg), device,
-            attention=getattr(text_config, "_attn_implementation", None),
-            num_heads=getattr(text_config, "num_attention_heads", 0) or 0,
-            experts_per_token=getattr(text_config, "num_experts_per_tok", 0) or 0,
-        )
+
+        def estimate_for(mode: str) -> MemoryEstimate:
+            return estimate_memory(
+                self.layout.blocks, cfg, local_ids["calibration"].shape[0], local_ids["heldout"].shape[0], seq_len,
+                text_config.hidden_size, stream_dtype(self.model, cfg), device,
+                attention=getattr(text_config, "_attn_implementation", None),
+                num_heads=getattr(text_config, "num_attention_heads", 0) or 0,
+                experts_per_token=getattr(text_config, "num_experts_per_tok", 0) or 0, reconstruction_mode=mode,
+            )
+
+        mode, why = choose_reconstruction_mode(cfg, device, estimate_for)
+        if data_parallel is not None:
+            mode, why = data_parallel.broadcast_object((mode, why))
+        if why:
+            logger.info("%s", why)
+        estimate = estimate_for(mode)
+        estimate.reconstruction_mode_why = why
         plan_placement(estimate, cfg, device)
         logger.info("%s", estimate.summary())
         if self.show_progress and self._is_main():

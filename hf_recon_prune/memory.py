@@ -11,7 +11,7 @@ streams. Allocator fragmentation and library workspaces come on top; the check k
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -47,6 +47,8 @@ class MemoryEstimate:
     budget: Optional[int]  # what the run may hold on the device in total; None: not checked
     window_peak: int = 0  # window weights + dense copies + the largest working set
     device_peak: int = 0  # resident + window_peak + streams kept on the device
+    reconstruction_mode: str = ""  # what BR trains ("full" / "lora"; reconstruction_mode="auto" resolved)
+    reconstruction_mode_why: str = ""  # why, for "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,12 +82,14 @@ def estimate_memory(
     attention: Optional[str] = None,
     num_heads: int = 0,
     experts_per_token: int = 0,
+    reconstruction_mode: Optional[str] = None,
 ) -> MemoryEstimate:
     """Estimate the run's memory from the shapes; ``rows`` / ``heldout_rows`` are this process's shard.
 
     ``experts_per_token`` (a mixture-of-experts model's top-k): every token passes through that many experts, so the
     experts' activations (the gathered input, the gate/up output, the gated product and the down output of each
-    routed copy) count top-k times per token."""
+    routed copy) count top-k times per token. ``reconstruction_mode`` overrides the config's ("full" or "lora"; an
+    ``"auto"`` config is estimated as "full")."""
     from .methods import get_criterion
     from .reconstruction import resolve_autocast_dtype
     from .reconstruction.plan import ReconstructionPlan
@@ -105,13 +109,14 @@ def estimate_memory(
     ffn = max([max(unit.in_features, unit.out_features) for unit in units] + [hidden_size])
 
     uses_br = plan.block_wise
+    mode = reconstruction_mode or ("full" if config.reconstruction_mode == "auto" else config.reconstruction_mode)
     dense_copies = window * block_bytes if plan.dense_copies else 0
 
     reconstruction = 0
     if uses_br:
         pruned_weights = sum(weight.weight.numel() for weight in weights.values())
         others = block_params - pruned_weights
-        if config.reconstruction_mode == "lora":
+        if mode == "lora":
             trainable = sum(config.lora_rank * (unit.in_features + unit.out_features) for unit in units)
         else:
             trainable = pruned_weights
@@ -155,7 +160,30 @@ def estimate_memory(
         device=str(device), window_blocks=window, block_weights=block_bytes, window_weights=window * block_bytes,
         dense_copies=dense_copies, reconstruction=reconstruction, statistics=statistics, activations=activations,
         streams=streams, stream_location="", resident=0, budget=None, window_peak=window_peak,
+        reconstruction_mode=mode if uses_br else "",
     )
+
+
+def choose_reconstruction_mode(config: PruningConfig, device: torch.device,
+                               estimate_for: Callable[[str], MemoryEstimate]) -> tuple[str, str]:
+    """(mode, why) for ``reconstruction_mode="auto"``: ``"full"`` when one full-mode window fits the part of the
+    budget a run plans with (:data:`MARGIN`), else masked ``"lora"``; any other mode is returned as asked.
+    ``estimate_for(mode)`` is the run's estimate in that mode. Without a budget (the CPU, no ``max_device_memory``)
+    ``"auto"`` is full mode."""
+    if config.reconstruction_mode != "auto":
+        return config.reconstruction_mode, ""
+    _, available = _device_memory(config, device)
+    full = estimate_for("full")
+    if available is None:
+        return "full", "reconstruction_mode='auto': no device budget to check, so full mode"
+    needs, plans = full.window_peak / GiB, MARGIN * available / GiB
+    if full.window_peak <= MARGIN * available:
+        return "full", (f"reconstruction_mode='auto': a full-mode window of {full.window_blocks} block(s) needs about "
+                        f"{needs:.2f} GiB, within the {plans:.2f} GiB the budget plans with")
+    lora = estimate_for("lora")
+    return "lora", (f"reconstruction_mode='auto': a full-mode window of {full.window_blocks} block(s) needs about "
+                    f"{needs:.2f} GiB, beyond the {plans:.2f} GiB the budget plans with, so masked LoRA (rank "
+                    f"{config.lora_rank}): about {lora.window_peak / GiB:.2f} GiB")
 
 
 def plan_placement(estimate: MemoryEstimate, config: PruningConfig, device: torch.device) -> MemoryEstimate:

@@ -175,6 +175,11 @@ class PruneReport:
         values = list(self.layer_sparsity.values())
         return sum(values) / len(values) if values else 0.0
 
+    @property
+    def reconstruction_mode(self) -> Optional[str]:
+        """What BR trained ("full" / "lora", with ``reconstruction_mode="auto"`` resolved), or None when unknown."""
+        return (self.memory.get("estimate") or {}).get("reconstruction_mode") or None
+
     def parameter_counts(self) -> Optional[dict[str, int]]:
         """{"block", "eligible", "pruned"} summed over the blocks, or None if a block did not count them."""
         if not self.blocks or any(not b.parameters for b in self.blocks):

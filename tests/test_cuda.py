@@ -459,6 +459,25 @@ def test_checkpoint_and_resume_from_gpu_tensors_equal_the_uninterrupted_run(tmp_
 
 
 # ---------------------------------------------------------------------------------------------------- data
+def test_auto_reconstruction_mode_on_cuda_trains_masked_lora_when_only_that_fits_the_budget():
+    """The budget counts what is already on the GPU (the models' weights here), so it is what is allocated now plus
+    a window between the LoRA and the full-mode estimates of the two explicit runs."""
+    from hf_recon_prune.memory import MARGIN
+
+    cr = dict(reconstruction=["lr", "br", "gp", "cr"], stream_location="cpu")
+    runs = {}
+    for mode in ("full", "lora"):
+        model = _model("llama").cuda()
+        runs[mode] = (*_prune(model, **cr, reconstruction_mode=mode), model)
+    peaks = {mode: report.memory["estimate"]["window_peak"] for mode, (_, report, _) in runs.items()}
+    assert peaks["lora"] < peaks["full"]
+    model = _model("llama").cuda()
+    budget = torch.cuda.memory_allocated() + int((peaks["lora"] + peaks["full"]) / 2 / MARGIN)
+    pruner, report, _ = (*_prune(model, **cr, reconstruction_mode="auto", max_device_memory=budget), model)
+    assert report.reconstruction_mode == "lora"
+    _assert_same_result(pruner, model, (runs["lora"][0].masks, _cpu_state(runs["lora"][2])))
+
+
 def test_self_generation_on_cuda_is_reproducible_for_a_seed():
     from conftest_calibration_helpers import make_bpe_tokenizer, make_tiny_llama
     from hf_recon_prune.calibration import generate_self_calibration

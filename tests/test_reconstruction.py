@@ -14,7 +14,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from hf_recon_prune import PruningConfig
-from hf_recon_prune.config import RECONSTRUCTION_MODES
+from hf_recon_prune.config import RECONSTRUCTION_MODES, TRAINED_MODES
 from hf_recon_prune.block_io import move_to
 from hf_recon_prune.reconstruction import (
     TRAINING_STRATEGIES,
@@ -346,7 +346,8 @@ def test_settings_hold_the_configs_block_training_fields():
 
 def test_every_configurable_mode_has_a_training_strategy():
     assert TRAINING_STRATEGIES == {"full": FullWeights, "lora": MaskedLora}
-    assert set(TRAINING_STRATEGIES) == set(RECONSTRUCTION_MODES)
+    assert set(TRAINING_STRATEGIES) == set(TRAINED_MODES)
+    assert set(RECONSTRUCTION_MODES) == set(TRAINED_MODES) | {"auto"}  # resolved before training (memory.py)
 
 
 def test_the_trainer_takes_its_settings_not_the_whole_config():

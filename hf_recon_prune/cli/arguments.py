@@ -106,7 +106,8 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                                                 "(true/false; false suppresses EOS)"),
     "self_gen_static_cache": ("self-generation", "static KV cache while sampling (true/false)"),
     "self_gen_cache_dir": ("self-generation", "folder caching generated samples, so a rerun does not regenerate"),
-    "reconstruction_mode": ("block-wise", "full (train every kept weight) or lora (masked LoRA, merged afterwards)"),
+    "reconstruction_mode": ("block-wise", "full (train every kept weight), lora (masked LoRA, merged afterwards) or auto "
+                            "(full when one window fits the device budget, else lora)"),
     "br_epochs": ("block-wise", "epochs over the calibration windows per block"),
     "br_lr": ("block-wise", "Adam learning rate, or auto (chosen per window by held-out error, at most 1.5x the time)"),
     "br_keep_best": ("block-wise", "keep each window's epoch with the lowest held-out error, reverting when BR made it "

@@ -7,9 +7,11 @@ from typing import Optional
 from ..config import PruningConfig
 
 
-def _describe_config(config: PruningConfig) -> str:
+def _describe_config(config: PruningConfig, mode: Optional[str] = None) -> str:
+    """``mode``: what BR trained when the run resolved ``reconstruction_mode="auto"``."""
     recon = ",".join(config.reconstruction) or "none"
-    mode = f" ({config.reconstruction_mode})" if config.uses("br") else ""
+    chosen = f"auto: {mode}" if config.reconstruction_mode == "auto" and mode else config.reconstruction_mode
+    mode = f" ({chosen})" if config.uses("br") else ""
     return (f"{config.method}, {config.pattern}, sparsity {config.sparsity:g}, reconstruction {recon}{mode}; "
             f"{config.num_samples} x {config.seq_len} tokens from {config.calibration!r}"
             + (f" + {config.num_self_samples} self-generated" if config.num_self_samples else ""))
@@ -22,7 +24,7 @@ def summary_table(report, results: dict[str, float], timings: dict[str, float], 
     if model:
         rows.append(("model", model))
     if config is not None:
-        rows.append(("pruning", _describe_config(config)))
+        rows.append(("pruning", _describe_config(config, report.reconstruction_mode)))
     rows.append(("sparsity of the pruned weights", f"{report.mean_sparsity:.4f} ({len(report.layer_sparsity)} weights)"))
     if report.block_sparsity is not None:
         dense = report.left_dense()

@@ -314,7 +314,8 @@ def _learning_rate(config: PruningConfig, report: Any) -> str:
 
 
 def _reconstruction_mode(config: PruningConfig, report: Any = None) -> str:
-    if config.reconstruction_mode == "lora":
+    mode = (getattr(report, "reconstruction_mode", None) if report is not None else None) or config.reconstruction_mode
+    if mode == "lora":
         what = (f"masked LoRA adapters (rank {config.lora_rank}, alpha {config.lora_alpha:g}) trained, then merged "
                 "into the weights under the masks")
     else:
@@ -324,7 +325,10 @@ def _reconstruction_mode(config: PruningConfig, report: Any = None) -> str:
     if getattr(config, "br_keep_best", False):
         kept = "; the epoch with the lowest held-out error kept" + (
             f", stopping after {config.br_patience} epochs without a new best" if config.br_patience else "")
-    return (f"`{config.reconstruction_mode}` mode, {what}; Adam, {_learning_rate(config, report)}, batch size "
+    chosen = ""
+    if config.reconstruction_mode == "auto" and mode != "auto":
+        chosen = ' (chosen by `reconstruction_mode="auto"` from the memory estimate and the device budget)'
+    return (f"`{mode}` mode{chosen}, {what}; Adam, {_learning_rate(config, report)}, batch size "
             f"{config.br_batch_size}, up to {config.br_epochs} epochs{kept}")
 
 

@@ -27,7 +27,8 @@ class BlockTrainingSettings:
     Attributes:
         reconstruction_mode: what is trained.
 
-            * ``"full"``: the kept weights of every pruned linear.
+            * ``"full"``: the kept weights of every pruned linear. (``PruningConfig(reconstruction_mode="auto")``
+              reaches here resolved to ``"full"`` or ``"lora"`` by ``memory.choose_reconstruction_mode``.)
             * ``"lora"``: masked LoRA adapters (rank ``lora_rank``, scaling ``lora_alpha / lora_rank``, effective
               weight ``M * (W + s B A)``, see ``masked_lora.py``) on the pruned linears whose name inside their block
               matches one of ``lora_target_modules`` (``re.search``; None = all pruned linears); after training they
