@@ -213,7 +213,7 @@ def plan_placement(estimate: MemoryEstimate, config: PruningConfig, device: torc
             f"copies {estimate.dense_copies / GiB:.2f} GiB, reconstruction state {estimate.reconstruction / GiB:.2f} "
             f"GiB, statistics {estimate.statistics / GiB:.2f} GiB, activations {estimate.activations / GiB:.2f} GiB. "
             "Raise max_device_memory, keep fewer model weights on the device (device_map / max_memory when loading), "
-            "or need less: reconstruction_mode='lora', a smaller br_batch_size or forward_batch_size, "
+            "or need less: reconstruction_mode='lora' (or 'auto'), a smaller br_batch_size or forward_batch_size, "
             "autocast_dtype='bfloat16', 'gp' (no dense copy) or no 'cr' (one block per window)."
         )
     if on_device and estimate.window_peak + on_device > MARGIN * available:
