@@ -8,10 +8,14 @@ Layout of ``PruningConfig.checkpoint_dir``::
         manifest.json                config, fingerprints, which blocks are final, what the streams hold
         report.json                  the PruneReport so far
         state.safetensors            torch RNG state; weights, masks (and dense copy) of blocks prepared but not final
-        stream-<split>-<kind>-<i>.safetensors   the activation streams that enter the next window
+    streams/stream-<split>-<kind>-<i>-<tag>.safetensors   the activation streams that enter the next window
 
 A step folder is written under a temporary name and renamed into place, so a ``step-*`` folder either is complete or
-does not exist; older step folders are deleted once the new one is in place. Everything is read back with
+does not exist; older step folders are deleted once the new one is in place. Checkpoints cost what changed: a block
+file is written once, when its block is final, and a stream file only when the stream is new or was written to since
+the last step (a dense stream computed ahead for a CR window, for instance, is carried over); a step's manifest names
+the stream files it uses, and files no step uses any more are deleted after the new step is in place. (Format 1,
+whose stream files lay inside each step folder, is still read.) Everything is read back with
 ``safetensors`` and ``json`` only: nothing in a checkpoint is unpickled, imported or evaluated. A checkpoint carries
 a fingerprint of the configuration (execution-only fields excepted), the model's structure and the calibration token
 ids (``fingerprints.py``); resuming with anything different is refused with a message that says what differs. The
@@ -21,7 +25,6 @@ file, before anything is loaded. A fresh run over a checkpoint of the same run i
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -43,7 +46,9 @@ from .fingerprints import (  # noqa: F401  (re-exported: the fingerprints were d
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+STREAMS = "streams"
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 STATE = "state.safetensors"
@@ -108,27 +113,38 @@ def save_block(folder: str, index: int, state: dict[str, torch.Tensor], masks: d
     _fsync_dir(os.path.dirname(path))  # the rename itself must survive a crash, like the step folder's
 
 
+def save_stream(folder: str, name: str, tensor: torch.Tensor) -> tuple[str, int]:
+    """Write one stream into ``<folder>/streams`` under a new name (atomically); returns (file name, size)."""
+    directory = os.path.join(folder, STREAMS)
+    os.makedirs(directory, exist_ok=True)
+    file_name = f"stream-{name}-{uuid.uuid4().hex[:12]}.safetensors"
+    tmp = os.path.join(directory, f"{_TMP_PREFIX}{file_name}")
+    _save_tensors({"stream": tensor}, tmp)
+    os.replace(tmp, os.path.join(directory, file_name))
+    return file_name, os.path.getsize(os.path.join(directory, file_name))
+
+
 def save_step(folder: str, step: int, manifest: dict[str, Any], report: dict[str, Any],
-              state: dict[str, torch.Tensor], streams: dict[str, torch.Tensor]) -> str:
-    """Write ``step-<step>`` (manifest, report, state, one file per stream) atomically; delete older steps."""
+              state: dict[str, torch.Tensor], stream_files: dict[str, tuple[str, int]]) -> str:
+    """Write ``step-<step>`` (manifest, report, state) atomically, naming ``stream_files`` (stream name -> (file in
+    ``streams/``, size), already written by :func:`save_stream`); delete older steps and unused stream files."""
     os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, f"step-{step:05d}")
     tmp = os.path.join(folder, f"{_TMP_PREFIX}step-{step:05d}-{os.getpid()}")
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
-    stream_files = {}
-    for name, tensor in streams.items():
-        file_name = f"stream-{name}.safetensors"
-        _save_tensors({"stream": tensor}, os.path.join(tmp, file_name))
-        stream_files[name] = file_name
+    if stream_files:
+        _fsync_dir(os.path.join(folder, STREAMS))  # the stream files' renames survive a crash before the step's
     _save_tensors(state, os.path.join(tmp, STATE))
     _write_json(report, os.path.join(tmp, REPORT))
     # Sizes of every file a resume reads, so that a torn file is refused before anything is loaded.
-    sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in [*stream_files.values(), STATE, REPORT]}
+    sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in (STATE, REPORT)}
     block_sizes = {str(i): os.path.getsize(block_file(folder, i)) for i in manifest.get("finalised", [])
                    if os.path.isfile(block_file(folder, i))}
-    manifest = dict(manifest, format_version=FORMAT_VERSION, step=step, streams=stream_files, file_sizes=sizes,
+    manifest = dict(manifest, format_version=FORMAT_VERSION, step=step,
+                    streams={name: file for name, (file, _) in stream_files.items()},
+                    stream_file_sizes={file: size for file, size in stream_files.values()}, file_sizes=sizes,
                     block_file_sizes=block_sizes)
     _write_json(manifest, os.path.join(tmp, MANIFEST))  # written last: a folder with a manifest is complete
     _fsync_dir(tmp)
@@ -136,16 +152,25 @@ def save_step(folder: str, step: int, manifest: dict[str, Any], report: dict[str
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(folder)
-    # Older steps, and what a run killed while writing left under temporary names, are no longer needed.
+    _remove_unused(folder, step, {file for file, _ in stream_files.values()})
+    return final
+
+
+def _remove_unused(folder: str, step: int, stream_files: set[str]) -> None:
+    """Older steps, stream files the new step does not name, and what a run killed while writing left under
+    temporary names."""
     for name in os.listdir(folder):
         match = _STEP_RE.match(name)
         if (match and int(match.group(1)) != step) or name.startswith(_TMP_PREFIX):
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    streams = os.path.join(folder, STREAMS)
+    for name in os.listdir(streams) if os.path.isdir(streams) else []:
+        if name not in stream_files:
+            os.remove(os.path.join(streams, name))
     blocks = os.path.join(folder, BLOCKS)
     for name in os.listdir(blocks) if os.path.isdir(blocks) else []:
         if _TMP_PREFIX in name:
             os.remove(os.path.join(blocks, name))
-    return final
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -215,12 +240,13 @@ class Checkpoint:
         self.path = path
         self.folder = os.path.dirname(path)
         manifest = _read_json(os.path.join(path, MANIFEST))
-        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_FORMATS:
             raise CheckpointError(f"{path}: not a checkpoint of this version of hf-recon-prune "
                                   f"(format {manifest.get('format_version') if isinstance(manifest, dict) else '?'}, "
                                   f"expected {FORMAT_VERSION})")
         _check_manifest(path, manifest)
         self.manifest: dict[str, Any] = manifest
+        self.stream_folder = path if manifest["format_version"] == 1 else os.path.join(self.folder, STREAMS)
         self._check_files()
         self.report: dict[str, Any] = _read_json(os.path.join(path, REPORT))
         if not isinstance(self.report, dict):
@@ -230,7 +256,12 @@ class Checkpoint:
         """Every file a resume reads is there, has the size the manifest recorded and a readable safetensors
         header; otherwise CheckpointError names the file (nothing has been loaded into the model yet)."""
         sizes = dict(self.manifest.get("file_sizes") or {})
-        files = [os.path.join(self.path, name) for name in [STATE, *self.manifest["streams"].values()]]
+        files = [os.path.join(self.path, STATE)]
+        for name in self.manifest["streams"].values():
+            files.append(os.path.join(self.stream_folder, name))
+            recorded = (self.manifest.get("stream_file_sizes") or {}).get(name)
+            if recorded is not None:
+                sizes[os.path.relpath(files[-1], self.path)] = recorded
         for index in self.manifest["finalised"]:
             files.append(block_file(self.folder, index))
             recorded = (self.manifest.get("block_file_sizes") or {}).get(str(index))
@@ -300,7 +331,7 @@ class Checkpoint:
         file_name = (self.manifest.get("streams") or {}).get(name)
         if not isinstance(file_name, str) or os.path.basename(file_name) != file_name:
             raise CheckpointError(f"{self.path}: the manifest names no file for stream {name!r}")
-        path = os.path.join(self.path, file_name)
+        path = os.path.join(self.stream_folder, file_name)
         try:
             with safe_open(path, framework="pt") as handle:
                 return handle.get_tensor("stream")
@@ -329,171 +360,3 @@ class Checkpoint:
                 kind, _, name = key.partition(".")
                 (state if kind == "state" else masks)[name] = handle.get_tensor(key)
         return state, masks
-
-
-# ---------------------------------------------------------------------------------------------------- a run's state
-class RunCheckpoints:
-    """A run's checkpoints: what the engine writes after every finalised block, and how a resume reads it back.
-
-    The key layout of ``state.safetensors`` (``pending.<block>.state|mask|dense.<name>``, ``rng.cpu``,
-    ``rng.cuda``) and of the stream files (``<split>-<sparse|dense>-<block>``) lives here alone. ``state`` is the
-    engine's run state (``engine.RunState``): its streams, masks, dense copies, micro-batch size and counters.
-    """
-
-    def __init__(self, folder: str, run_id: str, fingerprint: str, config_dict: dict, model_info: dict,
-                 calibration: str, dense_samples: list):
-        self.folder, self.run_id, self.fingerprint = folder, run_id, fingerprint
-        self.config, self.model, self.calibration, self.dense_samples = config_dict, model_info, calibration, dense_samples
-
-    @classmethod
-    def open(cls, config: Any, model: torch.nn.Module, blocks: Any, tensors: tuple, resume: bool,
-             overwrite: bool = False) -> tuple["RunCheckpoints", Optional[Checkpoint]]:
-        """The run's checkpoints in ``config.checkpoint_dir``; with ``resume``, also the checkpoint to continue from
-        (None when the folder has none yet). ``tensors``: the calibration ids, held-out ids and statistics mask.
-
-        A fresh run (no ``resume``) over a checkpoint of the same run (same fingerprint: configuration, model and
-        calibration data) is refused unless ``overwrite``: it would throw away work that resuming keeps. A checkpoint
-        of another run is replaced, with a warning."""
-        folder, config_dict = config.checkpoint_dir, config.to_dict()
-        model_info = model_fingerprint(model, blocks)
-        calibration = tensor_fingerprint(*tensors)
-        # The weights the run starts from, block by block (a strided sample): a resume checks that the blocks it
-        # takes from the model are still these.
-        current_samples = [block_weights_sample(block) for block in blocks]
-        latest, saved = latest_step(folder), None
-        if resume and latest is None:
-            logger.info("no checkpoint in %s yet: starting from the first block", folder)
-        elif resume:
-            saved = Checkpoint(latest)
-            saved.check_matches(config_dict, model_info, calibration)
-            saved.check_dense_blocks(current_samples)
-            logger.info("resuming from %s (after block %s)", latest, saved.manifest.get("step"))
-        elif latest is not None:
-            _refuse_fresh_start(latest, run_fingerprint(config_dict, model_info, calibration), overwrite)
-        if saved is not None:
-            run_id, fingerprint = saved.manifest["run_id"], saved.manifest["fingerprint"]
-            dense_samples = saved.manifest.get("dense_block_samples") or current_samples
-        else:
-            run_id, dense_samples = new_run_id(), current_samples
-            fingerprint = run_fingerprint(config_dict, model_info, calibration)
-        return cls(folder, run_id, fingerprint, config_dict, model_info, calibration, dense_samples), saved
-
-    def save_block(self, index: int, block: torch.nn.Module, masks: dict) -> None:
-        names = _mask_names(block)
-        save_block(self.folder, index, block.state_dict(), {names(key): mask for key, mask in masks.items()},
-                   self.run_id, self.fingerprint)
-
-    def save_step(self, step: int, next_window: int, state: Any, blocks: Any, elapsed: float) -> None:
-        """Everything the next window needs that is not in the block files: pending blocks, streams, RNG, report."""
-        finalised = sorted(set(state.modified) - {i for i in state.block_masks if i > step})
-        pending = sorted(i for i in state.block_masks if i > step)
-        tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
-        if state.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(state.device)
-        for index in pending:
-            block = blocks[index]
-            names = _mask_names(block)
-            tensors.update({f"pending.{index}.state.{k}": v for k, v in block.state_dict().items()})
-            tensors.update({f"pending.{index}.mask.{names(key)}": m for key, m in state.block_masks[index].items()})
-            if index in state.dense_blocks:
-                tensors.update({f"pending.{index}.dense.{k}": v for k, v in state.dense_blocks[index].state_dict().items()})
-        streams, layout = {}, {}
-        for split, stream in state.streams.items():
-            layout[split] = {"sparse": sorted(stream.sparse), "dense": sorted(stream.dense),
-                             "dense_none": sorted(k for k, v in stream.dense.items() if v is None)}
-            for kind in ("sparse", "dense"):
-                streams.update({f"{split}-{kind}-{key}": t for key, t in getattr(stream, kind).items() if t is not None})
-        manifest = {
-            "run_id": self.run_id, "fingerprint": self.fingerprint, "config": self.config, "model": self.model,
-            "calibration": self.calibration, "dense_block_samples": self.dense_samples,
-            "finalised": finalised, "pending": pending, "next_window": next_window, "stream_layout": layout,
-            "forward_batch_size": state.forward.batch_size, "existing_zeros": list(state.existing_zeros),
-            "elapsed_seconds": elapsed,
-        }
-        save_step(self.folder, step, manifest, state.report.to_dict(), tensors, streams)
-
-
-def _refuse_fresh_start(latest: str, fingerprint: str, overwrite: bool) -> None:
-    """A fresh run is about to replace ``latest``: refuse when it is a resumable checkpoint of this very run."""
-    try:
-        manifest = _read_json(os.path.join(latest, MANIFEST))
-        if isinstance(manifest, dict):
-            _check_manifest(latest, manifest)  # a damaged manifest cannot be resumed: nothing to keep
-    except CheckpointError:
-        manifest = None
-    same_run = isinstance(manifest, dict) and manifest.get("fingerprint") == fingerprint
-    if same_run and not overwrite:
-        raise CheckpointError(
-            f"{os.path.dirname(latest)} holds a checkpoint of this same run (same configuration, model and "
-            f"calibration data, after decoder block {manifest.get('step')}); a fresh run would throw it away. Pass "
-            "resume=True (--resume) to continue it, or overwrite=True (--overwrite) to start afresh and replace it."
-        )
-    logger.warning("starting afresh: the checkpoint in %s will be replaced%s", latest,
-                   "" if same_run else " (it was made with other settings, or is damaged)")
-
-
-def restore_run(saved: Checkpoint, state: Any, engine: Any) -> int:
-    """Load ``saved`` into the model and ``state`` (the engine's run state); returns the first window to run.
-
-    ``engine`` supplies the model's blocks, the block placement and ``take_block(index)`` (onload a block and note
-    that it is modified), ``prunable(block)`` and ``named_masks(index, masks)``.
-    """
-    from .propagation import Streams
-    from .report import PruneReport
-
-    manifest = saved.manifest
-    report = PruneReport.from_dict(saved.report)
-    report.config = state.report.config  # execution-only fields (e.g. checkpoint_dir) may have changed
-    report.memory["estimate"] = state.report.memory["estimate"]
-    state.report = report
-    state.forward.batch_size = int(manifest["forward_batch_size"])
-    state.existing_zeros = [int(v) for v in manifest["existing_zeros"]]
-    state.elapsed_before = float(manifest.get("elapsed_seconds") or 0.0)
-    if state.forward.batch_size != state.config.forward_batch_size:
-        logger.warning("the interrupted run had reduced the forward micro-batch to %d rows after running out of "
-                       "memory; continuing with that size", state.forward.batch_size)
-
-    def ordered_masks(block, masks: dict[str, torch.Tensor], device) -> dict:
-        layers = engine.prunable(block)
-        if set(masks) != set(layers):
-            raise CheckpointError(f"{saved.path}: the masks saved for a block do not match its "
-                                  f"layers ({sorted(masks)} vs {sorted(layers)})")
-        return {layers[name]: masks[name].to(device) for name in layers}
-
-    for index in manifest["finalised"]:
-        block_state, masks = saved.block(index)
-        block = engine.take_block(index, block_state)
-        engine.masks.update(engine.named_masks(index, ordered_masks(block, masks, "cpu")))
-        state.block_masks[index] = {}  # finished: only the key matters (see the block loop)
-        engine.placement.offload(block)
-    tensors = saved.state()
-    for index in manifest["pending"]:
-        prefix = f"pending.{index}."
-        part = {kind: {k[len(prefix) + len(kind) + 1:]: v for k, v in tensors.items() if k.startswith(f"{prefix}{kind}.")}
-                for kind in ("state", "mask", "dense")}
-        block = engine.take_block(index, part["state"])
-        state.block_masks[index] = ordered_masks(block, part["mask"], state.device)
-        if part["dense"]:
-            state.dense_blocks[index] = copy.deepcopy(block)
-            state.dense_blocks[index].load_state_dict(part["dense"], strict=True)
-    state.streams = {}
-    for split, layout in manifest["stream_layout"].items():
-        parts: dict[str, dict[int, Optional[torch.Tensor]]] = {"sparse": {}, "dense": {}}
-        for kind in ("sparse", "dense"):
-            for key in layout[kind]:
-                if kind == "dense" and key in layout["dense_none"]:
-                    parts[kind][int(key)] = None
-                    continue
-                loaded = saved.stream(f"{split}-{kind}-{key}")
-                parts[kind][int(key)] = state.forward.new_stream(loaded.shape[0]).copy_(loaded)
-        state.streams[split] = Streams(sparse=parts["sparse"], dense=parts["dense"])
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and state.device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], state.device)
-    return int(manifest["next_window"])
-
-
-def _mask_names(block: torch.nn.Module):
-    """A mask key's name inside ``block``: a linear's module name, or a ``PrunableWeight``'s own name."""
-    modules = {id(module): name for name, module in block.named_modules()}
-    return lambda key: getattr(key, "name", None) if id(key) not in modules else modules[id(key)]

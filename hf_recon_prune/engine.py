@@ -31,7 +31,7 @@ from torch import nn
 
 from .architectures import DecoderLayout
 from .capture import capture_block_kwargs
-from .checkpoint import RunCheckpoints, restore_run
+from .run_checkpoints import RunCheckpoints, restore_run
 from .distributed import DataParallel, ShardedRows
 from .memory import MemoryEstimate, choose_reconstruction_mode, estimate_memory, plan_placement
 from .masking import MaskSelection

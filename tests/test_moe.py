@@ -339,7 +339,7 @@ def test_card_and_report_give_sparsity_over_what_was_eligible_and_name_what_stay
 
 
 def test_resume_restores_expert_masks(tmp_path):
-    from hf_recon_prune.checkpoint import RunCheckpoints  # noqa: F401  (the module the run uses)
+    from hf_recon_prune.run_checkpoints import RunCheckpoints  # noqa: F401  (the module the run uses)
 
     model = make_model("mixtral")
     reference = copy.deepcopy(model)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,7 +249,9 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path
     model, _, _ = _pruned(config, resume=True, on_block_end=lambda index, report: seen.append(index))
     assert seen == [2, 3]
     _assert_identical(model.state_dict(), reference.state_dict())
-    assert sorted(os.listdir(tmp_path)) == ["blocks", "step-00003"]  # leftovers of the crash are cleaned up
+    assert sorted(os.listdir(tmp_path)) == ["blocks", "step-00003", "streams"]  # leftovers of the crash are gone
+    named = json.loads((tmp_path / "step-00003" / "manifest.json").read_text())["streams"]
+    assert sorted(os.listdir(tmp_path / "streams")) == sorted(named.values())  # unused stream files too
 
 
 def test_checkpoint_holds_only_safetensors_and_json(tmp_path):
@@ -286,7 +289,7 @@ def test_execution_only_fields_may_change_on_resume(tmp_path):
 def test_resume_without_a_checkpoint_starts_from_the_first_block(tmp_path, caplog):
     reference, _, _ = _pruned(_config())
     seen = []
-    with caplog.at_level(logging.INFO, logger="hf_recon_prune.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="hf_recon_prune.run_checkpoints"):
         model, _, _ = _pruned(_config(tmp_path / "empty"), resume=True, on_block_end=lambda i, r: seen.append(i))
     assert "no checkpoint" in caplog.text and seen == [0, 1, 2, 3]
     _assert_identical(model.state_dict(), reference.state_dict())
@@ -300,7 +303,7 @@ def test_resume_needs_a_checkpoint_dir():
 
 def test_a_fresh_run_replaces_an_old_checkpoint(tmp_path, caplog):
     _interrupted(_config(tmp_path), 2)
-    with caplog.at_level(logging.WARNING, logger="hf_recon_prune.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="hf_recon_prune.run_checkpoints"):
         _interrupted(_config(tmp_path, br_epochs=1), 0)
     assert "will be replaced" in caplog.text
     assert [n for n in os.listdir(tmp_path) if n.startswith("step-")] == ["step-00000"]
@@ -413,7 +416,7 @@ def test_a_fresh_run_over_a_checkpoint_of_the_same_run_is_refused(tmp_path):
 def test_a_torn_checkpoint_file_is_refused_on_resume(tmp_path, target):
     _interrupted(_config(tmp_path), 1)
     step = tmp_path / "step-00001"
-    path = {"stream": next(step.glob("stream-*.safetensors")), "state": step / "state.safetensors",
+    path = {"stream": next((tmp_path / "streams").glob("stream-*.safetensors")), "state": step / "state.safetensors",
             "block": tmp_path / "blocks" / "block-00001.safetensors",
             "header": tmp_path / "blocks" / "block-00000.safetensors"}[target]
     data = path.read_bytes()
@@ -488,3 +491,51 @@ def test_the_blocks_folder_is_fsynced_after_every_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints, "_fsync_dir", lambda path: (synced.append(os.path.abspath(path)), real(path)))
     _pruned(_config(tmp_path))
     assert synced.count(str(tmp_path / "blocks")) == NUM_BLOCKS  # once per block file, after its rename
+
+
+def test_a_checkpoint_writes_only_the_streams_that_changed(tmp_path, monkeypatch):
+    """Stream files are written when a stream is new or was written to; one that is carried over from the last
+    step keeps its file, and the run still resumes to the uninterrupted result."""
+    import hf_recon_prune.run_checkpoints as run_checkpoints
+
+    written, steps = [], []
+    real = run_checkpoints.save_stream
+
+    def counting(folder, name, tensor):
+        written.append(name)
+        return real(folder, name, tensor)
+
+    def after_block(index, report):
+        step = checkpoints.latest_step(str(tmp_path))
+        steps.append(json.loads((Path(step) / "manifest.json").read_text())["streams"])
+
+    monkeypatch.setattr(run_checkpoints, "save_stream", counting)
+    config = _config(tmp_path, **VARIANTS["br_gp_cr"])
+    reference, _, _ = _pruned(_config(**VARIANTS["br_gp_cr"]))
+    _pruned(config, on_block_end=after_block)
+    named = sum(len(files) for files in steps)
+    carried = sum(1 for before, after in zip(steps, steps[1:]) for name, file in after.items() if before.get(name) == file)
+    assert carried > 0 and len(written) == named - carried  # each carried-over stream was not written again
+    # the dense stream CR computed ahead for the next window is one of them
+    assert any(name.split("-")[1] == "dense" for before, after in zip(steps, steps[1:])
+               for name, file in after.items() if before.get(name) == file)
+
+    # interrupted after block 1 and resumed: bit for bit the uninterrupted run
+    other = tmp_path / "resumed"
+    _interrupted(_config(other, **VARIANTS["br_gp_cr"]), 1)
+    model, _, _ = _pruned(_config(other, **VARIANTS["br_gp_cr"]), resume=True)
+    _assert_identical(model.state_dict(), reference.state_dict())
+
+
+def test_a_checkpoint_of_format_1_with_its_streams_in_the_step_folder_still_resumes(tmp_path):
+    reference, _, _ = _pruned(_config())
+    _interrupted(_config(tmp_path), 1)
+    step = tmp_path / "step-00001"
+    manifest = json.loads((step / "manifest.json").read_text())
+    for file_name in manifest["streams"].values():
+        os.replace(tmp_path / "streams" / file_name, step / file_name)
+    manifest["format_version"] = 1
+    manifest["file_sizes"].update(manifest.pop("stream_file_sizes"))
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    model, _, _ = _pruned(_config(tmp_path), resume=True)
+    _assert_identical(model.state_dict(), reference.state_dict())
