@@ -20,7 +20,9 @@ The issue's benchmark (H200, 256 x 1024 tokens, 10 epochs):
         --epochs 10 --patterns unstructured,2:4 --recipes br+gp+cr,br+gp --self-samples 0,256 \\
         --lrs auto,2e-4,1e-3,2e-3,5e-4 --workers 8 --work-dir /tmp/sweep --deadline 540 \\
         --resume-from benchmarks/results/lr_sweep_h200.jsonl --out benchmarks/results/lr_sweep_h200.json
-    (then copy the work dir's results.jsonl over benchmarks/results/lr_sweep_h200.jsonl: what the next one resumes)
+    (then copy the work dir's results.jsonl over benchmarks/results/lr_sweep_h200.jsonl: what the next one resumes;
+    only runs of the same corpus resume, see corpus_fingerprint: carry the CPU machine's Python 3.11 pydoc_data onto
+    the GPU and put it first on PYTHONPATH, as the runs of 2026-12-01 had it)
 A CPU run at the demo's budget (what docs/benchmarks.md quotes):
     OMP_NUM_THREADS=2 python benchmarks/lr_sweep.py --device cpu --samples 32 --seq-len 256 --epochs 4 \\
         --recipes br+gp --out benchmarks/results/lr_sweep_cpu.json
@@ -29,8 +31,10 @@ A CPU run at the demo's budget (what docs/benchmarks.md quotes):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -44,6 +48,7 @@ sys.path.insert(0, HERE)
 
 from hf_recon_prune import Pruner, PruningConfig  # noqa: E402
 from hf_recon_prune.evaluation import perplexity_of_ids  # noqa: E402
+from hf_recon_prune.reconstruction.selection import AUTO_EXTRA_COST  # noqa: E402
 
 RECIPES = {"lr": ["lr"], "br+gp": ["lr", "br", "gp"], "br+gp+cr": ["lr", "br", "gp", "cr"]}
 RESULTS = "results.jsonl"
@@ -153,10 +158,15 @@ def _done(work_dir: str) -> dict[str, dict[str, Any]]:
         return {run_key(r): r for r in (json.loads(line) for line in handle if line.strip())}
 
 
+#: What an ``br_lr="auto"`` run may take against a fixed-rate run: its probe adds at most AUTO_EXTRA_COST of a run.
+AUTO_TIME_FACTOR = 1.0 + AUTO_EXTRA_COST
+
+
 def _estimate(run: dict[str, Any], done: dict[str, dict[str, Any]]) -> Optional[float]:
-    """The longest time a finished run of the same recipe and sample count took (None: none finished yet)."""
-    times = [r["seconds"] for r in done.values()
-             if r["recipe"] == run["recipe"] and r["self_samples"] == run["self_samples"]]
+    """The longest time a finished run of the same recipe and sample count took, times 1.1 (None: none finished
+    yet); a fixed-rate time counts 1.5 times for an ``"auto"`` run, whose probe may add half a run."""
+    times = [r["seconds"] * (AUTO_TIME_FACTOR if run["lr"] == "auto" and r["lr"] != "auto" else 1.0)
+             for r in done.values() if r["recipe"] == run["recipe"] and r["self_samples"] == run["self_samples"]]
     return max(times) * 1.1 if times else None
 
 
@@ -189,9 +199,11 @@ def next_run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
 def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     held_out = torch.load(os.path.join(args.work_dir, "held_out.pt"))
+    with open(os.path.join(args.work_dir, "state.json"), encoding="utf-8") as handle:
+        corpus = json.load(handle)["corpus"]["id"]
     model_path = os.path.join(args.work_dir, "model")
     while (run := next_run(args)) is not None:
-        result = prune_and_score(model_path, held_out, args, run)
+        result = {**prune_and_score(model_path, held_out, args, run), "corpus": corpus}
         line = json.dumps(result) + "\n"
         with open(os.path.join(args.work_dir, RESULTS), "a", encoding="utf-8") as handle:
             handle.write(line)  # one write of one line: workers appending at once do not interleave
@@ -200,6 +212,19 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- driver
+def corpus_fingerprint() -> dict[str, str]:
+    """Which text the runs saw. The default corpus is the running Python's ``pydoc_data`` and the docstrings are its
+    standard library's, so another Python version or another ``pydoc_data`` (carried onto a machine through
+    ``PYTHONPATH``) is another benchmark: on SmolLM2 the dense perplexity of the default corpus's held-out part is
+    11.96 with 3.11.7's ``pydoc_data`` and 12.13 with 3.12.1's. Results are resumed only from the same fingerprint."""
+    import pydoc_data.topics
+
+    with open(pydoc_data.topics.__file__, "rb") as handle:
+        topics = hashlib.sha256(handle.read()).hexdigest()[:12]
+    return {"python": platform.python_version(), "pydoc_data_sha256": topics,
+            "id": f"python-{platform.python_version()}/pydoc_data-{topics}"}
+
+
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Once per work dir: the model saved as safetensors, the held-out ids, the dense perplexities and the
     self-generated samples (timed, then cached for every run)."""
@@ -231,7 +256,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     torch.save(held_out, os.path.join(args.work_dir, "held_out.pt"))
     dense.to(args.device)
     state: dict[str, Any] = {"dense": {n: perplexity_of_ids(dense, ids.to(args.device)) for n, ids in held_out.items()},
-                             "self_generation": {}}
+                             "corpus": corpus_fingerprint(), "self_generation": {}}
     for count in sorted({n for n in args.self_samples if n > 0}):
         config = pruning_config(args, {"pattern": args.patterns[0], "self_samples": count, "recipe": "br+gp",
                                        "lr": 2e-4})
@@ -256,7 +281,7 @@ def collect(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:
             run["gap_closed"] = {n: (baseline["perplexity"][n] - v) / (baseline["perplexity"][n] - state["dense"][n])
                                  for n, v in run["perplexity"].items()}
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "worker", "started", "work_dir", "gguf", "resume_from")}
-    results = {"settings": settings, "torch": torch.__version__, "dense": state["dense"],
+    results = {"settings": settings, "torch": torch.__version__, "dense": state["dense"], "corpus": state["corpus"],
                "self_generation": state["self_generation"], "runs": runs,
                "missing": [run_key(r) for r in planned_runs(args) if run_key(r) not in done]}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -265,13 +290,20 @@ def collect(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def _adopt_results(args: argparse.Namespace) -> None:
-    """Append the runs of ``--resume-from`` that the work dir does not have yet."""
+def _adopt_results(args: argparse.Namespace, state: dict[str, Any]) -> list[str]:
+    """Append the runs of ``--resume-from`` that the work dir does not have yet and that saw the same text (see
+    :func:`corpus_fingerprint`); returns the keys of those left out for another corpus (they run again)."""
     done = _done(args.work_dir)
     with open(args.resume_from, encoding="utf-8") as handle:
-        earlier = [line for line in handle if line.strip() and run_key(json.loads(line)) not in done]
+        earlier = [(line, json.loads(line)) for line in handle if line.strip()]
+    earlier = [(line, run) for line, run in earlier if run_key(run) not in done]
+    other = [run_key(run) for _, run in earlier if run.get("corpus") != state["corpus"]["id"]]
     with open(os.path.join(args.work_dir, RESULTS), "a", encoding="utf-8") as handle:
-        handle.writelines(line if line.endswith("\n") else line + "\n" for line in earlier)
+        handle.writelines(line if line.endswith("\n") else line + "\n" for line, run in earlier
+                          if run_key(run) not in other)
+    if other:
+        print(f"not resumed ({len(other)} runs of another corpus than {state['corpus']['id']}): {other}", file=sys.stderr)
+    return other
 
 
 def _release_stale_claims(args: argparse.Namespace) -> None:
@@ -290,7 +322,7 @@ def main(argv=None) -> dict[str, Any]:
     state = prepare(args)
     _release_stale_claims(args)
     if args.resume_from:
-        _adopt_results(args)
+        _adopt_results(args, state)
     if args.workers <= 1:
         worker(args)
     else:

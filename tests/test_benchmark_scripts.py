@@ -152,6 +152,29 @@ def test_lr_sweep_workers_share_the_runs_and_a_second_invocation_resumes(tmp_pat
                              str(tmp_path / "sweep.work" / "results.jsonl"), "--out", str(tmp_path / "again.json")])
     assert adopted["runs"] == results["runs"]
     assert len((tmp_path / "elsewhere" / "results.jsonl").read_text().splitlines()) == len(planned)
+    assert {r["corpus"] for r in results["runs"]} == {results["corpus"]["id"]}
+
+    # A run made on another text (another Python's pydoc_data) is not resumed: it runs again on this one.
+    foreign = [json.loads(line) for line in lines]
+    foreign[1]["corpus"] = "python-0.0.0/pydoc_data-000000000000"
+    (tmp_path / "foreign.jsonl").write_text("".join(json.dumps(r) + "\n" for r in foreign))
+    rerun = lr_sweep.main([*argv[:-2], "--work-dir", str(tmp_path / "third"), "--resume-from",
+                           str(tmp_path / "foreign.jsonl"), "--out", str(tmp_path / "third.json")])
+    assert [lr_sweep.run_key(r) for r in rerun["runs"]] == planned
+    assert {r["corpus"] for r in rerun["runs"]} == {results["corpus"]["id"]}
+
+
+def test_lr_sweep_deadline_allows_an_auto_run_half_a_fixed_run_more():
+    lr_sweep = _benchmark("lr_sweep")
+    done = {"a": {"recipe": "br+gp", "self_samples": 0, "lr": 1e-3, "seconds": 100.0},
+            "b": {"recipe": "br+gp+cr", "self_samples": 0, "lr": 1e-3, "seconds": 300.0}}
+    fixed = {"recipe": "br+gp", "self_samples": 0, "lr": 2e-3}
+    auto = {**fixed, "lr": "auto"}
+    assert lr_sweep._estimate(fixed, done) == pytest.approx(110.0)
+    assert lr_sweep._estimate(auto, done) == pytest.approx(100.0 * 1.5 * 1.1)
+    done["c"] = {**auto, "seconds": 120.0}  # a measured auto run counts as it is
+    assert lr_sweep._estimate(auto, done) == pytest.approx(150.0 * 1.1)
+    assert lr_sweep._estimate({**fixed, "self_samples": 256}, done) is None
 
 
 def test_self_generation_speed_times_every_setting_on_a_random_gqa_model(tmp_path):
