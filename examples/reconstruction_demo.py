@@ -26,13 +26,17 @@ from hf_recon_prune.models import load_model
 RECIPES = {"LR": ["lr"], "LR + BR + GP": ["lr", "br", "gp"]}
 
 
+def _learning_rate(value: str):
+    return value if value == "auto" else float(value)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Hub id or local folder (default: offline SmolLM2-135M-Instruct)")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--br-lr", type=float, default=1e-3)
+    parser.add_argument("--br-lr", type=_learning_rate, default="auto", help="a number, or auto (the default)")
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows per evaluation text")
     parser.add_argument("--output", default="out/smollm2-sparse50")

@@ -21,6 +21,10 @@ from hf_recon_prune.config import parse_nm
 from hf_recon_prune.models import load_model
 
 
+def _learning_rate(value: str):
+    return value if value == "auto" else float(value)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Hub id or local folder (default: offline SmolLM2-135M-Instruct)")
@@ -31,7 +35,7 @@ def main(argv=None):
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--br-epochs", type=int, default=2)
-    parser.add_argument("--br-lr", type=float, default=2e-4)
+    parser.add_argument("--br-lr", type=_learning_rate, default="auto", help="a number, or auto (the default)")
     parser.add_argument("--eval-source", default="default")
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=32, help="score at most this many windows")

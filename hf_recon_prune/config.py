@@ -104,11 +104,12 @@ class PruningConfig:
     """How to prune and reconstruct a causal LM.
 
     Defaults follow Shin et al. (EMNLP 2024) where the paper has a setting: SparseGPT masks with layer-wise (LR),
-    block-wise (BR) reconstruction and global propagation (GP), BR trained with Adam at lr 2e-4, batch 8, 10 epochs,
-    256 calibration windows of 1024 tokens from C4 (the paper's Section 3.1), CR windows as in the authors' code.
-    Beyond the paper, BR keeps each window's epoch with the lowest held-out error and stops after ``br_patience``
-    epochs without a new best (``br_keep_best``, ``br_patience``), and self-generation samples until EOS with
-    top-k 50 and no language filter (which would need ``langdetect``, the ``selfgen`` extra).
+    block-wise (BR) reconstruction and global propagation (GP), BR trained with Adam, batch 8, 10 epochs, 256
+    calibration windows of 1024 tokens from C4 (the paper's Section 3.1), CR windows as in the authors' code.
+    Beyond the paper, BR picks each window's learning rate by held-out error (``br_lr="auto"``: the paper's 2e-4
+    did worse in every cell of docs/benchmarks.md), keeps each window's epoch of lowest held-out error and stops
+    after ``br_patience`` epochs without a new best (``br_keep_best``, ``br_patience``), and self-generation samples
+    until EOS with top-k 50 and no language filter (which would need ``langdetect``, the ``selfgen`` extra).
 
     Sparsity and N:M: ``sparsity`` is the fraction of weights set to zero in every pruned linear layer. Unstructured
     masks zero exactly ``floor(sparsity * in_features)`` weights in every output row (Wanda/SparseGPT compare within a
@@ -173,12 +174,12 @@ class PruningConfig:
 
     # Block-wise reconstruction.
     # br_lr: a number, or "auto" (each window picks from 2e-4, 5e-4, 1e-3, 2e-3 by held-out error, at most 1.5x the
-    # time). br_keep_best: end each window with its epoch of lowest held-out error, reverting to the weights before BR
+    # time; without held-out rows it trains at the paper's 2e-4). br_keep_best: end each window with its epoch of lowest held-out error, reverting to the weights before BR
     # when no epoch beats them; br_patience: stop after this many epochs without a new best (None: every epoch).
     # Both need held-out rows (heldout_fraction > 0). cr_schedule: "authors" or "sliding" (see CR_SCHEDULES).
     reconstruction_mode: str = "full"
     br_epochs: int = 10
-    br_lr: Union[float, str] = 2e-4
+    br_lr: Union[float, str] = "auto"
     br_keep_best: bool = True
     br_patience: Optional[int] = 3
     cr_schedule: str = "authors"

@@ -566,7 +566,7 @@ def test_new_fields_are_validated_with_the_field_the_value_and_what_is_allowed(f
 
 def test_defaults_are_the_papers_calibration_budget_and_roundtrip():
     config = PruningConfig()
-    assert (config.num_samples, config.seq_len, config.br_lr) == (256, 1024, 2e-4)
+    assert (config.num_samples, config.seq_len, config.br_lr) == (256, 1024, "auto")
     assert (config.br_keep_best, config.br_patience, config.self_gen_batch_size) == (True, 3, "auto")
     auto = PruningConfig(br_lr="auto", self_gen_batch_size=64, self_gen_max_length=2048, br_patience=None)
     assert PruningConfig.from_dict(json.loads(auto.to_json_string())) == auto
