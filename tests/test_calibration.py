@@ -312,3 +312,30 @@ def test_heldout_when_calibration_windows_cover_the_source(tmp_path):
         result = build_calibration_set(config, tokenizer)
     assert all(min(_positions(w)) >= 900 for w in result.heldout_ids)
     assert all(max(_positions(w)) < 900 for w in result.input_ids)
+
+
+def test_the_description_fingerprints_the_calibration_and_heldout_tokens():
+    import hashlib
+
+    def sha(ids):  # the reference: shape, dtype, then the int64 bytes row-major
+        header = f"{tuple(ids.shape)}|{ids.dtype}|".encode()
+        return hashlib.sha256(header + ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+    tokenizer = make_position_tokenizer(3000)
+    result = build_calibration_set(_config(), tokenizer)
+    description = json.loads(json.dumps(result.description))
+    assert description["windows_sha256"] == sha(result.input_ids)
+    assert description["heldout_windows_sha256"] == sha(result.heldout_ids)
+    assert description["source_version"] is None  # a list of texts is pinned by its own hash
+    assert build_calibration_set(_config(), tokenizer).description["windows_sha256"] == description["windows_sha256"]
+    assert build_calibration_set(_config(seed=4), tokenizer).description["windows_sha256"] != \
+        description["windows_sha256"]
+
+
+def test_the_default_corpus_is_described_with_the_python_whose_pydoc_data_it_is():
+    import platform
+
+    from hf_recon_prune.calibration.sources import source_version
+
+    assert source_version("default") == f"pydoc_data of Python {platform.python_version()}"
+    assert source_version("c4") is None and source_version(["a text"]) is None

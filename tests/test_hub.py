@@ -440,3 +440,19 @@ def test_card_says_which_learning_rates_auto_chose(tmp_path):
     assert "learning rate chosen per window by held-out error (" in card
     for lr in set(chosen):
         assert f"{lr:g} in {chosen.count(lr)} window" in card
+
+
+def test_card_names_the_default_corpus_python_and_the_calibration_tokens_hash(tmp_path):
+    import platform
+
+    config = tiny_config(calibration="default", num_self_samples=0)
+    report = tiny_report(config)
+    report.calibration.update(source="default", source_version=f"pydoc_data of Python {platform.python_version()}",
+                              windows_sha256="0123456789abcdef")
+    folder = save_pruned_model(tiny_llama(), tmp_path / "out", config, tokenizer=tiny_tokenizer(), report=report,
+                               base_model=BASE)
+    text = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
+    row = next(line for line in text.splitlines() if line.startswith("| calibration data |"))
+    assert f"(pydoc_data of Python {platform.python_version()})" in row
+    assert "| calibration tokens, sha256 | `0123456789abcdef` (two runs with the same value calibrated on the same " \
+           "token windows) |" in text

@@ -7,6 +7,10 @@ Held-out windows measure whether reconstruction overfits: ``ceil(heldout_fractio
 mask selection nor the reconstruction optimiser sees. They come from the calibration stream, placed so that they share
 no token position with any calibration window; from ``heldout_source`` (its ``"heldout"`` split) when that is set; or,
 for ``calibration="self"``, from further self-generated samples.
+
+The description (the report's ``calibration``) fingerprints the token windows (``windows_sha256``,
+``heldout_windows_sha256``), since a source's name does not pin its text down: the default corpus is the running
+Python's ``pydoc_data`` (``source_version`` says which), and a Hub dataset can change.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Any, Optional
 
 import torch
 
+from ..fingerprints import tensor_fingerprint
 from .self_generation import _derive_seed, generate_self_calibration
-from .sources import describe_source, is_heldout_split, load_texts
+from .sources import describe_source, is_heldout_split, load_texts, source_version
 from .windows import gather_windows, sample_window_starts, tokenize_stream, window_ranges
 
 logger = logging.getLogger(__name__)
@@ -79,6 +84,7 @@ def build_calibration_set(config: Any, tokenizer: Any, model: Any = None, *, sho
     column = config.calibration_text_column
     description: dict[str, Any] = {
         "source": describe_source(config.calibration),
+        "source_version": None if self_only else source_version(config.calibration),
         "split": None if self_only else split,
         "text_column": column,
         "seq_len": length,
@@ -146,6 +152,7 @@ def build_calibration_set(config: Any, tokenizer: Any, model: Any = None, *, sho
     description.update(
         num_real=num_real, num_self_generated=num_self, num_total=len(input_ids),
         num_statistics_rows=int(statistics_mask.sum()), num_heldout=len(heldout_ids),
+        windows_sha256=tensor_fingerprint(input_ids)[:16], heldout_windows_sha256=tensor_fingerprint(heldout_ids)[:16],
     )
     return CalibrationSet(input_ids, is_self, heldout_ids.long(), statistics_mask, description)
 

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import re
 from typing import Any, Optional, Sequence, Union
 
@@ -131,6 +132,14 @@ def describe_source(source: Source) -> Any:
         digest = hashlib.sha256("\x00".join(map(str, source)).encode("utf-8")).hexdigest()
         return {"texts": len(source), "sha256": digest[:16]}
     return os.fspath(source) if isinstance(source, os.PathLike) else source
+
+
+def source_version(source: Source) -> Optional[str]:
+    """What a source's name does not pin down, for the report: the ``default`` corpus is the running Python's own
+    ``pydoc_data``, which changes between Python releases (None for every other source)."""
+    if isinstance(source, str) and source == "default":
+        return f"pydoc_data of Python {platform.python_version()}"
+    return None
 
 
 def is_heldout_split(split: Optional[str]) -> bool:

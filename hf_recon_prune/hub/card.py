@@ -336,7 +336,8 @@ def _calibration_rows(config: PruningConfig, report: Any, redactor: "_Redactor")
     desc = dict(getattr(report, "calibration", None) or {}) if report is not None else {}
     source = desc.get("source", config.calibration)
     split = desc.get("split", None if config.calibration == "self" else (config.calibration_split or "train"))
-    rows = [("calibration data", redactor(_describe_source(source, split)))]
+    version = f" ({desc['source_version']})" if desc.get("source_version") else ""
+    rows = [("calibration data", redactor(_describe_source(source, split)) + version)]
     seq_len = desc.get("seq_len", config.seq_len)
     self_only = config.calibration == "self"
     num_real = desc.get("num_real", 0 if self_only else config.num_samples)
@@ -355,6 +356,9 @@ def _calibration_rows(config: PruningConfig, report: Any, redactor: "_Redactor")
             f"{generation.get('language', config.self_gen_language) or 'none'}; used for "
             + ("mask statistics and reconstruction" if config.self_samples_use == "all" else "reconstruction only")
         )))
+    if desc.get("windows_sha256"):
+        rows.append(("calibration tokens, sha256", f"`{desc['windows_sha256']}` (two runs with the same value calibrated "
+                                                   "on the same token windows)"))
     heldout = desc.get("heldout")
     num_heldout = desc.get("num_heldout", heldout.get("num") if isinstance(heldout, dict) else None)
     if num_heldout:
