@@ -70,6 +70,13 @@ def test_greedy_results_do_not_depend_on_batch_size(model, tokenizer):
     assert torch.equal(logits.argmax(-1), row[1:])
 
 
+def test_a_static_kv_cache_gives_the_same_samples_as_the_dynamic_one(model, tokenizer):
+    dynamic = _generate(model, tokenizer, static_cache=False)
+    for batch_size in (2, 4):  # the static cache is sized per batch: another batch, the same rows
+        static = _generate(model, tokenizer, static_cache=True, batch_size=batch_size)
+        assert torch.equal(static.input_ids, dynamic.input_ids) and static.texts == dynamic.texts
+
+
 def test_sampling_settings_change_the_samples(model, tokenizer):
     # EOS suppressed, so that no sample is replaced and all three keep the same candidates.
     base = _generate(model, tokenizer, greedy_tokens=2, stop_at_eos=False)
