@@ -302,7 +302,8 @@ def _adopt_results(args: argparse.Namespace, state: dict[str, Any]) -> list[str]
         handle.writelines(line if line.endswith("\n") else line + "\n" for line, run in earlier
                           if run_key(run) not in other)
     if other:
-        print(f"not resumed ({len(other)} runs of another corpus than {state['corpus']['id']}): {other}", file=sys.stderr)
+        print(f"not resumed ({len(other)} runs of another corpus than {state['corpus']['id']}): {other}",
+              file=sys.stderr)
     return other
 
 

@@ -173,10 +173,10 @@ class PruningConfig:
     sparsity_overrides: Optional[dict[str, float]] = None
 
     # Block-wise reconstruction.
-    # br_lr: a number, or "auto" (each window picks from 2e-4, 5e-4, 1e-3, 2e-3 by held-out error, at most 1.5x the
-    # time; without held-out rows it trains at the paper's 2e-4). br_keep_best: end each window with its epoch of lowest held-out error, reverting to the weights before BR
-    # when no epoch beats them; br_patience: stop after this many epochs without a new best (None: every epoch).
-    # Both need held-out rows (heldout_fraction > 0). cr_schedule: "authors" or "sliding" (see CR_SCHEDULES).
+    # br_lr: a number, or "auto" (each window picks 2e-4, 5e-4, 1e-3 or 2e-3 by held-out error, at most 1.5x the time;
+    # without held-out rows, 2e-4). br_keep_best: end each window with its epoch of lowest held-out error, reverting to
+    # the weights before BR when no epoch beats them; br_patience: stop after this many epochs without a new best
+    # (None: every epoch). All three need held-out rows (heldout_fraction > 0). cr_schedule: see CR_SCHEDULES.
     reconstruction_mode: str = "full"
     br_epochs: int = 10
     br_lr: Union[float, str] = "auto"

@@ -150,9 +150,9 @@ def build_calibration_set(config: Any, tokenizer: Any, model: Any = None, *, sho
         torch.full((config.num_self_samples,), use_all, dtype=torch.bool),
     ])
     description.update(
-        num_real=num_real, num_self_generated=num_self, num_total=len(input_ids),
-        num_statistics_rows=int(statistics_mask.sum()), num_heldout=len(heldout_ids),
-        windows_sha256=tensor_fingerprint(input_ids)[:16], heldout_windows_sha256=tensor_fingerprint(heldout_ids)[:16],
+        num_real=num_real, num_self_generated=num_self, num_total=len(input_ids), num_heldout=len(heldout_ids),
+        num_statistics_rows=int(statistics_mask.sum()), windows_sha256=tensor_fingerprint(input_ids)[:16],
+        heldout_windows_sha256=tensor_fingerprint(heldout_ids)[:16],
     )
     return CalibrationSet(input_ids, is_self, heldout_ids.long(), statistics_mask, description)
 
