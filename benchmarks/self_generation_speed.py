@@ -56,11 +56,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
                         help="instead of timing: profile one batch of --samples rows generated to TOKENS tokens "
                              "(torch.profiler; the table of the ops that took most device time goes beside --out)")
+    parser.add_argument("--step-batches", default="", metavar="B1,B2,...",
+                        help="instead of timing the defaults: ms per decoding step at these fixed batch sizes "
+                             "(generation to --step-tokens tokens, EOS suppressed, twice per setting so a compile "
+                             "shows as the first call's surplus)")
+    parser.add_argument("--step-tokens", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results/self_generation.json")
     args = parser.parse_args(argv)
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     args.static_cache = [{"off": False, "on": True}[s] for s in args.static_cache.split(",") if s]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.step_batches = [int(b) for b in args.step_batches.split(",") if b]
     return args
 
 
@@ -131,6 +137,33 @@ def profile(model, tokenizer, args: argparse.Namespace, dtype: str) -> str:
                                                                                                 row_limit=25)
 
 
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step_times(model, tokenizer, args: argparse.Namespace, dtype: str) -> list[dict[str, Any]]:
+    """ms per step of ``generate_self_calibration`` at each of ``--step-batches`` (first and second call)."""
+    rows = []
+    for static_cache in args.static_cache:
+        for batch in args.step_batches:
+            settings = dict(seed=args.seed, language=None, batch_size=batch, stop_at_eos=False, show_progress=False,
+                            static_cache=static_cache)
+            calls = []
+            for _ in range(2):
+                _synchronize(args.device)
+                started = time.perf_counter()
+                generate_self_calibration(model, tokenizer, batch, args.step_tokens, **settings)
+                _synchronize(args.device)
+                calls.append(time.perf_counter() - started)
+            row = {"dtype": dtype, "static_cache": static_cache, "batch": batch, "tokens": args.step_tokens,
+                   "first_call_s": calls[0], "second_call_s": calls[1],
+                   "ms_per_step": 1000 * calls[1] / args.step_tokens}
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.profile:
@@ -150,19 +183,27 @@ def main(argv=None) -> dict[str, Any]:
     for dtype in args.dtypes:
         model, tokenizer = load(args, dtype)
         model.to(args.device)
+        if args.step_batches:
+            results.setdefault("steps", []).extend(step_times(model, tokenizer, args, dtype))
+            _write(results, args.out)
+            continue
         for static_cache in args.static_cache:
             run = {"dtype": dtype, **time_generation(model, tokenizer, args, static_cache)}
             results["runs"].append(run)
             print(f"{dtype} static_cache={static_cache}: {run['seconds']:.1f} s for {run['samples']} x "
                   f"{run['seq_len']} tokens (batch {run['batch_size']}, {run['candidates_used']} candidates, "
                   f"{run['ended_before_seq_len']} ended early)", flush=True)
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w", encoding="utf-8") as handle:
-                json.dump(results, handle, indent=2)
+            _write(results, args.out)
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     return results
+
+
+def _write(results: dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,20 @@ def test_self_generation_speed_times_every_setting_on_a_random_gqa_model(tmp_pat
     assert run["candidates_used"] >= 3 and run["candidates_used"] - run["ended_before_seq_len"] == 3
 
 
+def test_self_generation_speed_step_mode_times_each_batch_size_twice(tmp_path):
+    speed = _benchmark("self_generation_speed")
+    out = tmp_path / "steps.json"
+    results = speed.main(["--random", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4",
+                          "--kv-heads", "2", "--vocab", "300", "--step-batches", "2,3", "--step-tokens", "8",
+                          "--device", "cpu", "--dtypes", "float32", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert results["runs"] == []  # the step mode replaces the timing of the defaults
+    rows = results["steps"]
+    assert [(r["batch"], r["tokens"], r["static_cache"]) for r in rows] == [(2, 8, False), (3, 8, False)]
+    for row in rows:
+        assert row["first_call_s"] > 0 and row["ms_per_step"] == pytest.approx(1000 * row["second_call_s"] / 8)
+
+
 def test_stage_profile_counts_grouped_query_attention_projections(stage_profile):
     args = stage_profile.parse_args(["--device", "cpu", "--hidden", "64", "--intermediate", "128", "--heads", "8",
                                      "--kv-heads", "2"])
