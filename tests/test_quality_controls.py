@@ -148,13 +148,13 @@ def test_auto_lr_picks_the_candidate_with_the_lowest_heldout_error_after_its_pro
     assert len(calls) == len(grid) * steps + total <= 1.5 * total  # at most 1.5x the steps of a fixed-rate window
 
 
-def test_auto_lr_without_heldout_rows_or_room_to_probe_falls_back_to_the_paper_rate_and_says_so():
+def test_auto_lr_without_heldout_rows_or_room_to_probe_falls_back_to_1e_3_and_says_so():
     window = _Window()
     auto = _settings(br_epochs=2, br_batch_size=4, br_lr="auto", br_keep_best=False, br_patience=None)
     blocks, result = window.train(auto, heldout=False)
-    fixed_blocks, _ = window.train(dataclasses.replace(auto, br_lr=2e-4), heldout=False)
+    fixed_blocks, _ = window.train(dataclasses.replace(auto, br_lr=1e-3), heldout=False)
     _assert_same_state(_state(blocks), _state(fixed_blocks))
-    assert (result.choice.lr, result.choice.lr_rule) == (2e-4, "auto-fallback")
+    assert (result.choice.lr, result.choice.lr_rule) == (1e-3, "auto-fallback")
     assert any("no held-out rows" in note for note in result.choice.notes)
     # One epoch over 4 rows leaves no room for four probes within half of it.
     _, short = _Window(num_rows=4).train(dataclasses.replace(auto, br_epochs=1))

@@ -92,7 +92,7 @@ def reconstruct_window(
             when data-parallel), never trained on. With them, ``settings.br_lr="auto"``, ``br_keep_best`` and
             ``br_patience`` choose the learning rate, the epoch to keep (or the revert to the weights before BR,
             bit for bit, when no epoch beats them) and when to stop, by the held-out error (``selection.py``);
-            without them every epoch is trained, the last kept, and ``"auto"`` trains at 2e-4. ``result.choice``
+            without them every epoch is trained, the last kept, and ``"auto"`` trains at 1e-3. ``result.choice``
             says what was chosen and why.
         frozen: parameters that never train (the engine passes the routers of MoE blocks).
 
