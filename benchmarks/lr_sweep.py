@@ -11,7 +11,10 @@ self-generated samples took (generated once, then read from the cache by every r
 
 ``--workers N`` runs N pruning processes side by side on the one GPU (small models leave most of it idle): each
 claims the next run not yet done or claimed, in the order listed, and stops claiming when the run would not end
-before ``--deadline``. Everything lives in ``--work-dir``; a second invocation with the same work dir resumes and
+before ``--deadline`` (a run with self-generated samples and none of its kind finished yet is estimated from one
+without, scaled by the rows its loss sees). The self-generated samples are made once, before any run, also when a
+later invocation on the same work dir asks for a count the first did not; ``--self-gen-cache DIR`` keeps them in a
+folder that can be carried to the next machine. Everything lives in ``--work-dir``; a second invocation with the same work dir resumes and
 runs only what is missing. Times of runs that shared the GPU are not those of a run alone: the JSON records how many
 workers ran (``workers``); compare them only with each other.
 
@@ -74,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume-from", default=None, metavar="JSONL",
                         help="finished runs of an earlier invocation (its work dir's results.jsonl, e.g. "
                              "benchmarks/results/lr_sweep_h200.jsonl): not run again")
+    parser.add_argument("--self-gen-cache", default=None, metavar="DIR",
+                        help="where the self-generated samples are cached (default: the work dir's self_generated): a "
+                             "folder carried from an earlier machine saves generating them again")
     parser.add_argument("--out", default="benchmarks/results/lr_sweep.json")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
@@ -118,7 +124,7 @@ def pruning_config(args: argparse.Namespace, run: dict[str, Any]) -> PruningConf
                          reconstruction=RECIPES[run["recipe"]], calibration="default", num_samples=args.samples,
                          seq_len=args.seq_len, num_self_samples=run["self_samples"], br_epochs=args.epochs,
                          br_lr=2e-4 if run["lr"] is None else run["lr"], device=args.device, seed=0,
-                         self_gen_cache_dir=os.path.join(args.work_dir, "self_generated"))
+                         self_gen_cache_dir=args.self_gen_cache or os.path.join(args.work_dir, "self_generated"))
 
 
 # ---------------------------------------------------------------------------------------------------------- one run
@@ -162,12 +168,21 @@ def _done(work_dir: str) -> dict[str, dict[str, Any]]:
 AUTO_TIME_FACTOR = 1.0 + AUTO_EXTRA_COST
 
 
-def _estimate(run: dict[str, Any], done: dict[str, dict[str, Any]]) -> Optional[float]:
-    """The longest time a finished run of the same recipe and sample count took, times 1.1 (None: none finished
-    yet); a fixed-rate time counts 1.5 times for an ``"auto"`` run, whose probe may add half a run."""
-    times = [r["seconds"] * (AUTO_TIME_FACTOR if run["lr"] == "auto" and r["lr"] != "auto" else 1.0)
-             for r in done.values() if r["recipe"] == run["recipe"] and r["self_samples"] == run["self_samples"]]
-    return max(times) * 1.1 if times else None
+def _estimate(run: dict[str, Any], done: dict[str, dict[str, Any]], samples: int) -> Optional[float]:
+    """The longest time a finished run of the same recipe and sample count took, times 1.1; a fixed-rate time counts
+    1.5 times for an ``"auto"`` run, whose probe may add half a run. With no such run yet, a run without
+    self-generated samples scaled by the rows the loss sees ((samples + self samples) / samples: BR's work grows
+    with them). None when neither has finished."""
+    def longest(self_samples: int) -> Optional[float]:
+        times = [r["seconds"] * (AUTO_TIME_FACTOR if run["lr"] == "auto" and r["lr"] != "auto" else 1.0)
+                 for r in done.values() if r["recipe"] == run["recipe"] and r["self_samples"] == self_samples]
+        return max(times) * 1.1 if times else None
+
+    same = longest(run["self_samples"])
+    if same is not None or run["self_samples"] == 0:
+        return same
+    without = longest(0)
+    return None if without is None else without * (samples + run["self_samples"]) / samples
 
 
 def _claim(args: argparse.Namespace, run: dict[str, Any]) -> bool:
@@ -187,7 +202,7 @@ def next_run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     for run in planned_runs(args):
         if run_key(run) in done:
             continue
-        estimate = _estimate(run, done)
+        estimate = _estimate(run, done, args.samples)
         if args.deadline is not None and estimate is not None and \
                 time.time() + estimate > args.started + args.deadline:
             continue
@@ -226,16 +241,43 @@ def corpus_fingerprint() -> dict[str, str]:
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
-    """Once per work dir: the model saved as safetensors, the held-out ids, the dense perplexities and the
-    self-generated samples (timed, then cached for every run)."""
-    from hf_recon_prune.calibration import build_calibration_set, load_texts, stream_windows_for_eval
-    from hf_recon_prune.calibration.sources import stdlib_docstrings
-    from hf_recon_prune.models import load_model
-
+    """Once per work dir: the model saved as safetensors, the held-out ids and the dense perplexities; then, for every
+    self-sample count the work dir has not generated yet (a later invocation may ask for new ones), the samples
+    (timed, then cached for every run)."""
     state_path = os.path.join(args.work_dir, "state.json")
     if os.path.isfile(state_path):
         with open(state_path, encoding="utf-8") as handle:
-            return json.load(handle)
+            state = json.load(handle)
+    else:
+        state = _prepare_model_and_held_out(args)
+    missing = sorted({n for n in args.self_samples if n > 0} - {int(n) for n in state["self_generation"]})
+    if missing:
+        from hf_recon_prune.calibration import build_calibration_set
+        from hf_recon_prune.models import load_model
+
+        dense, tokenizer = load_model(os.path.join(args.work_dir, "model"), dtype=torch.float32)
+        dense.to(args.device)
+        for count in missing:
+            config = pruning_config(args, {"pattern": args.patterns[0], "self_samples": count, "recipe": "br+gp",
+                                           "lr": 2e-4})
+            started = time.perf_counter()
+            calibration = build_calibration_set(config, tokenizer, dense, show_progress=False)
+            state["self_generation"][str(count)] = {
+                "seconds": time.perf_counter() - started, "rows": int(calibration.is_self_generated.sum()),
+                "description": calibration.description.get("self_generation")}
+            print(f"self-generated {count} samples in {state['self_generation'][str(count)]['seconds']:.0f} s",
+                  flush=True)
+        del dense
+    with open(state_path, "w", encoding="utf-8") as handle:
+        json.dump(state, handle, indent=2, default=str)
+    return state
+
+
+def _prepare_model_and_held_out(args: argparse.Namespace) -> dict[str, Any]:
+    from hf_recon_prune.calibration import load_texts, stream_windows_for_eval
+    from hf_recon_prune.calibration.sources import stdlib_docstrings
+    from hf_recon_prune.models import load_model
+
     os.makedirs(args.work_dir, exist_ok=True)
     model_path = os.path.join(args.work_dir, "model")
     if args.gguf:
@@ -255,19 +297,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     }
     torch.save(held_out, os.path.join(args.work_dir, "held_out.pt"))
     dense.to(args.device)
-    state: dict[str, Any] = {"dense": {n: perplexity_of_ids(dense, ids.to(args.device)) for n, ids in held_out.items()},
-                             "corpus": corpus_fingerprint(), "self_generation": {}}
-    for count in sorted({n for n in args.self_samples if n > 0}):
-        config = pruning_config(args, {"pattern": args.patterns[0], "self_samples": count, "recipe": "br+gp",
-                                       "lr": 2e-4})
-        started = time.perf_counter()
-        calibration = build_calibration_set(config, tokenizer, dense, show_progress=False)
-        state["self_generation"][str(count)] = {
-            "seconds": time.perf_counter() - started, "rows": int(calibration.is_self_generated.sum()),
-            "description": calibration.description.get("self_generation")}
-    with open(state_path, "w", encoding="utf-8") as handle:
-        json.dump(state, handle, indent=2, default=str)
-    return state
+    return {"dense": {n: perplexity_of_ids(dense, ids.to(args.device)) for n, ids in held_out.items()},
+            "corpus": corpus_fingerprint(), "self_generation": {}}
 
 
 def collect(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:
@@ -280,7 +311,8 @@ def collect(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:
         if run["recipe"] != "lr" and baseline is not None:
             run["gap_closed"] = {n: (baseline["perplexity"][n] - v) / (baseline["perplexity"][n] - state["dense"][n])
                                  for n, v in run["perplexity"].items()}
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "worker", "started", "work_dir", "gguf", "resume_from")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "worker", "started", "work_dir", "gguf", "resume_from",
+                                                                   "self_gen_cache")}
     results = {"settings": settings, "torch": torch.__version__, "dense": state["dense"], "corpus": state["corpus"],
                "self_generation": state["self_generation"], "runs": runs,
                "missing": [run_key(r) for r in planned_runs(args) if run_key(r) not in done]}

@@ -164,17 +164,40 @@ def test_lr_sweep_workers_share_the_runs_and_a_second_invocation_resumes(tmp_pat
     assert {r["corpus"] for r in rerun["runs"]} == {results["corpus"]["id"]}
 
 
+def test_lr_sweep_generates_the_self_samples_a_later_invocation_adds_into_the_given_cache(tmp_path):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tiny_assets import save_tiny_llama
+
+    lr_sweep = _benchmark("lr_sweep")
+    argv = ["--model", save_tiny_llama(tmp_path / "tiny"), "--device", "cpu", "--samples", "6", "--seq-len", "16",
+            "--epochs", "1", "--lrs", "1e-3", "--eval-seq-len", "16", "--eval-windows", "2",
+            "--work-dir", str(tmp_path / "work"), "--self-gen-cache", str(tmp_path / "carried")]
+    first = lr_sweep.main([*argv, "--self-samples", "0", "--out", str(tmp_path / "a.json")])
+    assert first["self_generation"] == {} and not (tmp_path / "carried").exists()
+    # The same work dir asked for self-generated samples: they are made once, before any run, where asked.
+    second = lr_sweep.main([*argv, "--self-samples", "0,2", "--out", str(tmp_path / "b.json")])
+    assert second["self_generation"]["2"]["rows"] == 2 and second["self_generation"]["2"]["seconds"] > 0
+    assert len(os.listdir(tmp_path / "carried")) == 1
+    assert [r["self_samples"] for r in second["runs"]] == [0, 0, 2] and not second["missing"]
+    assert "self_gen_cache" not in second["settings"]  # a local path stays out of the results
+
+
 def test_lr_sweep_deadline_allows_an_auto_run_half_a_fixed_run_more():
     lr_sweep = _benchmark("lr_sweep")
     done = {"a": {"recipe": "br+gp", "self_samples": 0, "lr": 1e-3, "seconds": 100.0},
             "b": {"recipe": "br+gp+cr", "self_samples": 0, "lr": 1e-3, "seconds": 300.0}}
     fixed = {"recipe": "br+gp", "self_samples": 0, "lr": 2e-3}
     auto = {**fixed, "lr": "auto"}
-    assert lr_sweep._estimate(fixed, done) == pytest.approx(110.0)
-    assert lr_sweep._estimate(auto, done) == pytest.approx(100.0 * 1.5 * 1.1)
+    assert lr_sweep._estimate(fixed, done, 256) == pytest.approx(110.0)
+    assert lr_sweep._estimate(auto, done, 256) == pytest.approx(100.0 * 1.5 * 1.1)
     done["c"] = {**auto, "seconds": 120.0}  # a measured auto run counts as it is
-    assert lr_sweep._estimate(auto, done) == pytest.approx(150.0 * 1.1)
-    assert lr_sweep._estimate({**fixed, "self_samples": 256}, done) is None
+    assert lr_sweep._estimate(auto, done, 256) == pytest.approx(150.0 * 1.1)
+    # No run with self-generated samples yet: the longest without (c's 120 s; a fixed-rate run counts an auto one as
+    # it is), scaled by the rows the loss sees (256 + 256 of 256).
+    assert lr_sweep._estimate({**fixed, "self_samples": 256}, done, 256) == pytest.approx(2 * 120.0 * 1.1)
+    done["d"] = {**fixed, "self_samples": 256, "seconds": 170.0}
+    assert lr_sweep._estimate({**fixed, "self_samples": 256}, done, 256) == pytest.approx(170.0 * 1.1)
+    assert lr_sweep._estimate({"recipe": "lr", "self_samples": 0, "lr": None}, done, 256) is None
 
 
 def test_self_generation_speed_times_every_setting_on_a_random_gqa_model(tmp_path):
