@@ -14,6 +14,10 @@ One GPU:
 Two GPUs, data-parallel (same recipes; speed-up against the one-GPU JSON):
     torchrun --nproc_per_node 2 benchmarks/scale_gpu.py --layers 4 --out benchmarks/results/scale_gpu_2.json \
         --baseline benchmarks/results/scale_gpu_1.json
+The full recipe over all 32 blocks in parts of at most one device call each (every part resumes from the package's
+own checkpoints, so call it again with the same arguments until the recipe reports complete; add the parts' times):
+    python benchmarks/scale_gpu.py --layers 32 --recipes br+gp+cr --stream-location device \
+        --max-device-memory 120GiB --checkpoint-dir /tmp/ck7b --stop-after 420 --out /tmp/part.json
 CPU smoke test:
     python benchmarks/scale_gpu.py --device cpu --layers 2 --hidden 256 --intermediate 688 --heads 4 --vocab 512 \
         --samples 8 --seq-len 64 --epochs 1 --out /tmp/scale.json
@@ -89,12 +93,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--model-dir", default="/tmp/hf-recon-prune-llama7b-random")
     run.add_argument("--model-gpu-memory", default="2GiB", help="max_memory of the GPU when loading (accelerate)")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--checkpoint-dir", default=None,
+                     help="the package's checkpoints go here (one folder per recipe), and a run resumes from them: a "
+                          "recipe too long for one call runs in parts (see --stop-after)")
+    run.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
+                     help="with --checkpoint-dir: stop after the first block that ends past SECONDS of pruning (its "
+                          "checkpoint is on disk); the next invocation with the same arguments resumes from it")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="benchmarks/results/scale_gpu.json")
     out.add_argument("--markdown", default=None, help="default: --out with .md")
     out.add_argument("--baseline", default=None, help="a one-process JSON of this script, for the speed-up column")
     args = parser.parse_args(argv)
     args.recipes = split_recipes(parser, args.recipes, RECIPES)
+    if args.stop_after is not None and not args.checkpoint_dir:
+        parser.error("--stop-after needs --checkpoint-dir (the next part resumes from its checkpoints)")
     args.markdown = args.markdown or os.path.splitext(args.out)[0] + ".md"
     return args
 
@@ -189,13 +201,21 @@ def run_recipe(args, recipe: str, data_parallel) -> dict:
         forward_batch_size=args.forward_batch_size, device=args.device, stream_location=args.stream_location,
         stream_dtype=args.stream_dtype, stream_folder=args.stream_folder, max_device_memory=args.max_device_memory,
         seed=args.seed, track_reconstruction_error=args.heldout > 0,
+        checkpoint_dir=os.path.join(args.checkpoint_dir, recipe) if args.checkpoint_dir else None,
     )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    pruner = Pruner(model, config, calibration_data=calibration, show_progress=data_parallel is None or data_parallel.is_main)
-    report = pruner.prune()
+    part = _Part(started, args.stop_after)
+    pruner = Pruner(model, config, calibration_data=calibration, show_progress=data_parallel is None or data_parallel.is_main,
+                    on_block_end=part.block_ended)
+    try:
+        report = pruner.prune(resume=bool(args.checkpoint_dir))
+    except Exception as error:  # the pruner reports the callback's stop as a failure (the model is partly pruned)
+        if isinstance(error, _TimeUp) or isinstance(error.__cause__, _TimeUp):
+            return part.result(recipe, time.perf_counter() - started)
+        raise
     seconds = time.perf_counter() - started
     peaks = report.memory.get("peak_device_bytes_per_window") or []
     blocks = [
@@ -205,7 +225,7 @@ def run_recipe(args, recipe: str, data_parallel) -> dict:
     ]
     result = {
         "recipe": recipe, "reconstruction": RECIPES[recipe], "total_seconds": seconds,
-        "seconds_per_block": seconds / max(len(blocks), 1),
+        "seconds_per_block": seconds / max(len(part.blocks), 1),  # the blocks of this part (a resume: the rest)
         "reconstruction_seconds_per_block": report.stage_seconds().get("reconstruction", 0.0) / max(len(blocks), 1),
         "stage_seconds": report.stage_seconds(),
         "peak_gpu_gib": max(peaks) / GiB if peaks else None,
@@ -213,12 +233,37 @@ def run_recipe(args, recipe: str, data_parallel) -> dict:
         "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "estimate": report.memory.get("estimate"), "blocks": blocks,
         "processes": report.memory.get("data_parallel_processes", 1),
+        "complete": True, "blocks_this_part": part.blocks,
     }
     del pruner, report, model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+class _TimeUp(Exception):
+    """Raised after a block's checkpoint is on disk once the part's time is spent (the next part resumes)."""
+
+
+class _Part:
+    """The blocks this invocation finalised and when (a resumed run's report also lists the blocks it restored)."""
+
+    def __init__(self, started: float, stop_after: float | None):
+        self.started, self.stop_after = started, stop_after
+        self.blocks: list[dict] = []
+
+    def block_ended(self, index: int, report) -> None:
+        block = next((b for b in reversed(report.blocks) if b.index == index), None)
+        self.blocks.append({"index": index, "ended_at_seconds": time.perf_counter() - self.started,
+                            "stages": dict(block.seconds) if block is not None else {}})
+        if self.stop_after is not None and time.perf_counter() - self.started > self.stop_after:
+            raise _TimeUp(f"stopped after block {index}")
+
+    def result(self, recipe: str, seconds: float) -> dict:
+        return {"recipe": recipe, "reconstruction": RECIPES[recipe], "complete": False, "total_seconds": seconds,
+                "blocks_this_part": self.blocks, "seconds_per_block": seconds / max(len(self.blocks), 1),
+                "reconstruction_seconds_per_block": 0.0, "peak_gpu_gib": None}
 
 
 def markdown(results: dict, baseline: dict | None) -> str:
@@ -237,6 +282,11 @@ def markdown(results: dict, baseline: dict | None) -> str:
     ]
     base = {r["recipe"]: r for r in (baseline or {}).get("runs", [])}
     for r in results["runs"]:
+        if not r["complete"]:
+            done = [b["index"] for b in r["blocks_this_part"]]
+            lines.append(f"| {r['recipe']} (a part: blocks {done[0] if done else '–'}–{done[-1] if done else '–'}, "
+                         f"{r['total_seconds']:.1f} s; resumes) | – | – | – | – | – |" + (" – |" if baseline else ""))
+            continue
         peak = "–" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.2f}"
         estimate = (r.get("estimate") or {}).get("device_peak")
         row = (f"| {r['recipe']} | {peak} | {PAPER_PEAK_GB.get(r['recipe'], '–')} | "
@@ -268,6 +318,10 @@ def main(argv=None) -> int:
         result = run_recipe(args, recipe, data_parallel)
         results["runs"].append(result)
         if main_process:
+            if not result["complete"]:
+                print(f"{recipe}: stopped after blocks {[b['index'] for b in result['blocks_this_part']]} "
+                      f"({result['total_seconds']:.1f} s); run again to resume", flush=True)
+                continue
             peak = "n/a" if result["peak_gpu_gib"] is None else f"{result['peak_gpu_gib']:.2f} GiB"
             print(f"{recipe}: peak GPU {peak}, {result['seconds_per_block']:.1f} s/block "
                   f"(reconstruction {result['reconstruction_seconds_per_block']:.1f} s/block), "

@@ -226,6 +226,25 @@ def test_self_generation_speed_step_mode_times_each_batch_size_twice(tmp_path):
         assert row["first_call_s"] > 0 and row["ms_per_step"] == pytest.approx(1000 * row["second_call_s"] / 8)
 
 
+def test_scale_gpu_runs_a_recipe_in_parts_that_resume_from_the_package_checkpoints(tmp_path):
+    scale_gpu = _benchmark("scale_gpu")
+    argv = ["--device", "cpu", "--layers", "3", "--hidden", "64", "--intermediate", "128", "--heads", "4",
+            "--vocab", "128", "--samples", "8", "--seq-len", "32", "--epochs", "1", "--recipes", "br+gp",
+            "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    parts = []
+    for index, extra in enumerate([["--stop-after", "0"], ["--stop-after", "0"], []]):
+        out = tmp_path / f"part{index}.json"
+        assert scale_gpu.main([*argv, *extra, "--out", str(out)]) == 0
+        (run,) = json.loads(out.read_text())["runs"]
+        parts.append(run)
+    # Each part finalises one block past its time (0 s) and stops; the last runs to the end.
+    assert [[b["index"] for b in p["blocks_this_part"]] for p in parts] == [[0], [1], [2]]
+    assert [p["complete"] for p in parts] == [False, False, True]
+    assert parts[2]["seconds_per_block"] == pytest.approx(parts[2]["total_seconds"])  # one block in that part
+    with pytest.raises(SystemExit):
+        scale_gpu.parse_args(["--stop-after", "10"])  # a part without checkpoints could not be resumed
+
+
 def test_stage_profile_counts_grouped_query_attention_projections(stage_profile):
     args = stage_profile.parse_args(["--device", "cpu", "--hidden", "64", "--intermediate", "128", "--heads", "8",
                                      "--kv-heads", "2"])
