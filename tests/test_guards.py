@@ -74,8 +74,12 @@ def test_out_of_memory_halves_the_micro_batch_and_the_result_is_unchanged(monkey
     assert any("retrying with 2" in w for w in report.warnings)
     assert any("decoder block 0" in w for w in report.blocks[0].warnings)
     _assert_identical(model, same_batches)
+    # Another micro-batch rounds the sums differently, and BR's Adam steps carry that rounding into the weights in
+    # proportion to the learning rate (here "auto" without held-out rows: 1e-3; measured 2.1e-5 at most, 3.5e-6 at
+    # 2e-4), so the tolerance is the rate's.
+    lr = report.blocks[0].br_choices[0]["lr"]
     for (key, x), y in zip(model.state_dict().items(), as_configured.state_dict().values()):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=5e-2 * lr, msg=key)
 
 
 def test_out_of_memory_in_the_statistics_pass_starts_the_pass_again():
