@@ -14,9 +14,9 @@ claims the next run not yet done or claimed, in the order listed, and stops clai
 before ``--deadline`` (a run with self-generated samples and none of its kind finished yet is estimated from one
 without, scaled by the rows its loss sees). The self-generated samples are made once, before any run, also when a
 later invocation on the same work dir asks for a count the first did not; ``--self-gen-cache DIR`` keeps them in a
-folder that can be carried to the next machine. Everything lives in ``--work-dir``; a second invocation with the same work dir resumes and
-runs only what is missing. Times of runs that shared the GPU are not those of a run alone: the JSON records how many
-workers ran (``workers``); compare them only with each other.
+folder that can be carried to the next machine. Everything lives in ``--work-dir``; a second invocation with the
+same work dir resumes and runs only what is missing. Times of runs that shared the GPU are not those of a run alone:
+the JSON records how many workers ran (``workers``); compare them only with each other.
 
 The issue's benchmark (H200, 256 x 1024 tokens, 10 epochs):
     python benchmarks/lr_sweep.py --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --samples 256 --seq-len 1024 \\
@@ -311,8 +311,8 @@ def collect(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:
         if run["recipe"] != "lr" and baseline is not None:
             run["gap_closed"] = {n: (baseline["perplexity"][n] - v) / (baseline["perplexity"][n] - state["dense"][n])
                                  for n, v in run["perplexity"].items()}
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "worker", "started", "work_dir", "gguf", "resume_from",
-                                                                   "self_gen_cache")}
+    private = ("out", "worker", "started", "work_dir", "gguf", "resume_from", "self_gen_cache")  # paths, internals
+    settings = {k: v for k, v in vars(args).items() if k not in private}
     results = {"settings": settings, "torch": torch.__version__, "dense": state["dense"], "corpus": state["corpus"],
                "self_generation": state["self_generation"], "runs": runs,
                "missing": [run_key(r) for r in planned_runs(args) if run_key(r) not in done]}

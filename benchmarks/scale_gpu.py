@@ -208,8 +208,8 @@ def run_recipe(args, recipe: str, data_parallel) -> dict:
         torch.cuda.synchronize()
     started = time.perf_counter()
     part = _Part(started, args.stop_after)
-    pruner = Pruner(model, config, calibration_data=calibration, show_progress=data_parallel is None or data_parallel.is_main,
-                    on_block_end=part.block_ended)
+    pruner = Pruner(model, config, calibration_data=calibration,
+                    show_progress=data_parallel is None or data_parallel.is_main, on_block_end=part.block_ended)
     try:
         report = pruner.prune(resume=bool(args.checkpoint_dir))
     except Exception as error:  # the pruner reports the callback's stop as a failure (the model is partly pruned)
@@ -284,8 +284,9 @@ def markdown(results: dict, baseline: dict | None) -> str:
     for r in results["runs"]:
         if not r["complete"]:
             done = [b["index"] for b in r["blocks_this_part"]]
-            lines.append(f"| {r['recipe']} (a part: blocks {done[0] if done else '–'}–{done[-1] if done else '–'}, "
-                         f"{r['total_seconds']:.1f} s; resumes) | – | – | – | – | – |" + (" – |" if baseline else ""))
+            span = f"{done[0]}–{done[-1]}" if done else "none"
+            lines.append(f"| {r['recipe']} (a part: blocks {span}, {r['total_seconds']:.1f} s; resumes) "
+                         "| – | – | – | – | – |" + (" – |" if baseline else ""))
             continue
         peak = "–" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.2f}"
         estimate = (r.get("estimate") or {}).get("device_peak")

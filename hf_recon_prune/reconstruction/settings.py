@@ -49,8 +49,8 @@ class BlockTrainingSettings:
             for the first steps of its run from the same weights, batch order and schedule, the one with the lowest
             held-out error is trained in full; the probe costs at most half the window's planned training, so a
             window takes at most 1.5x as long as at a fixed rate). Without held-out rows, or when the training is too
-            short to probe within that budget, ``"auto"`` trains at ``selection.FALLBACK_LR`` (1e-3) and the window's report
-            says so.
+            short to probe within that budget, ``"auto"`` trains at ``selection.FALLBACK_LR`` (1e-3) and the window's
+            report says so.
         br_keep_best: measure the held-out error before BR and after every epoch, and end with the weights of the
             epoch with the lowest one; when no epoch beats the weights before BR, the window is reverted to them,
             bit for bit. False: the weights after the last epoch. Needs held-out rows (without them: the last epoch).
