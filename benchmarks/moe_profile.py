@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from scale_gpu import machine, split_recipes  # noqa: E402
+from scale_gpu import machine, random_from_config, split_recipes  # noqa: E402
 
 from hf_recon_prune import PruningConfig  # noqa: E402
 from hf_recon_prune.pruner import Pruner  # noqa: E402
@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def random_moe_model(args):
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from transformers import Qwen3MoeConfig
 
     config = Qwen3MoeConfig(
         hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -87,22 +87,7 @@ def random_moe_model(args):
         decoder_sparse_step=1, vocab_size=args.vocab, max_position_embeddings=max(4096, args.seq_len),
         tie_word_embeddings=False, dtype=args.dtype,
     )
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
-    model.to_empty(device="cpu")
-    fill = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generator = torch.Generator(device=fill).manual_seed(args.seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                drawn = torch.empty(param.shape, dtype=param.dtype, device=fill).normal_(0.0, 0.02, generator=generator)
-                param.copy_(drawn)
-                del drawn
-        rotary = model.model.rotary_emb
-        model.model.rotary_emb = type(rotary)(config=model.config)
-    return model.eval()
+    return random_from_config(config, args.dtype, args.seed)
 
 
 def coverage(report) -> list[dict[str, Any]]:

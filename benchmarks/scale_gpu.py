@@ -124,7 +124,12 @@ def llama_config(args):
 
 
 def random_model(args):
-    """Build on the meta device (no memory, no init), materialise on the CPU, fill with seeded N(0, 0.02).
+    """A Llama model of the shape in ``args``, with random weights (see :func:`random_from_config`)."""
+    return random_from_config(llama_config(args), args.dtype, args.seed)
+
+
+def random_from_config(config, dtype_name: str, seed: int):
+    """Build on the meta device (no memory, no init), materialise on the CPU, fill with seeded N(0, 0.02), norms 1.
 
     With a GPU the numbers are drawn there (a seeded CUDA generator) and copied into the CPU parameters: drawing
     normals on the CPU runs at tens of millions a second, minutes for 32 Llama-2-7B blocks. The values then differ
@@ -132,13 +137,12 @@ def random_model(args):
     """
     from transformers import AutoModelForCausalLM
 
-    config = llama_config(args)
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, dtype_name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.to_empty(device="cpu")
     fill_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generator = torch.Generator(device=fill_device).manual_seed(args.seed)
+    generator = torch.Generator(device=fill_device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import inspect
 import json
+import math
 import os
+import sys
 
 import pytest
 import torch
@@ -17,8 +22,11 @@ from hf_recon_prune.calibration import (
     generate_self_calibration,
     make_language_filter,
 )
+from hf_recon_prune.calibration import language as language_module
+from hf_recon_prune.calibration import sampling
 
 NUM, LENGTH = 6, 20
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +40,10 @@ def model(tokenizer):
 
 
 def _generate(model, tokenizer, **kwargs):
-    settings = dict(seed=0, language=None, batch_size=4, show_progress=False)
+    settings = dict(seed=0, batch_size=4, show_progress=False)
     settings.update(kwargs)
-    return generate_self_calibration(model, tokenizer, kwargs.pop("num", NUM), LENGTH, **{k: v for k, v in settings.items() if k != "num"})
+    return generate_self_calibration(model, tokenizer, settings.pop("num", NUM), settings.pop("seq_len", LENGTH),
+                                     **settings)
 
 
 class _ForwardRaises(torch.nn.Module):
@@ -252,3 +261,158 @@ def test_model_fingerprint_ignores_use_cache_but_not_weights(tokenizer):
         model.lm_head.weight[0, 0] += 1.0
     assert model_fingerprint(model)["sha256"] != before["sha256"]
 
+
+# ------------------------------------------------------------------- sampling, EOS, cache key, batch size
+class _GenerateCalls:
+    """Wraps model.generate: records the batch sizes and outputs of the sampling calls (those with processors)."""
+
+    def __init__(self, model):
+        self.model, self.real, self.batches, self.outputs = model, model.generate, [], []
+
+    def __enter__(self):
+        def generate(*args, **kwargs):
+            output = self.real(*args, **kwargs)
+            if kwargs.get("logits_processor") is not None:
+                self.batches.append(output.shape[0])
+                self.outputs.extend(output.cpu())
+            return output
+
+        self.model.generate = generate
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.generate
+
+
+def _derive(seed, *parts):  # the documented seeding: sha256 of the JSON list, first 15 hex digits
+    return int(hashlib.sha256(json.dumps([seed, *parts]).encode("utf-8")).hexdigest()[:15], 16)
+
+
+def test_generation_is_seeded_and_does_not_depend_on_the_batch_size(model, tokenizer):
+    rng = torch.get_rng_state()
+    with _GenerateCalls(model) as calls:
+        batched = _generate(model, tokenizer, batch_size=4)
+    assert max(calls.batches) == 4 and len(calls.batches) == math.ceil(NUM / 4)  # batched, not one at a time
+    assert torch.equal(rng, torch.get_rng_state())  # the caller's RNG is untouched
+    for size in (1, 3, "auto"):
+        other = _generate(model, tokenizer, batch_size=size)
+        assert torch.equal(other.input_ids, batched.input_ids) and other.texts == batched.texts
+    assert _generate(model, tokenizer, batch_size="auto").batch_size == sampling.CPU_BATCH_SIZE
+    assert torch.equal(_generate(model, tokenizer).input_ids, batched.input_ids)
+    assert not torch.equal(_generate(model, tokenizer, seed=1).input_ids, batched.input_ids)
+
+
+def test_top_k_is_50_by_default_and_every_sampled_token_is_in_the_models_top_k(model, tokenizer):
+    assert inspect.signature(generate_self_calibration).parameters["top_k"].default == 50
+    assert PruningConfig().self_gen_top_k == 50
+    greedy = 4
+    for top_k, inside in ((50, True), (0, False)):
+        data = _generate(model, tokenizer, num=8, stop_at_eos=False, top_k=top_k, greedy_tokens=greedy)
+        with torch.no_grad():
+            logits = model(data.input_ids).logits[:, :-1].float()  # reference: the model's next-token scores
+        chosen = logits.gather(-1, data.input_ids[:, 1:, None])
+        ranks = (logits > chosen + 1e-4).sum(-1)[:, greedy:]  # positions after the greedy prefix are sampled
+        assert bool((ranks < 50).all()) == inside, top_k
+        assert bool((ranks[:, :] == 0).all()) is False  # sampled, not greedy
+
+
+def test_gumbel_noise_samples_from_the_softmax():
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]])
+    draws = 20000
+    keys = list(range(draws))
+    noisy = sampling.SeededGumbelNoise(keys)(torch.zeros(draws, 7, dtype=torch.long), scores.expand(draws, -1))
+    frequencies = torch.bincount(noisy.argmax(-1), minlength=5).double() / draws
+    expected = torch.softmax(scores[0].double(), -1)
+    assert torch.allclose(frequencies, expected, atol=0.015) and frequencies[4] == 0
+    again = sampling.SeededGumbelNoise(keys[:5])(torch.zeros(5, 7, dtype=torch.long), scores.expand(5, -1))
+    assert torch.equal(again, noisy[:5])  # a row's noise depends on its key and position only
+    later = sampling.SeededGumbelNoise(keys[:5])(torch.zeros(5, 8, dtype=torch.long), scores.expand(5, -1))
+    assert not torch.equal(later, noisy[:5])
+
+
+def _eos_prone(tokenizer, bonus: float):
+    model = make_tiny_llama(len(tokenizer), seed=2)
+    eos = tokenizer.eos_token_id
+    model.lm_head.register_forward_hook(
+        lambda module, args, out: out.index_add(-1, torch.tensor([eos]), torch.full((*out.shape[:-1], 1), bonus)))
+    return model
+
+
+def test_samples_end_at_eos_short_ones_are_replaced_and_windows_are_seeded(tokenizer):
+    """Reference: the raw samples generate() returned, in candidate order; each is cut at its first EOS, those
+    shorter than seq_len are dropped, and the window of candidate i starts where the documented seeded draw says."""
+    model, eos, max_length = _eos_prone(tokenizer, bonus=1.0), tokenizer.eos_token_id, 2 * LENGTH
+    with _GenerateCalls(model) as calls:
+        data = _generate(model, tokenizer, max_length=max_length)
+    expected, short = [], 0
+    for index, raw in enumerate(calls.outputs):
+        is_eos = raw[5:] == eos  # the prompt is the start token and 4 greedy tokens
+        length = 5 + int(is_eos.int().argmax()) if bool(is_eos.any()) else raw.shape[0]
+        if len(expected) == NUM:
+            break
+        if length < LENGTH:
+            short += 1
+            continue
+        generator = torch.Generator().manual_seed(_derive(0, "window", index))
+        start = int(torch.randint(0, length - LENGTH + 1, (1,), generator=generator))
+        assert 0 <= start <= max_length - LENGTH
+        expected.append(raw[start:start + LENGTH])
+    assert short > 0 and len(expected) == NUM  # the construction makes some samples end early
+    assert torch.equal(data.input_ids, torch.stack(expected))
+    assert data.num_short == short and data.num_candidates == NUM + short
+    assert not (data.input_ids == eos).any()
+    # Random windows: not all at the start, seeded (same again), and another seed moves them.
+    full = _generate(_eos_prone(tokenizer, bonus=-1e4), tokenizer, max_length=max_length)
+    assert torch.equal(full.input_ids, _generate(_eos_prone(tokenizer, bonus=-1e4), tokenizer,
+                                                 max_length=max_length).input_ids)
+    starts = [int(torch.randint(0, max_length - LENGTH + 1, (1,),
+                                generator=torch.Generator().manual_seed(_derive(0, "window", i)))) for i in range(NUM)]
+    assert len(set(starts)) > 1 and full.num_short == 0
+
+
+def test_the_cache_key_holds_the_new_settings_but_not_the_batch_size(model, tokenizer, tmp_path):
+    first = _generate(model, tokenizer, cache_dir=str(tmp_path))
+    header = json.loads(open(first.cache_path, encoding="utf-8").readline())["header"]
+    assert {"max_length": LENGTH, "stop_at_eos": True, "static_cache": False, "top_k": 50}.items() <= header.items()
+    real_forward = model.forward
+    model.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model must not run"))
+    try:
+        again = _generate(model, tokenizer, cache_dir=str(tmp_path), batch_size=1)  # another batch size: a hit
+        assert again.from_cache and torch.equal(again.input_ids, first.input_ids)
+        for changed in (dict(top_k=10), dict(max_length=LENGTH + 5), dict(stop_at_eos=False)):
+            with pytest.raises(AssertionError, match="must not run"):
+                _generate(model, tokenizer, cache_dir=str(tmp_path), **changed)
+    finally:
+        model.forward = real_forward
+
+
+def test_default_self_generation_works_without_langdetect(monkeypatch):
+    for name in ("langdetect", "langdetect.detector_factory", "langdetect.lang_detect_exception"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    language_module._factory.cache_clear()
+    try:
+        tokenizer = make_position_tokenizer(3000)
+        model = make_tiny_llama(len(tokenizer))
+        config = PruningConfig(calibration=position_texts(3000, 100), num_samples=4, num_self_samples=3, seq_len=16)
+        assert config.self_gen_language is None
+        result = build_calibration_set(config, tokenizer, model, show_progress=False)
+        assert result.num_self_generated == 3
+        generation = result.description["self_generation"]
+        assert generation["top_k"] == 50 and generation["stop_at_eos"] and generation["max_length"] == 16
+        with pytest.raises(ImportError, match="needs langdetect.*self_gen_language=None"):
+            build_calibration_set(dataclasses.replace(config, self_gen_language="en"), tokenizer, model,
+                                  show_progress=False)
+    finally:
+        language_module._factory.cache_clear()
+
+
+def test_auto_batch_size_fills_half_the_free_memory_with_kv_cache():
+    model = make_tiny_llama(400)
+    config = model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    assert sampling.kv_cache_bytes_per_token(model) == per_token
+    per_sequence = per_token * 1024 + 64 * 400
+    free = 3 * 2**30
+    assert sampling.auto_batch_size(model, CPU, 1024, 400, free_bytes=free) == min(1024, int(0.5 * free // per_sequence))
+    assert sampling.auto_batch_size(model, CPU, 1024, 400, free_bytes=per_sequence) == 1
+    assert sampling.auto_batch_size(model, CPU, 1024, 400) == sampling.CPU_BATCH_SIZE
