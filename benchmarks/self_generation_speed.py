@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--random", action="store_true", help="a random model of the shape above")
     parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: float32, bfloat16, float16")
     parser.add_argument("--static-cache", default="off", help="comma-separated: off, on")
+    parser.add_argument("--compile-backends", default="default",
+                        help="with a static cache, comma-separated torch.compile backends for transformers' compile "
+                             "of the decoding step: default (its own: inductor, CUDA graphs), cudagraphs, ...")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--device", default=None, help="default: cuda if available")
@@ -67,7 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.static_cache = [{"off": False, "on": True}[s] for s in args.static_cache.split(",") if s]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.step_batches = [int(b) for b in args.step_batches.split(",") if b]
+    args.compile_backends = [None if b == "default" else b for b in args.compile_backends.split(",") if b]
     return args
+
+
+def cache_settings(args: argparse.Namespace) -> list[tuple[bool, Any]]:
+    """(static cache, compile backend) pairs to time: every backend with a static cache, none without."""
+    return [(static, backend) for static in args.static_cache
+            for backend in (args.compile_backends if static else [None])]
 
 
 def word_tokenizer(vocab_size: int):
@@ -96,13 +106,14 @@ def load(args: argparse.Namespace, dtype: str):
     return load_default_model(getattr(torch, dtype))
 
 
-def time_generation(model, tokenizer, args: argparse.Namespace, static_cache: bool) -> dict[str, Any]:
+def time_generation(model, tokenizer, args: argparse.Namespace, static_cache: bool,
+                    backend: Any = None) -> dict[str, Any]:
     defaults = PruningConfig()
     settings = dict(seed=args.seed, greedy_tokens=defaults.self_gen_greedy_tokens,
                     temperature=defaults.self_gen_temperature, top_k=defaults.self_gen_top_k,
                     top_p=defaults.self_gen_top_p, language=defaults.self_gen_language,
                     batch_size=defaults.self_gen_batch_size, stop_at_eos=defaults.self_gen_stop_at_eos,
-                    static_cache=static_cache, show_progress=False)
+                    static_cache=static_cache, compile_backend=backend, show_progress=False)
     generate_self_calibration(model, tokenizer, 2, min(16, args.seq_len), **{**settings, "batch_size": 2})  # warm-up
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -113,7 +124,8 @@ def time_generation(model, tokenizer, args: argparse.Namespace, static_cache: bo
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return {"static_cache": static_cache, "seconds": seconds, "samples": int(data.input_ids.shape[0]),
+    return {"static_cache": static_cache, "compile_backend": backend or "default", "seconds": seconds,
+            "samples": int(data.input_ids.shape[0]),
             "seq_len": int(data.input_ids.shape[1]), "batch_size": data.batch_size,
             "candidates_used": data.num_candidates, "ended_before_seq_len": data.num_short,
             "completion_rounds_at_least": math.ceil((data.num_candidates or 0) / max(data.batch_size or 1, 1)),
@@ -145,10 +157,10 @@ def _synchronize(device: str) -> None:
 def step_times(model, tokenizer, args: argparse.Namespace, dtype: str) -> list[dict[str, Any]]:
     """ms per step of ``generate_self_calibration`` at each of ``--step-batches`` (first and second call)."""
     rows = []
-    for static_cache in args.static_cache:
+    for static_cache, backend in cache_settings(args):
         for batch in args.step_batches:
             settings = dict(seed=args.seed, language=None, batch_size=batch, stop_at_eos=False, show_progress=False,
-                            static_cache=static_cache)
+                            static_cache=static_cache, compile_backend=backend)
             calls = []
             for _ in range(2):
                 _synchronize(args.device)
@@ -156,7 +168,8 @@ def step_times(model, tokenizer, args: argparse.Namespace, dtype: str) -> list[d
                 generate_self_calibration(model, tokenizer, batch, args.step_tokens, **settings)
                 _synchronize(args.device)
                 calls.append(time.perf_counter() - started)
-            row = {"dtype": dtype, "static_cache": static_cache, "batch": batch, "tokens": args.step_tokens,
+            row = {"dtype": dtype, "static_cache": static_cache, "compile_backend": backend or "default",
+                   "batch": batch, "tokens": args.step_tokens,
                    "first_call_s": calls[0], "second_call_s": calls[1],
                    "ms_per_step": 1000 * calls[1] / args.step_tokens}
             print(row, flush=True)
@@ -187,10 +200,11 @@ def main(argv=None) -> dict[str, Any]:
             results.setdefault("steps", []).extend(step_times(model, tokenizer, args, dtype))
             _write(results, args.out)
             continue
-        for static_cache in args.static_cache:
-            run = {"dtype": dtype, **time_generation(model, tokenizer, args, static_cache)}
+        for static_cache, backend in cache_settings(args):
+            run = {"dtype": dtype, **time_generation(model, tokenizer, args, static_cache, backend)}
             results["runs"].append(run)
-            print(f"{dtype} static_cache={static_cache}: {run['seconds']:.1f} s for {run['samples']} x "
+            print(f"{dtype} static_cache={static_cache} ({run['compile_backend']}): {run['seconds']:.1f} s for "
+                  f"{run['samples']} x "
                   f"{run['seq_len']} tokens (batch {run['batch_size']}, {run['candidates_used']} candidates, "
                   f"{run['ended_before_seq_len']} ended early)", flush=True)
             _write(results, args.out)

@@ -217,11 +217,15 @@ def test_self_generation_speed_step_mode_times_each_batch_size_twice(tmp_path):
     out = tmp_path / "steps.json"
     results = speed.main(["--random", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4",
                           "--kv-heads", "2", "--vocab", "300", "--step-batches", "2,3", "--step-tokens", "8",
-                          "--device", "cpu", "--dtypes", "float32", "--out", str(out)])
+                          "--device", "cpu", "--dtypes", "float32", "--static-cache", "off,on",
+                          "--compile-backends", "default,cudagraphs", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     assert results["runs"] == []  # the step mode replaces the timing of the defaults
     rows = results["steps"]
-    assert [(r["batch"], r["tokens"], r["static_cache"]) for r in rows] == [(2, 8, False), (3, 8, False)]
+    # every backend with the static cache, none without it
+    assert [(r["static_cache"], r["compile_backend"], r["batch"]) for r in rows] == [
+        (False, "default", 2), (False, "default", 3), (True, "default", 2), (True, "default", 3),
+        (True, "cudagraphs", 2), (True, "cudagraphs", 3)]
     for row in rows:
         assert row["first_call_s"] > 0 and row["ms_per_step"] == pytest.approx(1000 * row["second_call_s"] / 8)
 

@@ -386,6 +386,36 @@ def test_the_cache_key_holds_the_new_settings_but_not_the_batch_size(model, toke
         model.forward = real_forward
 
 
+def test_a_compile_backend_reaches_transformers_compile_config_and_the_cache_key(model, tokenizer, tmp_path):
+    seen = []
+    real = model.generate
+
+    def generate(*args, **kwargs):
+        config = kwargs["generation_config"]
+        if kwargs.get("logits_processor") is not None:  # the sampling call, where the static cache applies
+            seen.append((config.cache_implementation, getattr(config, "compile_config", None)))
+        return real(*args, **kwargs)
+
+    model.generate = generate
+    try:
+        default = _generate(model, tokenizer, static_cache=True, cache_dir=str(tmp_path))
+        calls_of_default = len(seen)
+        graphs = _generate(model, tokenizer, static_cache=True, compile_backend="cudagraphs", cache_dir=str(tmp_path))
+    finally:
+        del model.generate
+    assert calls_of_default and seen[:calls_of_default] == [("static", None)] * calls_of_default  # transformers' own
+    graph_calls = [(c, k.backend, k.mode) for c, k in seen[calls_of_default:]]
+    assert graph_calls and set(graph_calls) == {("static", "cudagraphs", "default")}  # a mode is inductor's alone
+    header = lambda data: json.loads(open(data.cache_path, encoding="utf-8").readline())["header"]  # noqa: E731
+    assert "compile_backend" not in header(default)  # caches written before the option stay valid
+    assert header(graphs)["compile_backend"] == "cudagraphs" and graphs.cache_path != default.cache_path
+    assert torch.equal(default.input_ids, graphs.input_ids)  # on the CPU transformers compiles nothing
+    with pytest.raises(ValueError, match=r"compile_backend='nope' is not allowed; allowed: None or one of \[.*'eager'"):
+        _generate(model, tokenizer, static_cache=True, compile_backend="nope")
+    with pytest.raises(ValueError, match="needs static_cache=True"):
+        _generate(model, tokenizer, compile_backend="cudagraphs")
+
+
 def test_default_self_generation_works_without_langdetect(monkeypatch):
     for name in ("langdetect", "langdetect.detector_factory", "langdetect.lang_detect_exception"):
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed

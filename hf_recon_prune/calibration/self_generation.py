@@ -100,6 +100,7 @@ def generate_self_calibration(
     max_length: Optional[int] = None,
     stop_at_eos: bool = True,
     static_cache: bool = False,
+    compile_backend: Optional[str] = None,
     cache_dir: Optional[str] = None,
     show_progress: bool = True,
     max_attempts_factor: int = 8,
@@ -118,7 +119,10 @@ def generate_self_calibration(
         max_length: the most tokens a sample is generated to (default ``seq_len``); a larger value lets the window
             start later in the text (the authors generated up to 2048 tokens).
         stop_at_eos: end a sample at EOS (samples shorter than ``seq_len`` are then replaced); False suppresses EOS.
-        static_cache: a static KV cache during sampling (transformers may compile the decoding step).
+        static_cache: a static KV cache during sampling (transformers compiles the decoding step on a GPU).
+        compile_backend: with ``static_cache``, the ``torch.compile`` backend transformers compiles with (None: its
+            default, inductor with CUDA graphs; ``"cudagraphs"``: CUDA graphs of the eager kernels, no code
+            generation). For benchmarks; a backend that does not run raises the compiler's error.
         cache_dir: if given, samples are stored in / read from a JSONL file there whose name is a hash of the model,
             tokenizer and every setting above except ``batch_size``; a cache hit does not run the model. A custom
             ``language_filter`` is identified by its module and qualified name only: rename it when its behaviour
@@ -131,11 +135,13 @@ def generate_self_calibration(
     max_length = seq_len if max_length is None else max_length
     _validate(num_samples, seq_len, seed, greedy_tokens, temperature, top_k, top_p, batch_size, max_attempts_factor,
               max_length)
+    _validate_compile_backend(compile_backend, static_cache)
     settings = {
         "format": CACHE_FORMAT, "sampler": SAMPLER, "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
         "greedy_tokens": greedy_tokens, "temperature": float(temperature), "top_k": top_k, "top_p": float(top_p),
         "language_filter": filter_name(language, language_filter), "max_length": max_length,
         "stop_at_eos": bool(stop_at_eos), "static_cache": bool(static_cache),
+        **({"compile_backend": compile_backend} if compile_backend else {}),  # absent: earlier caches stay valid
         "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     key = settings_key(settings)
@@ -155,7 +161,7 @@ def generate_self_calibration(
     run = _Generation(model, tokenizer, special, device, keep, filter_name(language, language_filter), dict(
         num_samples=num_samples, seq_len=seq_len, max_length=max_length, seed=seed,
         greedy=min(greedy_tokens, seq_len - 1), temperature=temperature, top_k=top_k, top_p=top_p,
-        stop_at_eos=stop_at_eos, static_cache=static_cache, batch_size=batch_size,
+        stop_at_eos=stop_at_eos, static_cache=static_cache, compile_backend=compile_backend, batch_size=batch_size,
         max_candidates=max_attempts_factor * num_samples, max_attempts_factor=max_attempts_factor))
     with _generation_mode(model), torch.inference_mode():
         input_ids = run.samples(show_progress)
@@ -282,7 +288,7 @@ class _Generation:
     def _generate(self, input_ids: torch.Tensor, new_tokens: int, keys: Optional[list[int]] = None) -> torch.Tensor:
         """``model.generate`` of up to ``new_tokens`` tokens; the prompt + new tokens on the CPU. Without ``keys``
         (the prefixes) greedy with EOS suppressed; with them sampled (keyed) until EOS when ``stop_at_eos``."""
-        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers import CompileConfig, GenerationConfig, LogitsProcessorList
 
         if new_tokens <= 0:
             return input_ids.cpu()
@@ -290,11 +296,15 @@ class _Generation:
         sampled = keys is not None
         until_eos = sampled and plan["stop_at_eos"]
         suppressed = special.undecodable + ([] if until_eos else special.eos_token_ids)
+        static = sampled and plan["static_cache"]
+        backend = plan["compile_backend"]
+        compiling = {"compile_config": CompileConfig(backend=backend, mode="reduce-overhead" if backend == "inductor"
+                                                     else "default")} if static and backend else {}
         generation_config = GenerationConfig(
             max_new_tokens=new_tokens, min_new_tokens=0 if until_eos else new_tokens,
             suppress_tokens=suppressed or None, eos_token_id=special.eos_token_ids or None,
             pad_token_id=special.pad_token_id, do_sample=False, num_beams=1, use_cache=True,
-            **({"cache_implementation": "static"} if sampled and plan["static_cache"] else {}),
+            **({"cache_implementation": "static"} if static else {}), **compiling,
         )
         processors = None
         if sampled and plan["temperature"] > 0:
@@ -409,6 +419,17 @@ def _derive_seed(seed: int, *parts: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- checks
+def _validate_compile_backend(backend: Optional[str], static_cache: bool) -> None:
+    if backend is None:
+        return
+    known = sorted(torch._dynamo.list_backends(exclude_tags=()))
+    if not isinstance(backend, str) or backend not in known:
+        raise ValueError(f"compile_backend={backend!r} is not allowed; allowed: None or one of {known}.")
+    if not static_cache:
+        raise ValueError(f"compile_backend={backend!r} needs static_cache=True: transformers compiles the decoding "
+                         "step only with a static KV cache.")
+
+
 def _validate(num_samples: int, seq_len: int, seed: int, greedy_tokens: int, temperature: float, top_k: int,
               top_p: float, batch_size: Union[int, str], max_attempts_factor: int, max_length: int) -> None:
     def integer(name: str, value: Any, lowest: int) -> None:
