@@ -174,7 +174,7 @@ class PruningConfig:
 
     # Block-wise reconstruction.
     # br_lr: a number, or "auto" (each window picks 2e-4, 5e-4, 1e-3 or 2e-3 by held-out error, at most 1.5x the time;
-    # without held-out rows, 2e-4). br_keep_best: end each window with its epoch of lowest held-out error, reverting to
+    # without held-out rows, 1e-3). br_keep_best: end each window with its epoch of lowest held-out error, reverting to
     # the weights before BR when no epoch beats them; br_patience: stop after this many epochs without a new best
     # (None: every epoch). All three need held-out rows (heldout_fraction > 0). cr_schedule: see CR_SCHEDULES.
     reconstruction_mode: str = "full"

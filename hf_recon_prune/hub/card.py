@@ -314,7 +314,7 @@ def _learning_rate(config: PruningConfig, report: Any) -> str:
 
 
 def _reconstruction_mode(config: PruningConfig, report: Any = None) -> str:
-    mode = (getattr(report, "reconstruction_mode", None) if report is not None else None) or config.reconstruction_mode
+    mode = getattr(report, "reconstruction_mode", None) or config.reconstruction_mode
     if mode == "lora":
         what = (f"masked LoRA adapters (rank {config.lora_rank}, alpha {config.lora_alpha:g}) trained, then merged "
                 "into the weights under the masks")
