@@ -23,6 +23,7 @@ took, the batch size chosen and the peak GPU memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from scale_gpu import add_shape_arguments, machine, random_model  # noqa: E402
 
 from hf_recon_prune import PruningConfig  # noqa: E402
 from hf_recon_prune.calibration import generate_self_calibration  # noqa: E402
+from hf_recon_prune.calibration import self_generation  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile-backends", default="default",
                         help="with a static cache, comma-separated torch.compile backends for transformers' compile "
                              "of the decoding step: default (its own: inductor, CUDA graphs), cudagraphs, ...")
+    parser.add_argument("--dynamic-caches", default="preallocated",
+                        help="without a static cache, comma-separated: preallocated (the package's), cat "
+                             "(transformers' DynamicCache, which copies the cache at every step)")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--device", default=None, help="default: cuda if available")
@@ -64,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(generation to --step-tokens tokens, EOS suppressed, twice per setting so a compile "
                              "shows as the first call's surplus)")
     parser.add_argument("--step-tokens", type=int, default=256)
+    parser.add_argument("--step-calls", type=int, default=2,
+                        help="calls per step setting (the first includes any compile; the last one is timed)")
+    parser.add_argument("--autocast", default=None, metavar="DTYPE",
+                        help="generate under torch.autocast to this dtype (e.g. bfloat16 for a float32 model)")
     parser.add_argument("--out", default="benchmarks/results/self_generation.json")
     args = parser.parse_args(argv)
     args.dtypes = [d for d in args.dtypes.split(",") if d]
@@ -71,13 +80,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.step_batches = [int(b) for b in args.step_batches.split(",") if b]
     args.compile_backends = [None if b == "default" else b for b in args.compile_backends.split(",") if b]
+    args.dynamic_caches = [d for d in args.dynamic_caches.split(",") if d]
+    unknown = set(args.dynamic_caches) - {"preallocated", "cat"}
+    if unknown:
+        parser.error(f"--dynamic-caches {sorted(unknown)} not allowed; allowed: preallocated, cat")
     return args
 
 
-def cache_settings(args: argparse.Namespace) -> list[tuple[bool, Any]]:
-    """(static cache, compile backend) pairs to time: every backend with a static cache, none without."""
-    return [(static, backend) for static in args.static_cache
-            for backend in (args.compile_backends if static else [None])]
+def cache_settings(args: argparse.Namespace) -> list[tuple[bool, Any, Any]]:
+    """(static cache, compile backend, dynamic cache) to time: every backend with a static cache, every kind of
+    dynamic cache without it."""
+    return [(static, backend, None) if static else (False, None, dynamic)
+            for static in args.static_cache
+            for backend, dynamic in ([(b, None) for b in args.compile_backends] if static
+                                     else [(None, d) for d in args.dynamic_caches])]
+
+
+@contextlib.contextmanager
+def dynamic_cache_kind(kind: Any):
+    """``"cat"``: transformers' own DynamicCache (a ``torch.cat`` of the whole cache at every step) instead of the
+    package's preallocated one, for a side-by-side comparison."""
+    if kind != "cat":
+        yield
+        return
+    real = self_generation.preallocated_cache
+    self_generation.preallocated_cache = lambda model, capacity: None
+    try:
+        yield
+    finally:
+        self_generation.preallocated_cache = real
 
 
 def word_tokenizer(vocab_size: int):
@@ -107,7 +138,7 @@ def load(args: argparse.Namespace, dtype: str):
 
 
 def time_generation(model, tokenizer, args: argparse.Namespace, static_cache: bool,
-                    backend: Any = None) -> dict[str, Any]:
+                    backend: Any = None, dynamic: Any = None) -> dict[str, Any]:
     defaults = PruningConfig()
     settings = dict(seed=args.seed, greedy_tokens=defaults.self_gen_greedy_tokens,
                     temperature=defaults.self_gen_temperature, top_k=defaults.self_gen_top_k,
@@ -120,11 +151,14 @@ def time_generation(model, tokenizer, args: argparse.Namespace, static_cache: bo
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    data = generate_self_calibration(model, tokenizer, args.samples, args.seq_len, **settings)
+    with _autocast(args), dynamic_cache_kind(dynamic):
+        data = generate_self_calibration(model, tokenizer, args.samples, args.seq_len, **settings)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return {"static_cache": static_cache, "compile_backend": backend or "default", "seconds": seconds,
+    return {"static_cache": static_cache, "compile_backend": backend or "default", "dynamic_cache": dynamic,
+            "autocast": args.autocast,
+            "seconds": seconds,
             "samples": int(data.input_ids.shape[0]),
             "seq_len": int(data.input_ids.shape[1]), "batch_size": data.batch_size,
             "candidates_used": data.num_candidates, "ended_before_seq_len": data.num_short,
@@ -149,6 +183,12 @@ def profile(model, tokenizer, args: argparse.Namespace, dtype: str) -> str:
                                                                                                 row_limit=25)
 
 
+def _autocast(args: argparse.Namespace):
+    if not args.autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(args.device).type, dtype=getattr(torch, args.autocast))
+
+
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -157,21 +197,26 @@ def _synchronize(device: str) -> None:
 def step_times(model, tokenizer, args: argparse.Namespace, dtype: str) -> list[dict[str, Any]]:
     """ms per step of ``generate_self_calibration`` at each of ``--step-batches`` (first and second call)."""
     rows = []
-    for static_cache, backend in cache_settings(args):
+    for static_cache, backend, dynamic in cache_settings(args):
         for batch in args.step_batches:
             settings = dict(seed=args.seed, language=None, batch_size=batch, stop_at_eos=False, show_progress=False,
                             static_cache=static_cache, compile_backend=backend)
+            with _autocast(args):  # so a one-call setting does not pay CUDA's and cuBLAS's start-up
+                generate_self_calibration(model, tokenizer, 2, min(16, args.step_tokens),
+                                          **{**settings, "batch_size": 2})
             calls = []
-            for _ in range(2):
+            for _ in range(args.step_calls):
                 _synchronize(args.device)
                 started = time.perf_counter()
-                generate_self_calibration(model, tokenizer, batch, args.step_tokens, **settings)
+                with _autocast(args), dynamic_cache_kind(dynamic):
+                    generate_self_calibration(model, tokenizer, batch, args.step_tokens, **settings)
                 _synchronize(args.device)
                 calls.append(time.perf_counter() - started)
-            row = {"dtype": dtype, "static_cache": static_cache, "compile_backend": backend or "default",
-                   "batch": batch, "tokens": args.step_tokens,
-                   "first_call_s": calls[0], "second_call_s": calls[1],
-                   "ms_per_step": 1000 * calls[1] / args.step_tokens}
+            row = {"dtype": dtype, "autocast": args.autocast, "static_cache": static_cache,
+                   "compile_backend": backend or "default", "dynamic_cache": dynamic, "batch": batch,
+                   "tokens": args.step_tokens,
+                   "first_call_s": calls[0], "last_call_s": calls[-1], "calls": len(calls),
+                   "ms_per_step": 1000 * calls[-1] / args.step_tokens}
             print(row, flush=True)
             rows.append(row)
     return rows
@@ -200,10 +245,11 @@ def main(argv=None) -> dict[str, Any]:
             results.setdefault("steps", []).extend(step_times(model, tokenizer, args, dtype))
             _write(results, args.out)
             continue
-        for static_cache, backend in cache_settings(args):
-            run = {"dtype": dtype, **time_generation(model, tokenizer, args, static_cache, backend)}
+        for static_cache, backend, dynamic in cache_settings(args):
+            run = {"dtype": dtype, **time_generation(model, tokenizer, args, static_cache, backend, dynamic)}
             results["runs"].append(run)
-            print(f"{dtype} static_cache={static_cache} ({run['compile_backend']}): {run['seconds']:.1f} s for "
+            print(f"{dtype} static_cache={static_cache} ({run['compile_backend']}, {dynamic}): "
+                  f"{run['seconds']:.1f} s for "
                   f"{run['samples']} x "
                   f"{run['seq_len']} tokens (batch {run['batch_size']}, {run['candidates_used']} candidates, "
                   f"{run['ended_before_seq_len']} ended early)", flush=True)

@@ -218,16 +218,18 @@ def test_self_generation_speed_step_mode_times_each_batch_size_twice(tmp_path):
     results = speed.main(["--random", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4",
                           "--kv-heads", "2", "--vocab", "300", "--step-batches", "2,3", "--step-tokens", "8",
                           "--device", "cpu", "--dtypes", "float32", "--static-cache", "off,on",
-                          "--compile-backends", "default,cudagraphs", "--out", str(out)])
+                          "--compile-backends", "default,cudagraphs", "--dynamic-caches", "preallocated,cat",
+                          "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     assert results["runs"] == []  # the step mode replaces the timing of the defaults
     rows = results["steps"]
-    # every backend with the static cache, none without it
-    assert [(r["static_cache"], r["compile_backend"], r["batch"]) for r in rows] == [
-        (False, "default", 2), (False, "default", 3), (True, "default", 2), (True, "default", 3),
-        (True, "cudagraphs", 2), (True, "cudagraphs", 3)]
+    # every backend with the static cache, none without it; every kind of dynamic cache without it
+    assert [(r["static_cache"], r["compile_backend"], r["dynamic_cache"], r["batch"]) for r in rows] == [
+        (False, "default", "preallocated", 2), (False, "default", "preallocated", 3), (False, "default", "cat", 2),
+        (False, "default", "cat", 3), (True, "default", None, 2), (True, "default", None, 3),
+        (True, "cudagraphs", None, 2), (True, "cudagraphs", None, 3)]
     for row in rows:
-        assert row["first_call_s"] > 0 and row["ms_per_step"] == pytest.approx(1000 * row["second_call_s"] / 8)
+        assert row["first_call_s"] > 0 and row["ms_per_step"] == pytest.approx(1000 * row["last_call_s"] / 8)
 
 
 def test_scale_gpu_runs_a_recipe_in_parts_that_resume_from_the_package_checkpoints(tmp_path):

@@ -22,8 +22,9 @@ global RNG (``sampling.py``); a window's start comes from a generator seeded wit
 in candidate order, so the data does not depend on the batch size (up to float rounding of batched matrix products)
 and ``batch_size="auto"`` may choose it from the device's free memory; the caller's RNG state is not touched.
 
-Speed. Samples are generated in batches of ``batch_size`` with a KV cache. ``static_cache=True`` asks transformers
-for a static cache, which it compiles on a GPU. That is off by default: on an H200 it made a step up to a half
+Speed. Samples are generated in batches of ``batch_size`` with a KV cache: transformers' dynamic cache with
+buffers allocated for the whole sample (``kv_cache.py``), so a step does not copy the cache. ``static_cache=True``
+asks transformers for a static cache, which it compiles on a GPU. That is off by default: on an H200 it made a step up to a half
 cheaper, but every new batch size compiled for 30-40 s, more than the saving over a run (docs/benchmarks.md).
 """
 
@@ -49,6 +50,7 @@ from .generation_cache import (
     tokenizer_fingerprint,
     write_cache,
 )
+from .kv_cache import cache_argument_name, preallocated_cache
 from .language import LanguageFilter, filter_name, resolve_language_filter
 from .sampling import auto_batch_size, lengths_before_eos, sampling_processors
 
@@ -61,6 +63,8 @@ CACHE_FORMAT = "hf-recon-prune/self-calibration/v2"
 #: How sampled tokens are drawn (part of the cache key): keyed Gumbel noise, see ``sampling.py``.
 SAMPLER = "gumbel-max/mix32-v1"
 _CANDIDATE_CHUNK = 1024
+#: ``compile_backend`` value for a static KV cache that transformers must not compile.
+NO_COMPILE = "off"
 
 
 class SelfGenerationError(RuntimeError):
@@ -122,7 +126,8 @@ def generate_self_calibration(
         static_cache: a static KV cache during sampling (transformers compiles the decoding step on a GPU).
         compile_backend: with ``static_cache``, the ``torch.compile`` backend transformers compiles with (None: its
             default, inductor with CUDA graphs; ``"cudagraphs"``: CUDA graphs of the eager kernels, no code
-            generation). For benchmarks; a backend that does not run raises the compiler's error.
+            generation; ``"off"``: no compile, the eager step with a preallocated cache). For benchmarks; a backend
+            that does not run raises the compiler's error.
         cache_dir: if given, samples are stored in / read from a JSONL file there whose name is a hash of the model,
             tokenizer and every setting above except ``batch_size``; a cache hit does not run the model. A custom
             ``language_filter`` is identified by its module and qualified name only: rename it when its behaviour
@@ -298,8 +303,12 @@ class _Generation:
         suppressed = special.undecodable + ([] if until_eos else special.eos_token_ids)
         static = sampled and plan["static_cache"]
         backend = plan["compile_backend"]
-        compiling = {"compile_config": CompileConfig(backend=backend, mode="reduce-overhead" if backend == "inductor"
-                                                     else "default")} if static and backend else {}
+        compiling = {}
+        if static and backend == NO_COMPILE:
+            compiling = {"disable_compile": True}
+        elif static and backend:
+            mode = "reduce-overhead" if backend == "inductor" else "default"
+            compiling = {"compile_config": CompileConfig(backend=backend, mode=mode)}
         generation_config = GenerationConfig(
             max_new_tokens=new_tokens, min_new_tokens=0 if until_eos else new_tokens,
             suppress_tokens=suppressed or None, eos_token_id=special.eos_token_ids or None,
@@ -310,8 +319,10 @@ class _Generation:
         if sampled and plan["temperature"] > 0:
             processors = LogitsProcessorList(sampling_processors(keys, plan["temperature"], plan["top_k"], plan["top_p"]))
         input_ids = input_ids.to(self.device)
+        cache = preallocated_cache(self.model, input_ids.shape[1] + new_tokens) if sampled and not static else None
         output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                     generation_config=generation_config, logits_processor=processors)
+                                     generation_config=generation_config, logits_processor=processors,
+                                     **({cache_argument_name(self.model): cache} if cache is not None else {}))
         full = input_ids.shape[1] + new_tokens
         if output.shape[0] != input_ids.shape[0] or output.shape[1] > full or (not until_eos and output.shape[1] != full):
             raise RuntimeError(f"model.generate returned shape {tuple(output.shape)} for {input_ids.shape[0]} prompts "
@@ -423,8 +434,9 @@ def _validate_compile_backend(backend: Optional[str], static_cache: bool) -> Non
     if backend is None:
         return
     known = sorted(torch._dynamo.list_backends(exclude_tags=()))
-    if not isinstance(backend, str) or backend not in known:
-        raise ValueError(f"compile_backend={backend!r} is not allowed; allowed: None or one of {known}.")
+    if not isinstance(backend, str) or (backend not in known and backend != NO_COMPILE):
+        raise ValueError(f"compile_backend={backend!r} is not allowed; allowed: None, {NO_COMPILE!r} (no compile) or "
+                         f"one of {known}.")
     if not static_cache:
         raise ValueError(f"compile_backend={backend!r} needs static_cache=True: transformers compiles the decoding "
                          "step only with a static KV cache.")
