@@ -509,6 +509,34 @@ def test_self_generation_on_cuda_keeps_the_samples_of_candidate_order_whatever_t
     assert one.num_candidates == eight.num_candidates and one.num_short == eight.num_short
 
 
+def test_the_preallocated_kv_cache_on_cuda_gives_transformers_samples_and_logits(monkeypatch):
+    """Self-generation's preallocated cache against transformers' DynamicCache on the GPU: the same samples in
+    float64, and the same decoding logits in bfloat16 (where SDPA reads the cache as strided views)."""
+    from conftest_calibration_helpers import make_bpe_tokenizer, make_tiny_llama
+    from hf_recon_prune.calibration import generate_self_calibration, kv_cache, self_generation
+
+    tokenizer = make_bpe_tokenizer()
+    model = make_tiny_llama(len(tokenizer)).cuda().double()
+    settings = dict(seed=2, language=None, batch_size=4, show_progress=False)
+    fast = generate_self_calibration(model, tokenizer, 5, 24, **settings)
+    monkeypatch.setattr(self_generation, "preallocated_cache", lambda model, capacity: None)
+    plain = generate_self_calibration(model, tokenizer, 5, 24, **settings)
+    assert torch.equal(fast.input_ids, plain.input_ids)
+
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(0, len(tokenizer), (3, 6), generator=torch.Generator().manual_seed(0)).cuda()
+    logits = []
+    for cache in (kv_cache.preallocated_cache(model, 16), transformers.DynamicCache(config=model.config)):
+        with torch.inference_mode():
+            steps = [model(input_ids=ids, **{kv_cache.cache_argument_name(model): cache}).logits[:, -1]]
+            for _ in range(8):
+                token = steps[-1].argmax(-1, keepdim=True)
+                steps.append(model(input_ids=token, **{kv_cache.cache_argument_name(model): cache}).logits[:, -1])
+        logits.append(torch.stack(steps).float())
+    assert type(cache.layers[0]) is not kv_cache.PreallocatedLayer
+    torch.testing.assert_close(logits[0], logits[1], atol=2e-2, rtol=2e-2)
+
+
 def test_perplexity_on_cuda_equals_the_cpu():
     from hf_recon_prune.evaluation import perplexity_of_ids
 
