@@ -51,9 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--random", action="store_true", help="a random model of the shape above")
     parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: float32, bfloat16, float16")
     parser.add_argument("--static-cache", default="off", help="comma-separated: off, on")
-    parser.add_argument("--compile-backends", default="default",
-                        help="with a static cache, comma-separated torch.compile backends for transformers' compile "
-                             "of the decoding step: default (its own: inductor, CUDA graphs), cudagraphs, ...")
+    parser.add_argument("--compile-backends", default="none",
+                        help="with a static cache, comma-separated: none (not compiled), or torch.compile backends "
+                             "for transformers' compile of the decoding step: inductor (its own choice, with CUDA "
+                             "graphs), cudagraphs, ...")
     parser.add_argument("--dynamic-caches", default="preallocated",
                         help="without a static cache, comma-separated: preallocated (the package's), cat "
                              "(transformers' DynamicCache, which copies the cache at every step)")
@@ -79,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.static_cache = [{"off": False, "on": True}[s] for s in args.static_cache.split(",") if s]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.step_batches = [int(b) for b in args.step_batches.split(",") if b]
-    args.compile_backends = [None if b == "default" else b for b in args.compile_backends.split(",") if b]
+    args.compile_backends = [None if b == "none" else b for b in args.compile_backends.split(",") if b]
     args.dynamic_caches = [d for d in args.dynamic_caches.split(",") if d]
     unknown = set(args.dynamic_caches) - {"preallocated", "cat"}
     if unknown:
@@ -156,7 +157,7 @@ def time_generation(model, tokenizer, args: argparse.Namespace, static_cache: bo
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return {"static_cache": static_cache, "compile_backend": backend or "default", "dynamic_cache": dynamic,
+    return {"static_cache": static_cache, "compile_backend": backend or "none", "dynamic_cache": dynamic,
             "autocast": args.autocast,
             "seconds": seconds,
             "samples": int(data.input_ids.shape[0]),
@@ -213,7 +214,7 @@ def step_times(model, tokenizer, args: argparse.Namespace, dtype: str) -> list[d
                 _synchronize(args.device)
                 calls.append(time.perf_counter() - started)
             row = {"dtype": dtype, "autocast": args.autocast, "static_cache": static_cache,
-                   "compile_backend": backend or "default", "dynamic_cache": dynamic, "batch": batch,
+                   "compile_backend": backend or "none", "dynamic_cache": dynamic, "batch": batch,
                    "tokens": args.step_tokens,
                    "first_call_s": calls[0], "last_call_s": calls[-1], "calls": len(calls),
                    "ms_per_step": 1000 * calls[-1] / args.step_tokens}

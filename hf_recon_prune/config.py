@@ -140,7 +140,7 @@ class PruningConfig:
     # instead, so every sample runs to the full length). self_gen_language filters the greedy prefixes with
     # langdetect (the selfgen extra; the paper's "en"); None keeps all. self_gen_batch_size "auto": as many sequences
     # at once as the KV cache lets fit in half the GPU's free memory (32 on the CPU). self_gen_static_cache: a static
-    # KV cache, which transformers compiles (off: each batch size compiles for 30-40 s on an H200; docs/benchmarks).
+    # KV cache, not compiled (faster at Llama-2-7B's shape on an H200, slower at SmolLM2's; docs/benchmarks.md).
     self_gen_greedy_tokens: int = 4
     self_gen_temperature: float = 1.0
     self_gen_top_k: int = 50

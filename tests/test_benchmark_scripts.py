@@ -218,15 +218,15 @@ def test_self_generation_speed_step_mode_times_each_batch_size_twice(tmp_path):
     results = speed.main(["--random", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4",
                           "--kv-heads", "2", "--vocab", "300", "--step-batches", "2,3", "--step-tokens", "8",
                           "--device", "cpu", "--dtypes", "float32", "--static-cache", "off,on",
-                          "--compile-backends", "default,cudagraphs", "--dynamic-caches", "preallocated,cat",
+                          "--compile-backends", "none,cudagraphs", "--dynamic-caches", "preallocated,cat",
                           "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     assert results["runs"] == []  # the step mode replaces the timing of the defaults
     rows = results["steps"]
     # every backend with the static cache, none without it; every kind of dynamic cache without it
     assert [(r["static_cache"], r["compile_backend"], r["dynamic_cache"], r["batch"]) for r in rows] == [
-        (False, "default", "preallocated", 2), (False, "default", "preallocated", 3), (False, "default", "cat", 2),
-        (False, "default", "cat", 3), (True, "default", None, 2), (True, "default", None, 3),
+        (False, "none", "preallocated", 2), (False, "none", "preallocated", 3), (False, "none", "cat", 2),
+        (False, "none", "cat", 3), (True, "none", None, 2), (True, "none", None, 3),
         (True, "cudagraphs", None, 2), (True, "cudagraphs", None, 3)]
     for row in rows:
         assert row["first_call_s"] > 0 and row["ms_per_step"] == pytest.approx(1000 * row["last_call_s"] / 8)

@@ -402,19 +402,20 @@ def test_a_compile_backend_reaches_transformers_compile_config_and_the_cache_key
         calls_of_default = len(seen)
         graphs = _generate(model, tokenizer, static_cache=True, compile_backend="cudagraphs", cache_dir=str(tmp_path))
         calls_until_graphs = len(seen)
-        eager = _generate(model, tokenizer, static_cache=True, compile_backend="off")
+        inductor = _generate(model, tokenizer, static_cache=True, compile_backend="inductor")
     finally:
         del model.generate
-    assert calls_of_default and seen[:calls_of_default] == [("static", None, False)] * calls_of_default  # its own
+    assert calls_of_default and seen[:calls_of_default] == [("static", None, True)] * calls_of_default  # no compile
     graph_calls = [(c, k.backend, k.mode, off) for c, k, off in seen[calls_of_default:calls_until_graphs]]
     assert graph_calls and set(graph_calls) == {("static", "cudagraphs", "default", False)}  # a mode: inductor's
-    assert set(seen[calls_until_graphs:]) == {("static", None, True)}  # "off": transformers must not compile
-    assert torch.equal(eager.input_ids, default.input_ids)
+    assert {(c, k.backend, k.mode, off) for c, k, off in seen[calls_until_graphs:]} == {
+        ("static", "inductor", "reduce-overhead", False)}
+    assert torch.equal(inductor.input_ids, default.input_ids)
     header = lambda data: json.loads(open(data.cache_path, encoding="utf-8").readline())["header"]  # noqa: E731
     assert "compile_backend" not in header(default)  # caches written before the option stay valid
     assert header(graphs)["compile_backend"] == "cudagraphs" and graphs.cache_path != default.cache_path
     assert torch.equal(default.input_ids, graphs.input_ids)  # on the CPU transformers compiles nothing
-    allowed = r"compile_backend='nope' is not allowed; allowed: None, 'off' \(no compile\) or one of \[.*'eager'"
+    allowed = r"compile_backend='nope' is not allowed; allowed: None \(no compile\) or one of \[.*'eager'"
     with pytest.raises(ValueError, match=allowed):
         _generate(model, tokenizer, static_cache=True, compile_backend="nope")
     with pytest.raises(ValueError, match="needs static_cache=True"):

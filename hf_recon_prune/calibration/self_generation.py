@@ -24,8 +24,10 @@ and ``batch_size="auto"`` may choose it from the device's free memory; the calle
 
 Speed. Samples are generated in batches of ``batch_size`` with a KV cache: transformers' dynamic cache with
 buffers allocated for the whole sample (``kv_cache.py``), so a step does not copy the cache. ``static_cache=True``
-asks transformers for a static cache, which it compiles on a GPU. That is off by default: on an H200 it made a step up to a half
-cheaper, but every new batch size compiled for 30-40 s, more than the saving over a run (docs/benchmarks.md).
+uses transformers' static cache instead, not compiled (``compile_backend`` compiles it: every new batch size then
+compiled for 30-40 s on an H200, more than the saving over a run). On an H200 at 1024 tokens the static cache made a
+step of the Llama-2-7B shape (bfloat16, 126 rows) 37 ms against 67 ms, and one of the SmolLM2 shape (float32,
+grouped-query attention, 256 rows) slower than the default's 41 ms; so it is not the default (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -63,8 +65,6 @@ CACHE_FORMAT = "hf-recon-prune/self-calibration/v2"
 #: How sampled tokens are drawn (part of the cache key): keyed Gumbel noise, see ``sampling.py``.
 SAMPLER = "gumbel-max/mix32-v1"
 _CANDIDATE_CHUNK = 1024
-#: ``compile_backend`` value for a static KV cache that transformers must not compile.
-NO_COMPILE = "off"
 
 
 class SelfGenerationError(RuntimeError):
@@ -123,11 +123,11 @@ def generate_self_calibration(
         max_length: the most tokens a sample is generated to (default ``seq_len``); a larger value lets the window
             start later in the text (the authors generated up to 2048 tokens).
         stop_at_eos: end a sample at EOS (samples shorter than ``seq_len`` are then replaced); False suppresses EOS.
-        static_cache: a static KV cache during sampling (transformers compiles the decoding step on a GPU).
-        compile_backend: with ``static_cache``, the ``torch.compile`` backend transformers compiles with (None: its
-            default, inductor with CUDA graphs; ``"cudagraphs"``: CUDA graphs of the eager kernels, no code
-            generation; ``"off"``: no compile, the eager step with a preallocated cache). For benchmarks; a backend
-            that does not run raises the compiler's error.
+        static_cache: transformers' static KV cache during sampling instead of the preallocated dynamic one.
+        compile_backend: with ``static_cache``, have transformers compile the decoding step with this
+            ``torch.compile`` backend (None: no compile; ``"inductor"``: transformers' own choice, with CUDA graphs;
+            ``"cudagraphs"``: CUDA graphs of the eager kernels, no code generation). For benchmarks; a backend that
+            does not run raises the compiler's error.
         cache_dir: if given, samples are stored in / read from a JSONL file there whose name is a hash of the model,
             tokenizer and every setting above except ``batch_size``; a cache hit does not run the model. A custom
             ``language_filter`` is identified by its module and qualified name only: rename it when its behaviour
@@ -303,10 +303,8 @@ class _Generation:
         suppressed = special.undecodable + ([] if until_eos else special.eos_token_ids)
         static = sampled and plan["static_cache"]
         backend = plan["compile_backend"]
-        compiling = {}
-        if static and backend == NO_COMPILE:
-            compiling = {"disable_compile": True}
-        elif static and backend:
+        compiling = {"disable_compile": True} if static else {}
+        if static and backend:
             mode = "reduce-overhead" if backend == "inductor" else "default"
             compiling = {"compile_config": CompileConfig(backend=backend, mode=mode)}
         generation_config = GenerationConfig(
@@ -434,9 +432,8 @@ def _validate_compile_backend(backend: Optional[str], static_cache: bool) -> Non
     if backend is None:
         return
     known = sorted(torch._dynamo.list_backends(exclude_tags=()))
-    if not isinstance(backend, str) or (backend not in known and backend != NO_COMPILE):
-        raise ValueError(f"compile_backend={backend!r} is not allowed; allowed: None, {NO_COMPILE!r} (no compile) or "
-                         f"one of {known}.")
+    if not isinstance(backend, str) or backend not in known:
+        raise ValueError(f"compile_backend={backend!r} is not allowed; allowed: None (no compile) or one of {known}.")
     if not static_cache:
         raise ValueError(f"compile_backend={backend!r} needs static_cache=True: transformers compiles the decoding "
                          "step only with a static KV cache.")
