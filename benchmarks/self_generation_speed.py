@@ -169,19 +169,26 @@ def time_generation(model, tokenizer, args: argparse.Namespace, static_cache: bo
 
 
 def profile(model, tokenizer, args: argparse.Namespace, dtype: str) -> str:
-    """The ops that took the most device (or CPU) time while one batch is generated to ``--profile`` tokens."""
+    """The ops that took the most device (or CPU) time while one batch is generated to ``--profile`` tokens, for
+    every cache setting."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
-    settings = dict(seed=args.seed, language=None, batch_size=args.samples, stop_at_eos=False, show_progress=False)
-    generate_self_calibration(model, tokenizer, 2, 8, **{**settings, "batch_size": 2})  # warm-up
-    cuda = args.device.startswith("cuda")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profiler(activities=activities) as prof:
-        generate_self_calibration(model, tokenizer, args.samples, args.profile, **settings)
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    return f"{dtype}, {args.samples} rows x {args.profile} tokens\n" + prof.key_averages().table(sort_by=sort,
-                                                                                                row_limit=25)
+    tables = []
+    for static_cache, backend, dynamic in cache_settings(args):
+        settings = dict(seed=args.seed, language=None, batch_size=args.samples, stop_at_eos=False,
+                        show_progress=False, static_cache=static_cache, compile_backend=backend)
+        with dynamic_cache_kind(dynamic):
+            generate_self_calibration(model, tokenizer, 2, 8, **{**settings, "batch_size": 2})  # warm-up
+            cuda = args.device.startswith("cuda")
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profiler(activities=activities) as prof:
+                generate_self_calibration(model, tokenizer, args.samples, args.profile, **settings)
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        tables.append(f"{dtype}, static_cache={static_cache} ({backend or 'none'}, dynamic cache {dynamic}), "
+                      f"{args.samples} rows x {args.profile} tokens\n"
+                      + prof.key_averages().table(sort_by=sort, row_limit=25))
+    return "\n\n".join(tables)
 
 
 def _autocast(args: argparse.Namespace):

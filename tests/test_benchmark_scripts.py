@@ -232,6 +232,19 @@ def test_self_generation_speed_step_mode_times_each_batch_size_twice(tmp_path):
         assert row["first_call_s"] > 0 and row["ms_per_step"] == pytest.approx(1000 * row["last_call_s"] / 8)
 
 
+def test_self_generation_speed_profiles_every_cache_setting(tmp_path):
+    speed = _benchmark("self_generation_speed")
+    out = tmp_path / "selfgen.json"
+    speed.main(["--random", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4",
+                "--vocab", "300", "--samples", "2", "--profile", "6", "--device", "cpu", "--dtypes", "float32",
+                "--static-cache", "on,off", "--dynamic-caches", "preallocated,cat", "--out", str(out)])
+    text = (tmp_path / "selfgen.profile.txt").read_text()
+    headers = [line for line in text.splitlines() if "rows x" in line]
+    assert headers == [f"float32, static_cache={static} (none, dynamic cache {kind}), 2 rows x 6 tokens"
+                       for static, kind in ((True, None), (False, "preallocated"), (False, "cat"))]
+    assert text.count("Self CPU") >= 3  # a profiler table under each header
+
+
 def test_scale_gpu_runs_a_recipe_in_parts_that_resume_from_the_package_checkpoints(tmp_path):
     scale_gpu = _benchmark("scale_gpu")
     argv = ["--device", "cpu", "--layers", "3", "--hidden", "64", "--intermediate", "128", "--heads", "4",
