@@ -6,8 +6,8 @@ with a word-level tokenizer of its vocabulary. Random weights time a model of th
 matrix products, KV cache and sampling work) but their text rarely ends in EOS, so nearly every candidate runs to
 ``--seq-len``: that is the most decoding steps a run can take, the worst case for time.
 
-Every setting in ``--dtypes`` x ``--static-cache`` is timed once (after a short untimed warm-up generation, so CUDA
-initialisation is not counted), with the sampling defaults of ``PruningConfig`` (top-k 50, EOS ends a sample, a
+Every setting in ``--dtypes`` x (``--static-cache`` with each of ``--compile-backends``, or without it each of
+``--dynamic-caches``) is timed once (after a short untimed warm-up generation, so CUDA initialisation is not counted), with the sampling defaults of ``PruningConfig`` (top-k 50, EOS ends a sample, a
 random window cut from longer ones, ``batch_size="auto"``), and the JSON says how many candidates and rounds it
 took, the batch size chosen and the peak GPU memory.
 
@@ -67,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(torch.profiler; the table of the ops that took most device time goes beside --out)")
     parser.add_argument("--step-batches", default="", metavar="B1,B2,...",
                         help="instead of timing the defaults: ms per decoding step at these fixed batch sizes "
-                             "(generation to --step-tokens tokens, EOS suppressed, twice per setting so a compile "
-                             "shows as the first call's surplus)")
+                             "(generation to --step-tokens tokens, EOS suppressed, --step-calls calls per setting "
+                             "so a compile shows as the first call's surplus)")
     parser.add_argument("--step-tokens", type=int, default=256)
     parser.add_argument("--step-calls", type=int, default=2,
                         help="calls per step setting (the first includes any compile; the last one is timed)")
@@ -203,7 +203,8 @@ def _synchronize(device: str) -> None:
 
 
 def step_times(model, tokenizer, args: argparse.Namespace, dtype: str) -> list[dict[str, Any]]:
-    """ms per step of ``generate_self_calibration`` at each of ``--step-batches`` (first and second call)."""
+    """ms per step of ``generate_self_calibration`` at each of ``--step-batches`` (the last of ``--step-calls``
+    calls; the first is reported too)."""
     rows = []
     for static_cache, backend, dynamic in cache_settings(args):
         for batch in args.step_batches:

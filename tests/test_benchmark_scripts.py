@@ -212,7 +212,7 @@ def test_self_generation_speed_times_every_setting_on_a_random_gqa_model(tmp_pat
     assert run["candidates_used"] >= 3 and run["candidates_used"] - run["ended_before_seq_len"] == 3
 
 
-def test_self_generation_speed_step_mode_times_each_batch_size_twice(tmp_path):
+def test_self_generation_speed_step_mode_times_each_batch_size_and_cache(tmp_path):
     speed = _benchmark("self_generation_speed")
     out = tmp_path / "steps.json"
     results = speed.main(["--random", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4",
