@@ -80,8 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--max-device-memory", default="16GiB")
     run.add_argument("--stream-location", default="cpu", choices=["auto", "device", "cpu", "disk"])
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--compile", default="off", choices=["off", "on", "both"],
-                     help="compile_blocks for BR; 'both' runs every recipe eager, then compiled")
+    run.add_argument("--compile", default="off",
+                     help="compile_blocks for BR, comma-separated runs of off, on, auto (auto: compiled or CUDA graphs "
+                          "by the window's size); 'both' is off,on")
     run.add_argument("--overlap-copies", default="off", choices=["off", "on", "both"],
                      help="offload.OVERLAP_COPIES (stream rows copied ahead on a side CUDA stream); 'both': off, then on")
     run.add_argument("--ceiling-size", type=int, default=None, help="matmul size of the ceiling (default 8192, CPU 512)")
@@ -224,7 +225,7 @@ def stage_floor(entry: dict[str, float], ceilings: dict[str, Any]) -> float:
 
 
 # ====================================================================================================== run
-def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled: bool = False,
+def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled=False,
                overlap: bool = False) -> dict[str, Any]:
     import hf_recon_prune.offload as offload
 
@@ -287,8 +288,10 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled: bool = Fal
         }
     peaks = report.memory.get("peak_device_bytes_per_window") or []
     result = {
-        "recipe": recipe + (" compiled" if compiled else "") + (" overlapped copies" if overlap else ""),
+        "recipe": recipe + {True: " compiled", False: "", "auto": " compile auto"}[compiled]
+        + (" overlapped copies" if overlap else ""),
         "reconstruction": RECIPES[recipe], "compile_blocks": compiled, "overlap_copies": overlap,
+        "br_executions": sorted({c.get("execution") for b in report.blocks for c in b.br_choices}),
         "method": args.method, "pattern": args.pattern,
         "total_seconds": seconds, "model_build_seconds": build_seconds,
         "setup_seconds": max(seconds - block_sum, 0.0),
@@ -386,7 +389,9 @@ def main(argv=None) -> int:
           f"{ceilings['fp32']['tflops']:.1f} TFLOP/s float32, copies {ceilings['copy']}", flush=True)
     results = {"machine": machine(device, 1), "settings": vars(args), "ceilings": ceilings, "runs": []}
     switch = {"off": [False], "on": [True], "both": [False, True]}
-    runs = [(r, c, o) for r in args.recipes for c in switch[args.compile] for o in switch[args.overlap_copies]]
+    compile_settings = [{"off": False, "on": True, "auto": "auto"}[c] for c in
+                        ("off,on" if args.compile == "both" else args.compile).split(",")]
+    runs = [(r, c, o) for r in args.recipes for c in compile_settings for o in switch[args.overlap_copies]]
     for recipe, compiled, overlap in runs:
         result = run_recipe(args, recipe, ceilings, compiled, overlap)
         results["runs"].append(result)

@@ -374,7 +374,8 @@ class BlockEngine(MaskSelection):
             state.data_parallel.broadcast_module_(window_blocks)
         seconds = time.perf_counter() - start
         report.warnings.extend(f"window {window}: {note}" for note in result.notes)
-        choice = None if result.choice is None else {"window": list(window), **result.choice.to_dict()}
+        choice = None if result.choice is None else {"window": list(window), "execution": result.execution,
+                                                     **result.choice.to_dict()}
         for i in window:
             block_report = report.blocks[i]
             block_report.warnings.extend(result.notes)

@@ -183,15 +183,15 @@ def test_compiled_block_training_matches_eager_and_compiles_once_for_every_windo
     class) reuses the first window's compiled graph instead of compiling again."""
     import torch._dynamo
 
-    import hf_recon_prune.reconstruction.block_trainer as trainer
+    import hf_recon_prune.reconstruction.execution as execution
 
     ids = random_ids(8, 16)
     base = make_tiny_model("llama", num_layers=2)
     models, reports = {}, {}
     for compiled in (False, True):
         torch._dynamo.reset()
-        trainer._COMPILED.clear()
-        trainer._COMPILE_FAILED.clear()
+        execution._COMPILED.clear()
+        execution._COMPILE_FAILED.clear()
         torch._dynamo.utils.counters.clear()
         model = copy.deepcopy(base)
         config = PruningConfig(method="wanda", sparsity=0.5, reconstruction=["br", "gp"], num_samples=8, seq_len=16,
@@ -212,20 +212,20 @@ def test_compiled_block_training_matches_eager_and_compiles_once_for_every_windo
 def test_a_failing_compilation_falls_back_to_eager_training_with_a_note(monkeypatch):
     import torch._dynamo
 
-    import hf_recon_prune.reconstruction.block_trainer as trainer
+    import hf_recon_prune.reconstruction.execution as execution
 
     def broken():
         def fail(*args, **kwargs):
             raise torch._dynamo.exc.TorchDynamoException("simulated: no C compiler found")
         return fail
 
-    monkeypatch.setattr(trainer, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(execution, "_COMPILE_FAILED", [])
     ids = random_ids(8, 16)
     base = make_tiny_model("llama", num_layers=2)
     results = {}
     for compiled in (False, True):
         if compiled:
-            monkeypatch.setattr(trainer, "_compiled_window_squared_error", broken)
+            monkeypatch.setattr(execution, "_compiled_window_squared_error", broken)
         model = copy.deepcopy(base)
         config = PruningConfig(method="wanda", sparsity=0.5, reconstruction=["br", "gp"], num_samples=8, seq_len=16,
                                heldout_fraction=0.0, device="cpu", br_epochs=2, br_batch_size=4,
@@ -236,4 +236,4 @@ def test_a_failing_compilation_falls_back_to_eager_training_with_a_note(monkeypa
         assert torch.equal(x, y), name
     notes = [w for w in report.warnings if "torch.compile failed" in w]
     assert len(notes) == 1 and "no C compiler found" in notes[0]  # the second window did not try again
-    assert trainer._COMPILE_FAILED
+    assert execution._COMPILE_FAILED

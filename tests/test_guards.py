@@ -217,14 +217,14 @@ def test_keep_existing_zeros_changes_nothing_for_a_dense_model():
 def test_out_of_memory_in_block_training_accumulates_smaller_micro_batches(monkeypatch, caplog):
     """BR's mini-batch of 4 rows 'runs out of memory' above 1 row: the step is redone in micro-batches whose
     gradients add up to the mini-batch's, so the trained weights equal the unforced run's up to float rounding."""
-    import hf_recon_prune.reconstruction.block_trainer as trainer
+    import hf_recon_prune.reconstruction.execution as execution
 
     base = make_tiny_model("llama", num_layers=2)
     config = _config(br_batch_size=4, br_epochs=3, br_lr=1e-3)
     reference = copy.deepcopy(base)
     _, reference_report = _prune(reference, config)
 
-    real_call = trainer.call_window
+    real_call = execution.call_window
     attempts = {"too_big": 0}
 
     def limited(blocks, x, kwargs):
@@ -233,7 +233,7 @@ def test_out_of_memory_in_block_training_accumulates_smaller_micro_batches(monke
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_call(blocks, x, kwargs)
 
-    monkeypatch.setattr(trainer, "call_window", limited)
+    monkeypatch.setattr(execution, "call_window", limited)
     forced = copy.deepcopy(base)
     with caplog.at_level(logging.WARNING):
         _, report = _prune(forced, config)
@@ -248,16 +248,16 @@ def test_out_of_memory_in_block_training_accumulates_smaller_micro_batches(monke
 
 
 def test_out_of_memory_in_block_training_at_one_row_says_what_to_change(monkeypatch):
-    import hf_recon_prune.reconstruction.block_trainer as trainer
+    import hf_recon_prune.reconstruction.execution as execution
 
-    real_call = trainer.call_window
+    real_call = execution.call_window
 
     def always(blocks, x, kwargs):
         if torch.is_grad_enabled():
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_call(blocks, x, kwargs)
 
-    monkeypatch.setattr(trainer, "call_window", always)
+    monkeypatch.setattr(execution, "call_window", always)
     with pytest.raises(PruningFailedError) as failure:
         _prune(make_tiny_model("llama", num_layers=2), _config(br_batch_size=2))
     cause = failure.value.__cause__

@@ -390,14 +390,32 @@ def test_cuda_bf16_autocast_pinned_streams(mode):
     _assert_mask_exact(masks)
 
 
-def test_compile_auto_compiles_only_large_windows_on_cuda():
+def test_auto_execution_compiles_large_windows_and_graphs_small_ones_on_cuda(monkeypatch):
+    """compile_blocks="auto" decides by the window's size on CUDA only; routers and hooks keep a small window eager
+    (the decision needs no GPU: nothing runs)."""
     from torch import nn
 
-    from hf_recon_prune.reconstruction import block_trainer
+    from hf_recon_prune.reconstruction import execution
 
+    monkeypatch.setattr(execution, "_COMPILE_FAILED", [])
     small, large = nn.Linear(1000, 1000), nn.Linear(8000, 6250)  # 1.0 M and 50.0 M parameters (with biases)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert sum(p.numel() for p in large.parameters()) >= block_trainer.COMPILE_MIN_PARAMETERS
-    assert block_trainer._use_compile("auto", cuda, [large]) and not block_trainer._use_compile("auto", cuda, [small])
-    assert not block_trainer._use_compile("auto", cpu, [large])
-    assert block_trainer._use_compile(True, cpu, [small]) and not block_trainer._use_compile(False, cuda, [large])
+    assert sum(p.numel() for p in large.parameters()) >= execution.COMPILE_MIN_PARAMETERS
+    choose = execution.choose_execution
+    assert choose("auto", cuda, [large]) == "compiled" and choose("auto", cuda, [small]) == "graphed"
+    assert choose("auto", cuda, [small, small]) == "graphed"  # shared parameters count once
+    assert choose("auto", cpu, [large]) == choose("auto", cpu, [small]) == "eager"
+    assert choose(True, cpu, [small]) == "compiled" and choose(False, cuda, [large]) == choose(False, cuda, [small]) == "eager"
+    assert choose("auto", cuda, [small], routed=True) == "eager"
+    assert "routing" in execution.graph_obstacle([small], routed=True)
+    handle = small.register_forward_hook(lambda module, args, out: None)
+    assert choose("auto", cuda, [small]) == "eager" and "hooks" in execution.graph_obstacle([small])
+    handle.remove()
+    small._hf_hook = object()  # what Accelerate's offload adds
+    assert choose("auto", cuda, [nn.Sequential(small)]) == "eager"
+    del small._hf_hook
+    assert execution.graph_obstacle([small]) is None
+    monkeypatch.setattr(execution, "_COMPILE_FAILED", ["an earlier window's compilation failed"])
+    assert choose("auto", cuda, [large]) == choose(True, cpu, [small]) == "eager"
+    with pytest.raises(ValueError, match="allowed: eager, compiled, graphed"):
+        execution.WindowLoss([small], [{}], "cudagraphs")

@@ -8,7 +8,6 @@ is trained depends on the mode (``strategies.py``); the loop below is the same f
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import time
@@ -18,9 +17,10 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..block_io import batches, call_window, halved_after_out_of_memory, move_to
+from ..block_io import batches, halved_after_out_of_memory, move_to
 from ..distributed import ShardedRows
 from ..offload import StreamRows, normalise_device
+from .execution import WindowLoss, choose_execution, is_compile_error
 from .selection import HeldoutError, WindowChoice, train_window
 from .settings import BlockTrainingSettings, resolve_autocast_dtype
 from .strategies import TrainingStrategy, training_strategy
@@ -46,6 +46,7 @@ class TrainResult:
     num_steps: int = 0
     notes: list[str] = field(default_factory=list)  # e.g. the micro-batch was halved after running out of memory
     choice: Optional[WindowChoice] = None  # the learning rate, epoch and revert chosen, and why (selection.py)
+    execution: str = "eager"  # how the loss ran in the end: "eager", "compiled" or "graphed" (execution.py)
 
 
 def reconstruct_window(
@@ -128,6 +129,7 @@ def reconstruct_window(
     kept = {layer: mask.to(device=layer.weight.device, dtype=torch.bool) for layer, mask in masks.items()}
     result = TrainResult()
     trained = False
+    window_loss: Optional[WindowLoss] = None
     try:
         window.prepare(kept)
         train_kwargs = [move_to(kw, dtype=torch.float32) for kw in kwargs_per_block]
@@ -137,11 +139,12 @@ def reconstruct_window(
                               "no other parameters)")
             logger.warning(result.warning)
         else:
-            loss = _MiniBatchLoss(_WindowLoss(blocks, train_kwargs, _use_compile(settings.compile_blocks, device, blocks)),
-                                  _MiniBatches(inputs, targets, device), device, amp_dtype, loss_transform)
+            execution = choose_execution(settings.compile_blocks, device, blocks, routed=bool(frozen))
+            window_loss = WindowLoss(blocks, train_kwargs, execution, amp_dtype)
+            loss = _MiniBatchLoss(window_loss, _MiniBatches(inputs, targets, device), device, amp_dtype, loss_transform)
             heldout = None if heldout_inputs is None else HeldoutError(
-                functools.partial(_window_squared_error, blocks, train_kwargs), heldout_inputs, heldout_targets,
-                device, amp_dtype, plan.batch_size, None if sharded_rows is None else sharded_rows.data_parallel.sum_floats)
+                window_loss.evaluate, heldout_inputs, heldout_targets, device, amp_dtype, plan.batch_size,
+                None if sharded_rows is None else sharded_rows.data_parallel.sum_floats)
 
             def make_training(lr: float, record: TrainResult) -> _Training:
                 return _Training(loss, trainable, strategy.masks_to_reapply, lr, plan, record, sharded_rows, settings.seed)
@@ -164,6 +167,10 @@ def reconstruct_window(
         trained = True
         return result
     finally:
+        if window_loss is not None:
+            window_loss.release()
+            result.execution = window_loss.execution
+            result.notes.extend(note for note in window_loss.notes if note not in result.notes)
         strategy.close()
         window.restore(kept, keep_trained=trained)
         result.seconds = time.perf_counter() - start_time
@@ -297,12 +304,13 @@ class _Training:
                 if self.sharded_rows is not None:
                     raise
                 self.optimizer.zero_grad(set_to_none=True)
+                self.loss.window.stop_graphing()  # a graph holds its memory, for one shape: micro-batches run eagerly
                 self.micro_batch = _smaller_micro_batch(self.micro_batch, index.numel(), error, self.result)
             except Exception as error:
-                if not (self.loss.window.compiled and _is_compile_error(error)):
+                if not (self.loss.window.compiled and is_compile_error(error)):
                     raise
                 self.optimizer.zero_grad(set_to_none=True)
-                self.loss.window.fall_back_to_eager(error, self.result)
+                self.loss.window.fall_back_to_eager("torch.compile", error)
 
     def _accumulated_gradients(self, index: torch.Tensor, following: Optional[torch.Tensor]) -> torch.Tensor:
         """Gradients of the mean squared error over the mini-batch ``index``, in micro-batches of ``micro_batch`` rows.
@@ -352,7 +360,7 @@ class _MiniBatchLoss:
     ``loss_transform``. The parts' gradients add up to the mini-batch mean's (a part that is the whole mini-batch
     gives its mean squared error)."""
 
-    window: _WindowLoss
+    window: WindowLoss
     data: _MiniBatches
     device: torch.device
     amp_dtype: Optional[torch.dtype]
@@ -367,16 +375,6 @@ class _MiniBatchLoss:
         return self.loss_transform(step, loss) if self.loss_transform is not None else loss
 
 
-def _window_squared_error(blocks, kwargs, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Summed squared error of the window's output on ``x`` against ``y``, in float32.
-
-    ``x`` and ``y`` come in the streams' dtype and are upcast here, inside what ``compile_blocks`` compiles, so that
-    the compiled graph can fuse the casts instead of holding float32 copies of both for the whole step.
-    """
-    out = call_window(blocks, x.float(), kwargs)
-    return (out.float() - y.float()).square().sum()
-
-
 def _smaller_micro_batch(micro_batch: int, batch: int, error: BaseException, result: TrainResult) -> int:
     """Halve the training micro-batch after running out of memory (and say so); at one row, give up clearly."""
     current = min(micro_batch, batch)
@@ -389,59 +387,6 @@ def _smaller_micro_batch(micro_batch: int, batch: int, error: BaseException, res
     logger.warning(note)
     result.notes.append(note)
     return smaller
-
-
-_COMPILED: dict[str, Callable] = {}  # the compiled loss, made once per process
-_COMPILE_FAILED: list[str] = []  # why compiling failed in this process: later windows do not try again
-
-
-#: ``compile_blocks="auto"`` compiles on CUDA when a window's blocks hold at least this many parameters. Measured on
-#: the H200 (docs/benchmarks.md): Llama-2-7B blocks (202 M) train 1.24x faster compiled; SmolLM2-135M blocks (3.5 M)
-#: take 12 % longer end to end, the compilation costing more than it saves. Nothing between was measured.
-COMPILE_MIN_PARAMETERS = 50_000_000
-
-
-def _use_compile(setting, device: torch.device, blocks: Sequence[nn.Module] = ()) -> bool:
-    if _COMPILE_FAILED:
-        return False
-    if setting != "auto":
-        return bool(setting)
-    return device.type == "cuda" and sum(p.numel() for b in blocks for p in b.parameters()) >= COMPILE_MIN_PARAMETERS
-
-
-def _is_compile_error(error: BaseException) -> bool:
-    """An error of torch.compile itself (dynamo, inductor, a missing compiler), not of the computation."""
-    dynamo_error = getattr(getattr(getattr(torch, "_dynamo", None), "exc", None), "TorchDynamoException", None)
-    return dynamo_error is not None and isinstance(error, dynamo_error)
-
-
-class _WindowLoss:
-    """``(x, y) -> summed squared error`` of the window, compiled (``compile_blocks``) or eager."""
-
-    def __init__(self, blocks, kwargs, compiled: bool):
-        self.blocks, self.kwargs, self.compiled = blocks, kwargs, compiled
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        squared_error = _compiled_window_squared_error() if self.compiled else _window_squared_error
-        return squared_error(self.blocks, self.kwargs, x, y)
-
-    def fall_back_to_eager(self, error: BaseException, result: TrainResult) -> None:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        note = (f"torch.compile failed ({type(error).__name__}: {reason[:300]}); block-wise reconstruction carries on "
-                "uncompiled, with the same result up to float rounding (compile_blocks=False skips the attempt)")
-        logger.warning(note)
-        result.notes.append(note)
-        _COMPILE_FAILED.append(note)
-        self.compiled = False
-
-
-def _compiled_window_squared_error() -> Callable:
-    """``torch.compile(_window_squared_error)``, made once per process: dynamo treats the blocks' parameters as
-    inputs, so every later window of the same block class reuses the first window's compiled code instead of
-    compiling again (a window of two blocks, or a new batch shape, compiles once more)."""
-    if "squared_error" not in _COMPILED:
-        _COMPILED["squared_error"] = torch.compile(_window_squared_error)
-    return _COMPILED["squared_error"]
 
 
 class _MiniBatches:
