@@ -56,7 +56,7 @@ def machine(device: torch.device) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dense, tokenizer = load_model(args.model)
+    dense, tokenizer = load_model(args.model, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype))
     dense = dense.to(device).eval()
     eval_windows = stream_windows_for_eval(load_texts(args.eval_source, split="test"), tokenizer, args.eval_seq_len)
     results = {
@@ -181,7 +181,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--heldout-fraction", type=float, default=0.125)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--br-lr", type=float, default=2e-4)
+    parser.add_argument("--br-lr", type=lambda s: s if s == "auto" else float(s), default=2e-4,
+                        help="a learning rate, or auto (chosen per window by held-out error)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="the model's dtype (auto: as it was saved; the offline SmolLM2 is float32)")
     parser.add_argument("--br-batch-size", type=int, default=8)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--forward-batch-size", type=int, default=32)

@@ -329,7 +329,8 @@ class _Training:
             loss = self.loss(part, index.numel(), self.step, ahead)
             if number == 0:
                 self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            with self.loss.window.backward_context():
+                self.scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
             del loss
         return total

@@ -19,7 +19,9 @@ and later windows of the process do not try again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -175,6 +177,12 @@ class WindowLoss:
         self._graphed_shape = (x.shape, x.dtype, y.shape, y.dtype, x.device)
         return self._graphed
 
+    def backward_context(self):
+        """Where the window's backward runs. A graphed backward hands its gradients to the accumulators that the
+        capture made on the capture stream, and torch warns once of the mismatch (it costs a wait on an event, no
+        copy): silenced for these calls only."""
+        return _accumulators_of_the_capture_stream() if self._graphed is not None else contextlib.nullcontext()
+
     def fall_back_to_eager(self, what: str, error: BaseException) -> None:
         """Carry on eagerly after ``what`` failed with ``error``, and say so in :attr:`notes`."""
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -196,3 +204,10 @@ class WindowLoss:
     def release(self) -> None:
         """Free the graphs and their memory (after the window's training)."""
         self._graphed = self._graphed_shape = self._module = None
+
+
+@contextlib.contextmanager
+def _accumulators_of_the_capture_stream():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
+        yield
