@@ -169,7 +169,8 @@ class WindowLoss:
         try:
             self._module = _Window(self.blocks, self.kwargs)
             with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
-                                cache_enabled=False):  # capture refuses autocast's weight cache
+                                cache_enabled=False), _accumulators_of_the_capture_stream():
+                # (autocast's weight cache cannot be captured)
                 self._graphed = torch.cuda.make_graphed_callables(self._module, (x.clone(), y.clone()))
         except Exception as error:  # noqa: BLE001 - any failure to capture leaves the window eager
             self.fall_back_to_eager("capturing the window in CUDA graphs", error)
@@ -178,9 +179,9 @@ class WindowLoss:
         return self._graphed
 
     def backward_context(self):
-        """Where the window's backward runs. A graphed backward hands its gradients to the accumulators that the
-        capture made on the capture stream, and torch warns once of the mismatch (it costs a wait on an event, no
-        copy): silenced for these calls only."""
+        """Where the window's backward runs. A graphed backward hands its gradients to accumulators made on
+        another stream (the capture's, or its warm-up's, which torch keeps alive), and torch warns once of the
+        mismatch (it costs a wait on an event, no copy): silenced for these calls, and the capture, only."""
         return _accumulators_of_the_capture_stream() if self._graphed is not None else contextlib.nullcontext()
 
     def fall_back_to_eager(self, what: str, error: BaseException) -> None:
