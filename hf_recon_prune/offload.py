@@ -194,8 +194,7 @@ def _rows_on_device(source: torch.Tensor, rows: Rows, device: torch.device) -> t
         return source[rows].to(device, non_blocking=True)
     if source.device == device or (device.type == "cuda" and source.device.type == "cuda"
                                    and source.device.index == device.index):
-        # non_blocking: a blocking copy of the index would wait for the whole queue of the device at every step
-        return source.index_select(0, rows.to(source.device, non_blocking=True))
+        return source.index_select(0, rows.to(source.device))
     if device.type == "cuda" and source.is_pinned():
         staging = torch.empty((rows.numel(), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
         torch.index_select(source, 0, rows, out=staging)
