@@ -201,9 +201,9 @@ class PruningConfig:
     # memory at the start (no check on the CPU). data_parallel "auto" shards the calibration rows over the processes of
     # an initialised torch.distributed group (or one that `accelerate launch` / torchrun describe in the environment).
     # compile_blocks: torch.compile the window's forward/backward in BR (the first window pays the compilation, tens
-    # of seconds; later windows of the same block class reuse it). "auto": on CUDA, for windows of at least 50 M
-    # parameters (smaller blocks lose more to compiling than they gain, measured). A compilation that
-    # fails is reported and BR carries on uncompiled.
+    # of seconds; later windows of the same block class reuse it). "auto": on CUDA, windows of at least 50 M
+    # parameters compile, smaller ones replay their step from CUDA graphs (reconstruction/execution.py; both measured).
+    # A compilation or capture that fails is reported and BR carries on eagerly; False: always eager.
     device: Optional[str] = None
     stream_location: str = "auto"
     stream_dtype: Optional[str] = None
@@ -281,7 +281,7 @@ class PruningConfig:
         if self.data_parallel not in DATA_PARALLEL_MODES:
             raise _bad("data_parallel", self.data_parallel, ", ".join(map(repr, DATA_PARALLEL_MODES)))
         if self.compile_blocks not in (True, False, "auto"):
-            raise _bad("compile_blocks", self.compile_blocks, "True, False or 'auto' (compile on CUDA, windows of >= 50 M parameters)")
+            raise _bad("compile_blocks", self.compile_blocks, "True, False or 'auto' (on CUDA: compile windows of >= 50 M parameters, CUDA graphs below)")
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise _bad("autocast_dtype", self.autocast_dtype, ", ".join(map(repr, AUTOCAST_DTYPES)))
         if self.stream_dtype is not None and self.stream_dtype not in AUTOCAST_DTYPES[1:]:

@@ -129,7 +129,7 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                                    + _choices("DATA_PARALLEL_MODES")),
     "stream_dtype": ("execution", "dtype of the activation streams: bfloat16, float16, float32 (default: the model's)"),
     "autocast_dtype": ("execution", "autocast dtype of BR: " + _choices("AUTOCAST_DTYPES")),
-    "compile_blocks": ("execution", "torch.compile the blocks during BR: true, false or auto (on CUDA, windows of >= 50 M parameters)"),
+    "compile_blocks": ("execution", "torch.compile the blocks during BR: true, false or auto (on CUDA: windows of >= 50 M parameters compile, smaller ones run in CUDA graphs)"),
     "forward_batch_size": ("execution", "windows per forward pass"),
     "track_reconstruction_error": ("execution", "measure the per-block error against the dense model (true/false)"),
     "checkpoint_dir": ("execution", "write a checkpoint after every block to this folder; with --resume, continue "

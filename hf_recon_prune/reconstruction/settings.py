@@ -66,10 +66,12 @@ class BlockTrainingSettings:
         autocast_dtype: the autocast of the forward/backward (see
             :func:`~hf_recon_prune.reconstruction.resolve_autocast_dtype`); float16 uses a gradient scaler. The
             master weights are float32 either way.
-        compile_blocks: ``torch.compile`` the window's loss: True, False, or ``"auto"`` (on CUDA devices only). The
-            compiled loss is made once per process and reused by every later window of the same block class; a
-            compilation that fails is reported in the result's notes and training carries on uncompiled (as do the
-            later windows of the process).
+        compile_blocks: how the window's loss runs (``execution.py``): True compiles it with ``torch.compile``,
+            False runs it eagerly, ``"auto"`` (on CUDA only) compiles windows of at least
+            ``execution.COMPILE_MIN_PARAMETERS`` parameters and replays smaller ones from CUDA graphs. The compiled
+            loss is made once per process and reused by every later window of the same block class; a compilation
+            that fails is reported in the result's notes and training carries on eagerly (as do the later windows of
+            the process); a capture that fails leaves that window eager, with a note.
     """
 
     reconstruction_mode: str
