@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..block_io import call_window
+from .window_state import unique_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -80,19 +81,9 @@ def choose_execution(setting, device: torch.device, blocks: Sequence[nn.Module] 
         return "eager" if _COMPILE_FAILED else "compiled"
     if device.type != "cuda":
         return "eager"
-    if sum(p.numel() for p in _unique_parameters(blocks)) >= COMPILE_MIN_PARAMETERS:
+    if sum(p.numel() for p in unique_parameters(blocks)) >= COMPILE_MIN_PARAMETERS:
         return "eager" if _COMPILE_FAILED else "compiled"
     return "eager" if graph_obstacle(blocks, routed) else "graphed"
-
-
-def _unique_parameters(blocks: Sequence[nn.Module]) -> list[nn.Parameter]:
-    seen, params = set(), []
-    for block in blocks:
-        for param in block.parameters():
-            if id(param) not in seen:
-                seen.add(id(param))
-                params.append(param)
-    return params
 
 
 def is_compile_error(error: BaseException) -> bool:
