@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 from typing import Any, Optional
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 try:  # transformers >= 5: caches made of layers
     from transformers.cache_utils import DynamicCache, DynamicLayer
