@@ -80,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--self-gen-cache", default=None, metavar="DIR",
                         help="where the self-generated samples are cached (default: the work dir's self_generated): a "
                              "folder carried from an earlier machine saves generating them again")
+    parser.add_argument("--self-gen-decoding", default="dynamic", choices=["dynamic", "auto"],
+                        help="self_gen_static_cache: dynamic (False; the grid's runs so far were made with it, and "
+                             "every run of one grid must see the same samples) or auto (the package's default)")
     parser.add_argument("--out", default="benchmarks/results/lr_sweep.json")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
@@ -124,6 +127,7 @@ def pruning_config(args: argparse.Namespace, run: dict[str, Any]) -> PruningConf
                          reconstruction=RECIPES[run["recipe"]], calibration="default", num_samples=args.samples,
                          seq_len=args.seq_len, num_self_samples=run["self_samples"], br_epochs=args.epochs,
                          br_lr=2e-4 if run["lr"] is None else run["lr"], device=args.device, seed=0,
+                         self_gen_static_cache="auto" if args.self_gen_decoding == "auto" else False,
                          self_gen_cache_dir=args.self_gen_cache or os.path.join(args.work_dir, "self_generated"))
 
 

@@ -50,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gguf", default=None, help="SmolLM2's GGUF file (or .part* pieces)")
     parser.add_argument("--random", action="store_true", help="a random model of the shape above")
     parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: float32, bfloat16, float16")
-    parser.add_argument("--static-cache", default="off", help="comma-separated: off, on")
+    parser.add_argument("--static-cache", default="auto",
+                        help="comma-separated: auto (the default: CUDA graphs on a GPU where the model allows), "
+                             "on (a static cache), off (the dynamic cache)")
     parser.add_argument("--compile-backends", default="none",
                         help="with a static cache, comma-separated: none (not compiled), or torch.compile backends "
                              "for transformers' compile of the decoding step: inductor (its own choice, with CUDA "
@@ -77,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results/self_generation.json")
     args = parser.parse_args(argv)
     args.dtypes = [d for d in args.dtypes.split(",") if d]
-    args.static_cache = [{"off": False, "on": True}[s] for s in args.static_cache.split(",") if s]
+    args.static_cache = [{"off": False, "on": True, "auto": "auto"}[s] for s in args.static_cache.split(",") if s]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.step_batches = [int(b) for b in args.step_batches.split(",") if b]
     args.compile_backends = [None if b == "none" else b for b in args.compile_backends.split(",") if b]
@@ -93,7 +95,8 @@ def cache_settings(args: argparse.Namespace) -> list[tuple[bool, Any, Any]]:
     dynamic cache without it."""
     return [(static, backend, None) if static else (False, None, dynamic)
             for static in args.static_cache
-            for backend, dynamic in ([(b, None) for b in args.compile_backends] if static
+            for backend, dynamic in ([(None, None)] if static == "auto" else
+                                     [(b, None) for b in args.compile_backends] if static
                                      else [(None, d) for d in args.dynamic_caches])]
 
 
@@ -158,7 +161,7 @@ def time_generation(model, tokenizer, args: argparse.Namespace, static_cache: bo
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     return {"static_cache": static_cache, "compile_backend": backend or "none", "dynamic_cache": dynamic,
-            "autocast": args.autocast,
+            "decoding": data.decoding, "autocast": args.autocast,
             "seconds": seconds,
             "samples": int(data.input_ids.shape[0]),
             "seq_len": int(data.input_ids.shape[1]), "batch_size": data.batch_size,

@@ -530,6 +530,71 @@ def test_self_generation_on_cuda_keeps_the_samples_of_candidate_order_whatever_t
     assert one.num_candidates == eight.num_candidates and one.num_short == eight.num_short
 
 
+def _eos_prone_on_cuda(tokenizer, dtype, bonus=1.0):
+    from conftest_calibration_helpers import make_tiny_llama
+
+    model = make_tiny_llama(len(tokenizer), seed=2).cuda().to(dtype)
+    index = torch.tensor([tokenizer.eos_token_id], device="cuda")  # made here: a copy from the host is not capturable
+    model.lm_head.register_forward_hook(
+        lambda module, args, out: out.index_add(-1, index, torch.full_like(out[..., :1], bonus)))
+    return model
+
+
+def test_self_generation_in_cuda_graphs_gives_generates_samples():
+    """The default on a GPU decodes in CUDA graphs; in float64 its samples equal generate()'s with the dynamic
+    cache (candidates, rows ended early, windows)."""
+    from conftest_calibration_helpers import make_bpe_tokenizer
+    from hf_recon_prune.calibration import generate_self_calibration
+
+    tokenizer = make_bpe_tokenizer()
+    model = _eos_prone_on_cuda(tokenizer, torch.float64)
+    settings = dict(seed=3, language=None, batch_size=4, show_progress=False, max_length=40)
+    graphed = generate_self_calibration(model, tokenizer, 6, 20, **settings)
+    plain = generate_self_calibration(model, tokenizer, 6, 20, static_cache=False, **settings)
+    assert graphed.decoding == "cuda graphs" and plain.decoding == "dynamic cache"
+    assert torch.equal(graphed.input_ids, plain.input_ids)
+    assert (graphed.num_candidates, graphed.num_short) == (plain.num_candidates, plain.num_short)
+    assert plain.num_short > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_replayed_decoding_step_equals_the_eager_one(dtype):
+    """The same decoder captured and replayed, against every step run eagerly: the same kernels, so the same tokens,
+    bit for bit, also in float32 and bfloat16 (GQA: 4 query heads over 2 key/value heads)."""
+    from conftest_calibration_helpers import make_bpe_tokenizer
+    from hf_recon_prune.calibration import graphed_decoding
+
+    tokenizer = make_bpe_tokenizer()
+    model = _eos_prone_on_cuda(tokenizer, dtype, bonus=-2.0)
+    prompts = torch.randint(3, len(tokenizer), (8, 5), generator=torch.Generator().manual_seed(0)).cuda()
+    spec = graphed_decoding.SamplingSpec(keys=list(range(8)), temperature=1.0, top_k=50, top_p=0.95, suppressed=[],
+                                         eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    with torch.inference_mode():
+        replayed, captured = graphed_decoding.sample_in_graphs(model, prompts, 60, spec, capture=True)
+        eager, _ = graphed_decoding.sample_in_graphs(model, prompts, 60, spec, capture=False)
+    assert captured and torch.equal(replayed, eager)
+    assert len(set(replayed[:, 5:].flatten().tolist())) > 10  # sampled text, not one repeated token
+
+
+def test_a_decoding_step_that_waits_for_the_host_is_decoded_eagerly():
+    """A forward hook that reads a value on the host cannot be captured: the run warns, finishes eagerly and gives
+    the samples of a run that never tried to capture."""
+    from conftest_calibration_helpers import make_bpe_tokenizer
+    from hf_recon_prune.calibration import generate_self_calibration
+
+    tokenizer = make_bpe_tokenizer()
+    model = _eos_prone_on_cuda(tokenizer, torch.float32)
+    settings = dict(seed=1, language=None, batch_size=4, show_progress=False)
+    reference = generate_self_calibration(model, tokenizer, 4, 20, **settings)
+    def read_on_the_host(module, args, output):
+        float(output[0].abs().max())
+
+    model.model.layers[0].register_forward_hook(read_on_the_host)
+    data = generate_self_calibration(model, tokenizer, 4, 20, **settings)
+    assert reference.decoding == "cuda graphs" and data.decoding.startswith("static cache, eager")
+    assert torch.equal(data.input_ids, reference.input_ids)
+
+
 def test_the_preallocated_kv_cache_on_cuda_gives_transformers_samples_and_logits(monkeypatch):
     """Self-generation's preallocated cache against transformers' DynamicCache on the GPU: the same samples in
     float64, and the same decoding logits in bfloat16 (where SDPA reads the cache as strided views)."""
@@ -538,7 +603,7 @@ def test_the_preallocated_kv_cache_on_cuda_gives_transformers_samples_and_logits
 
     tokenizer = make_bpe_tokenizer()
     model = make_tiny_llama(len(tokenizer)).cuda().double()
-    settings = dict(seed=2, language=None, batch_size=4, show_progress=False)
+    settings = dict(seed=2, language=None, batch_size=4, show_progress=False, static_cache=False)
     fast = generate_self_calibration(model, tokenizer, 5, 24, **settings)
     monkeypatch.setattr(self_generation, "preallocated_cache", lambda model, capacity: None)
     plain = generate_self_calibration(model, tokenizer, 5, 24, **settings)

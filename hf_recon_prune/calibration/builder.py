@@ -261,4 +261,5 @@ def _self_description(config: Any, data: Any) -> dict[str, Any]:
         "candidates_tried": data.num_candidates,
         "ended_before_seq_len": data.num_short,
         "from_cache": data.from_cache,
+        "decoding": data.decoding,
     }

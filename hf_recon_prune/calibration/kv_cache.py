@@ -23,7 +23,7 @@ try:  # transformers >= 5: caches made of layers
 except ImportError:  # pragma: no cover - older transformers: the plain dynamic cache is used
     DynamicCache = DynamicLayer = None
 
-__all__ = ["PreallocatedLayer", "preallocated_cache", "cache_argument_name"]
+__all__ = ["PositionedLayer", "PreallocatedLayer", "cache_argument_name", "positioned_cache", "preallocated_cache"]
 
 
 if DynamicLayer is not None:
@@ -81,8 +81,38 @@ if DynamicLayer is not None:
                 self._key_buffer[..., :length, :].copy_(kept[0])
                 self._value_buffer[..., :length, :].copy_(kept[1])
 
+    class PositionedLayer(DynamicLayer):
+        """A cache layer for decoding in CUDA graphs (``graphed_decoding.py``): keys and values live in zeroed buffers of
+        ``positions.capacity`` positions, an update writes them at the positions ``positions.current`` (a device
+        tensor) onwards, and attention always sees the whole buffers under the caller's mask. Nothing in an update
+        depends on a value on the host, so a captured step replays at the right position."""
+
+        _layer_type = None
+
+        def __init__(self, positions: Any):
+            super().__init__()
+            self.positions = positions
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            if not self.is_initialized:
+                capacity = self.positions.capacity
+
+                def buffer(states: torch.Tensor) -> torch.Tensor:
+                    # Zeros, not empty memory: masked positions get weight 0, and 0 * NaN would still be NaN.
+                    return states.new_zeros((*states.shape[:-2], capacity, states.shape[-1]))
+
+                self.keys, self.values = buffer(key_states), buffer(value_states)
+                self.device, self.is_initialized = key_states.device, True
+            index = self.positions.current + self.positions.offsets[:key_states.shape[-2]]
+            self.keys.index_copy_(-2, index, key_states)
+            self.values.index_copy_(-2, index, value_states)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.positions.capacity if self.is_initialized else 0
+
 else:  # pragma: no cover
-    PreallocatedLayer = None
+    PreallocatedLayer = PositionedLayer = None
 
 
 def preallocated_cache(model: Any, capacity: int) -> Optional[Any]:
@@ -91,6 +121,21 @@ def preallocated_cache(model: Any, capacity: int) -> Optional[Any]:
     has no plain full-attention layer to replace: sliding-window and linear-attention layers are kept as they are)."""
     if PreallocatedLayer is None:
         return None
+    return _cache_of(model, functools.partial(PreallocatedLayer, capacity), every_layer=False)
+
+
+def positioned_cache(model: Any, positions: Any) -> Optional[Any]:
+    """A ``DynamicCache`` for ``model`` made only of :class:`PositionedLayer` sharing ``positions``, or None when
+    the model has any layer other than plain full attention (sliding-window, linear attention: they keep their own
+    cache classes, which a captured step cannot drive)."""
+    if PositionedLayer is None:
+        return None
+    return _cache_of(model, functools.partial(PositionedLayer, positions), every_layer=True)
+
+
+def _cache_of(model: Any, make_layer: Any, every_layer: bool) -> Optional[Any]:
+    """``model``'s ``DynamicCache`` with its plain ``DynamicLayer`` layers made by ``make_layer`` (all of them when
+    ``every_layer``), or None where that cannot be done."""
     supports = getattr(model, "_supports_default_dynamic_cache", None)
     if supports is not None and not supports():
         return None
@@ -102,14 +147,14 @@ def preallocated_cache(model: Any, capacity: int) -> Optional[Any]:
     if not layers:  # built lazily, one layer per attention layer that calls update
         if getattr(cache, "layer_class_to_replicate", None) is not DynamicLayer:
             return None
-        cache.layer_class_to_replicate = functools.partial(PreallocatedLayer, capacity)
+        cache.layer_class_to_replicate = make_layer
         return cache
-    replaced = 0
-    for index, layer in enumerate(layers):
-        if type(layer) is DynamicLayer:
-            layers[index] = PreallocatedLayer(capacity)
-            replaced += 1
-    return cache if replaced else None
+    plain = [index for index, layer in enumerate(layers) if type(layer) is DynamicLayer]
+    if not plain or (every_layer and len(plain) != len(layers)):
+        return None
+    for index in plain:
+        layers[index] = make_layer()
+    return cache
 
 
 def cache_argument_name(model: Any) -> str:

@@ -13,7 +13,7 @@ warpers is therefore sampling at that temperature / top-k / top-p.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -42,14 +42,24 @@ def _uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
     return ((bits >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # 24 bits: exact in float32, never 0 or 1
 
 
-def _row_hashes(keys: torch.Tensor, position: int) -> torch.Tensor:
-    return mix32(keys.to(torch.int64) ^ mix32(torch.tensor(position, dtype=torch.int64, device=keys.device)))
+def _row_hashes(keys: torch.Tensor, position: Union[int, torch.Tensor]) -> torch.Tensor:
+    if not isinstance(position, torch.Tensor):
+        position = torch.tensor(position, dtype=torch.int64, device=keys.device)
+    return mix32(keys.to(torch.int64) ^ mix32(position.to(torch.int64)))
 
 
-def uniform_noise(keys: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
-    """``[len(keys), vocab_size]`` uniform values in (0, 1): a function of (key, position, token id) only."""
+def uniform_noise(keys: torch.Tensor, position: Union[int, torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """``[len(keys), vocab_size]`` uniform values in (0, 1): a function of (key, position, token id) only.
+    ``position`` may be a one-element tensor on the keys' device (then nothing here waits for the host)."""
     tokens = mix32(torch.arange(vocab_size, dtype=torch.int64, device=keys.device) + _TOKEN_SALT)
     return _uniform_from_bits(mix32(_row_hashes(keys, position)[:, None] ^ tokens[None, :]))
+
+
+def add_keyed_gumbel(scores: torch.Tensor, keys: torch.Tensor, position: Union[int, torch.Tensor]) -> torch.Tensor:
+    """``scores`` plus the keyed Gumbel noise of every entry at ``position`` (``-inf`` stays ``-inf``): what
+    :class:`SeededGumbelNoise` adds, for every vocabulary entry, with no host sync (CUDA graphs capture it)."""
+    noise = uniform_noise(keys, position, scores.shape[-1])
+    return scores + (-torch.log(-torch.log(noise))).to(scores.dtype)
 
 
 def uniform_noise_at(keys: torch.Tensor, position: int, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -82,8 +92,7 @@ class SeededGumbelNoise:
         position = int(input_ids.shape[1])
         rows, tokens = torch.isfinite(scores).nonzero(as_tuple=True)
         if rows.numel() >= SPARSE_NOISE_FRACTION * scores.numel():
-            noise = uniform_noise(self.keys, position, scores.shape[-1])
-            return scores + (-torch.log(-torch.log(noise))).to(scores.dtype)
+            return add_keyed_gumbel(scores, self.keys, position)
         noise = uniform_noise_at(self.keys, position, rows, tokens)
         noisy = scores.clone()
         noisy[rows, tokens] = scores[rows, tokens] + (-torch.log(-torch.log(noise))).to(scores.dtype)
@@ -104,6 +113,12 @@ def sampling_processors(keys: Sequence[int], temperature: float, top_k: int, top
         processors.append(TopPLogitsWarper(float(top_p)))
     processors.append(SeededGumbelNoise(keys))
     return processors
+
+
+def sampling_warpers(temperature: float, top_k: int, top_p: float) -> list:
+    """:func:`sampling_processors` without the noise (the CUDA-graph decoder adds it itself, see
+    :func:`add_keyed_gumbel`)."""
+    return sampling_processors([], temperature, top_k, top_p)[:-1]
 
 
 def kv_cache_bytes_per_token(model: Any) -> int:

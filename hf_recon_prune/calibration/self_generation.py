@@ -22,12 +22,14 @@ global RNG (``sampling.py``); a window's start comes from a generator seeded wit
 in candidate order, so the data does not depend on the batch size (up to float rounding of batched matrix products)
 and ``batch_size="auto"`` may choose it from the device's free memory; the caller's RNG state is not touched.
 
-Speed. Samples are generated in batches of ``batch_size`` with a KV cache: transformers' dynamic cache with
-buffers allocated for the whole sample (``kv_cache.py``), so a step does not copy the cache. ``static_cache=True``
-uses transformers' static cache instead, not compiled (``compile_backend`` compiles it: every new batch size then
-compiled for 30-40 s on an H200, more than the saving over a run). On an H200 at 1024 tokens the static cache made a
-step of the Llama-2-7B shape (bfloat16, 126 rows) 37 ms against 67 ms, and one of the SmolLM2 shape (float32,
-grouped-query attention, 256 rows) slower than the default's 41 ms; so it is not the default (docs/benchmarks.md).
+Speed. Samples are generated in batches of ``batch_size``. On a GPU (``static_cache="auto"``, the default) the
+sampled part is decoded with a static KV cache and one decoding step captured in a CUDA graph and replayed
+(``graphed_decoding.py``), since a step of a small model is bound by launching kernels from Python; models it does
+not support (offloaded, sliding-window or linear attention, ...) and the CPU use transformers' ``generate`` with a
+dynamic cache whose buffers are allocated for the whole sample (``kv_cache.py``), so a step does not copy the cache.
+``static_cache=True`` asks for a static cache in any case (``generate``'s where graphs cannot run; ``compile_backend``
+has transformers compile it instead, which on an H200 took 30-40 s for every new batch size); False for the
+dynamic one. Timings in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from .generation_cache import (
     tokenizer_fingerprint,
     write_cache,
 )
+from .graphed_decoding import SamplingSpec, UnsupportedModel, resolve_decoding, sample_in_graphs
 from .kv_cache import cache_argument_name, preallocated_cache
 from .language import LanguageFilter, filter_name, resolve_language_filter
 from .sampling import auto_batch_size, lengths_before_eos, sampling_processors
@@ -85,6 +88,8 @@ class SelfGeneratedData:
     num_short: Optional[int] = None
     #: Sequences generated together (``batch_size="auto"`` resolved); None when read from the cache.
     batch_size: Optional[int] = None
+    #: How the samples were decoded: "cuda graphs", "static cache" or "dynamic cache"; None when read from the cache.
+    decoding: Optional[str] = None
 
 
 def generate_self_calibration(
@@ -103,7 +108,7 @@ def generate_self_calibration(
     batch_size: Union[int, str] = "auto",
     max_length: Optional[int] = None,
     stop_at_eos: bool = True,
-    static_cache: bool = False,
+    static_cache: Union[bool, str] = "auto",
     compile_backend: Optional[str] = None,
     cache_dir: Optional[str] = None,
     show_progress: bool = True,
@@ -123,7 +128,9 @@ def generate_self_calibration(
         max_length: the most tokens a sample is generated to (default ``seq_len``); a larger value lets the window
             start later in the text (the authors generated up to 2048 tokens).
         stop_at_eos: end a sample at EOS (samples shorter than ``seq_len`` are then replaced); False suppresses EOS.
-        static_cache: transformers' static KV cache during sampling instead of the preallocated dynamic one.
+        static_cache: ``"auto"``: on a GPU, a static KV cache with the step in a CUDA graph where the model allows it,
+            else (and on the CPU) the preallocated dynamic cache; True: a static cache (graphed on a GPU where
+            possible, else transformers'); False: the dynamic cache.
         compile_backend: with ``static_cache``, have transformers compile the decoding step with this
             ``torch.compile`` backend (None: no compile; ``"inductor"``: transformers' own choice, with CUDA graphs;
             ``"cudagraphs"``: CUDA graphs of the eager kernels, no code generation). For benchmarks; a backend that
@@ -141,6 +148,8 @@ def generate_self_calibration(
     _validate(num_samples, seq_len, seed, greedy_tokens, temperature, top_k, top_p, batch_size, max_attempts_factor,
               max_length)
     _validate_compile_backend(compile_backend, static_cache)
+    device = _model_device(model)
+    graphs, static_cache = resolve_decoding(model, device, static_cache, compile_backend)
     settings = {
         "format": CACHE_FORMAT, "sampler": SAMPLER, "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
         "greedy_tokens": greedy_tokens, "temperature": float(temperature), "top_k": top_k, "top_p": float(top_p),
@@ -160,13 +169,13 @@ def generate_self_calibration(
 
     keep = resolve_language_filter(language, language_filter)
     special = _SpecialTokens.from_model_and_tokenizer(model, tokenizer)
-    device = _model_device(model)
     if batch_size == "auto":
         batch_size = auto_batch_size(model, device, max_length, _model_vocab_size(model) or len(tokenizer))
     run = _Generation(model, tokenizer, special, device, keep, filter_name(language, language_filter), dict(
         num_samples=num_samples, seq_len=seq_len, max_length=max_length, seed=seed,
         greedy=min(greedy_tokens, seq_len - 1), temperature=temperature, top_k=top_k, top_p=top_p,
-        stop_at_eos=stop_at_eos, static_cache=static_cache, compile_backend=compile_backend, batch_size=batch_size,
+        stop_at_eos=stop_at_eos, static_cache=static_cache, graphs=graphs, capture=True,
+        compile_backend=compile_backend, batch_size=batch_size,
         max_candidates=max_attempts_factor * num_samples, max_attempts_factor=max_attempts_factor))
     with _generation_mode(model), torch.inference_mode():
         input_ids = run.samples(show_progress)
@@ -174,7 +183,7 @@ def generate_self_calibration(
     input_ids = input_ids.clone()
     texts = [tokenizer.decode(row.tolist(), skip_special_tokens=False) for row in input_ids]
     data = SelfGeneratedData(input_ids=input_ids, texts=texts, from_cache=False, num_candidates=run.used,
-                             num_short=run.used_short, batch_size=batch_size)
+                             num_short=run.used_short, batch_size=batch_size, decoding=run.decoding)
     if path is not None:
         write_cache(path, {**settings, "key": key, "num_candidates": run.used, "num_short": run.used_short},
                     input_ids, texts)
@@ -218,6 +227,7 @@ class _Generation:
         self.queue: list[tuple[int, torch.Tensor]] = []  # (candidate index, accepted prefix), in candidate order
         self.tried = self.rejected = self.short = self.completed = self.used = 0
         self.short_indices: list[int] = []
+        self.decoding = "cuda graphs" if plan["graphs"] else "static cache" if plan["static_cache"] else "dynamic cache"
 
     def samples(self, show_progress: bool) -> torch.Tensor:
         """``[num_samples, seq_len]``: the windows of the first candidates (in order) that pass every stage."""
@@ -301,6 +311,10 @@ class _Generation:
         sampled = keys is not None
         until_eos = sampled and plan["stop_at_eos"]
         suppressed = special.undecodable + ([] if until_eos else special.eos_token_ids)
+        if sampled and plan["graphs"]:
+            graphed = self._sample_in_graphs(input_ids, new_tokens, keys, suppressed)
+            if graphed is not None:
+                return graphed
         static = sampled and plan["static_cache"]
         backend = plan["compile_backend"]
         compiling = {"disable_compile": True} if static else {}
@@ -327,6 +341,25 @@ class _Generation:
                                f"of {input_ids.shape[1]} tokens and {new_tokens} new tokens; the model's generate() "
                                "ignores max/min_new_tokens.")
         return output.cpu()
+
+    def _sample_in_graphs(self, input_ids: torch.Tensor, new_tokens: int, keys: list[int],
+                          suppressed: list[int]) -> Optional[torch.Tensor]:
+        """The sampled part decoded in CUDA graphs; None (and transformers' static cache from then on) when the
+        model's attention turns out to be unsupported."""
+        plan, special = self.plan, self.special
+        spec = SamplingSpec(keys=keys, temperature=plan["temperature"], top_k=plan["top_k"], top_p=plan["top_p"],
+                            suppressed=suppressed, eos_token_ids=special.eos_token_ids,
+                            pad_token_id=special.pad_token_id)
+        try:
+            sequences, captured = sample_in_graphs(self.model, input_ids.to(self.device), new_tokens, spec,
+                                                   capture=plan["capture"])
+        except UnsupportedModel as error:
+            logger.warning("self-generation: %s; decoding with transformers' static cache instead", error)
+            plan["graphs"], self.decoding = False, "static cache"
+            return None
+        if not captured:  # a capture that failed once fails again: later batches go eagerly from the start
+            plan["capture"], self.decoding = False, "static cache, eager (the step could not be captured)"
+        return sequences.cpu()
 
     def _shortfall(self, found: int) -> str:
         plan = self.plan
@@ -428,13 +461,13 @@ def _derive_seed(seed: int, *parts: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- checks
-def _validate_compile_backend(backend: Optional[str], static_cache: bool) -> None:
+def _validate_compile_backend(backend: Optional[str], static_cache: Union[bool, str]) -> None:
     if backend is None:
         return
     known = sorted(torch._dynamo.list_backends(exclude_tags=()))
     if not isinstance(backend, str) or backend not in known:
         raise ValueError(f"compile_backend={backend!r} is not allowed; allowed: None (no compile) or one of {known}.")
-    if not static_cache:
+    if static_cache is not True:
         raise ValueError(f"compile_backend={backend!r} needs static_cache=True: transformers compiles the decoding "
                          "step only with a static KV cache.")
 

@@ -104,7 +104,7 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                                                "random window of --seq-len tokens is cut from it"),
     "self_gen_stop_at_eos": ("self-generation", "end a sample at EOS and replace samples shorter than --seq-len "
                                                 "(true/false; false suppresses EOS)"),
-    "self_gen_static_cache": ("self-generation", "static KV cache while sampling (true/false)"),
+    "self_gen_static_cache": ("self-generation", "KV cache while sampling: auto (CUDA graphs on a GPU), true (static), false (dynamic)"),
     "self_gen_cache_dir": ("self-generation", "folder caching generated samples, so a rerun does not regenerate"),
     "reconstruction_mode": ("block-wise", "full (train every kept weight), lora (masked LoRA, merged afterwards) or auto "
                             "(full when one window fits the device budget, else lora)"),
