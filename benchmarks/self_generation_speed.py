@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: float32, bfloat16, float16")
     parser.add_argument("--static-cache", default="auto",
                         help="comma-separated: auto (the default: CUDA graphs on a GPU where the model allows), "
-                             "on (a static cache), off (the dynamic cache)")
+                             "on (a static cache), off (the dynamic cache), eager (auto's decoder with every step "
+                             "run eagerly, not captured: to profile its kernels)")
     parser.add_argument("--compile-backends", default="none",
                         help="with a static cache, comma-separated: none (not compiled), or torch.compile backends "
                              "for transformers' compile of the decoding step: inductor (its own choice, with CUDA "
@@ -79,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results/self_generation.json")
     args = parser.parse_args(argv)
     args.dtypes = [d for d in args.dtypes.split(",") if d]
-    args.static_cache = [{"off": False, "on": True, "auto": "auto"}[s] for s in args.static_cache.split(",") if s]
+    args.static_cache = [{"off": False, "on": True, "auto": "auto", "eager": "eager"}[s] for s in args.static_cache.split(",") if s]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.step_batches = [int(b) for b in args.step_batches.split(",") if b]
     args.compile_backends = [None if b == "none" else b for b in args.compile_backends.split(",") if b]
@@ -95,7 +96,7 @@ def cache_settings(args: argparse.Namespace) -> list[tuple[bool, Any, Any]]:
     dynamic cache without it."""
     return [(static, backend, None) if static else (False, None, dynamic)
             for static in args.static_cache
-            for backend, dynamic in ([(None, None)] if static == "auto" else
+            for backend, dynamic in ([(None, None)] if static in ("auto", "eager") else
                                      [(b, None) for b in args.compile_backends] if static
                                      else [(None, d) for d in args.dynamic_caches])]
 
@@ -113,6 +114,29 @@ def dynamic_cache_kind(kind: Any):
         yield
     finally:
         self_generation.preallocated_cache = real
+
+
+@contextlib.contextmanager
+def eager_steps(static_cache: Any):
+    """For ``--static-cache eager``: the capture refused, so that every step of the package's decoder runs eagerly
+    (it warns once a run); pass :func:`package_setting` as ``static_cache``."""
+    if static_cache != "eager":
+        yield
+        return
+    from hf_recon_prune.calibration import graphed_decoding
+
+    def refuse(step):
+        raise RuntimeError("the benchmark runs every step eagerly")
+
+    real, graphed_decoding.capture_step = graphed_decoding.capture_step, refuse
+    try:
+        yield
+    finally:
+        graphed_decoding.capture_step = real
+
+
+def package_setting(static_cache: Any) -> Any:
+    return "auto" if static_cache == "eager" else static_cache
 
 
 def word_tokenizer(vocab_size: int):
@@ -148,14 +172,14 @@ def time_generation(model, tokenizer, args: argparse.Namespace, static_cache: bo
                     temperature=defaults.self_gen_temperature, top_k=defaults.self_gen_top_k,
                     top_p=defaults.self_gen_top_p, language=defaults.self_gen_language,
                     batch_size=defaults.self_gen_batch_size, stop_at_eos=defaults.self_gen_stop_at_eos,
-                    static_cache=static_cache, compile_backend=backend, show_progress=False)
+                    static_cache=package_setting(static_cache), compile_backend=backend, show_progress=False)
     generate_self_calibration(model, tokenizer, 2, min(16, args.seq_len), **{**settings, "batch_size": 2})  # warm-up
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    with _autocast(args), dynamic_cache_kind(dynamic):
+    with _autocast(args), dynamic_cache_kind(dynamic), eager_steps(static_cache):
         data = generate_self_calibration(model, tokenizer, args.samples, args.seq_len, **settings)
     if cuda:
         torch.cuda.synchronize()
@@ -180,8 +204,8 @@ def profile(model, tokenizer, args: argparse.Namespace, dtype: str) -> str:
     tables = []
     for static_cache, backend, dynamic in cache_settings(args):
         settings = dict(seed=args.seed, language=None, batch_size=args.samples, stop_at_eos=False,
-                        show_progress=False, static_cache=static_cache, compile_backend=backend)
-        with dynamic_cache_kind(dynamic):
+                        show_progress=False, static_cache=package_setting(static_cache), compile_backend=backend)
+        with dynamic_cache_kind(dynamic), eager_steps(static_cache):
             generate_self_calibration(model, tokenizer, 2, 8, **{**settings, "batch_size": 2})  # warm-up
             cuda = args.device.startswith("cuda")
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -212,7 +236,7 @@ def step_times(model, tokenizer, args: argparse.Namespace, dtype: str) -> list[d
     for static_cache, backend, dynamic in cache_settings(args):
         for batch in args.step_batches:
             settings = dict(seed=args.seed, language=None, batch_size=batch, stop_at_eos=False, show_progress=False,
-                            static_cache=static_cache, compile_backend=backend)
+                            static_cache=package_setting(static_cache), compile_backend=backend)
             with _autocast(args):  # so a one-call setting does not pay CUDA's and cuBLAS's start-up
                 generate_self_calibration(model, tokenizer, 2, min(16, args.step_tokens),
                                           **{**settings, "batch_size": 2})
@@ -220,7 +244,7 @@ def step_times(model, tokenizer, args: argparse.Namespace, dtype: str) -> list[d
             for _ in range(args.step_calls):
                 _synchronize(args.device)
                 started = time.perf_counter()
-                with _autocast(args), dynamic_cache_kind(dynamic):
+                with _autocast(args), dynamic_cache_kind(dynamic), eager_steps(static_cache):
                     generate_self_calibration(model, tokenizer, batch, args.step_tokens, **settings)
                 _synchronize(args.device)
                 calls.append(time.perf_counter() - started)
