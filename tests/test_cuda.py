@@ -558,11 +558,14 @@ def test_self_generation_in_cuda_graphs_gives_generates_samples():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_replayed_decoding_step_equals_the_eager_one(dtype):
+def test_a_replayed_decoding_step_equals_the_eager_one(dtype, monkeypatch):
     """The same decoder captured and replayed, against every step run eagerly: the same kernels, so the same tokens,
-    bit for bit, also in float32 and bfloat16 (GQA: 4 query heads over 2 key/value heads)."""
+    bit for bit, also in float32 and bfloat16 (GQA: 4 query heads over 2 key/value heads). Windows of 16 positions:
+    four graphs in one memory pool."""
     from conftest_calibration_helpers import make_bpe_tokenizer
     from hf_recon_prune.calibration import graphed_decoding
+
+    monkeypatch.setattr(graphed_decoding, "WINDOW", 16)
 
     tokenizer = make_bpe_tokenizer()
     model = _eos_prone_on_cuda(tokenizer, dtype, bonus=-2.0)

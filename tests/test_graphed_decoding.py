@@ -35,11 +35,12 @@ def fake_capture(monkeypatch):
     a CUDA graph capture does) and the replay runs it."""
     calls = {"captures": 0}
 
-    def capture(step):
+    def capture(step, pool):
         calls["captures"] += 1
-        return step
+        return step, pool
 
     monkeypatch.setattr(self_generation, "resolve_decoding", lambda *args: (True, True))
+    monkeypatch.setattr(graphed_decoding, "WINDOW", 8)  # several windows, so several graphs, in every run
     monkeypatch.setattr(graphed_decoding, "warm_up", lambda step: step())
     monkeypatch.setattr(graphed_decoding, "capture_step", capture)
     return calls
@@ -102,12 +103,36 @@ def test_sequences_are_padded_after_eos_and_stop_once_every_row_ended(tokenizer,
     assert steps[0] == 3 and set(steps[1:]) == {1} and len(steps) == 1 + 4  # stopped at the first look
 
 
+def test_each_attention_window_is_warmed_up_captured_once_and_replayed(tokenizer, fake_capture, monkeypatch):
+    """Windows of 8 positions: steps whose context fits 8, 16, 24, 32 positions each get a warm-up, a capture (not
+    run) and replays; the tokens equal those of one window over the whole cache, every step eager."""
+    model = _eos_prone(tokenizer, bonus=-1e4)  # no EOS: every step runs
+    windows, warm_ups = [], []
+    monkeypatch.setattr(graphed_decoding, "warm_up", lambda step: (warm_ups.append(1), step()))
+    real_forward = graphed_decoding._Decoder._forward
+    monkeypatch.setattr(graphed_decoding._Decoder, "_forward",
+                        lambda self, ids: (windows.append(self.positions.window), real_forward(self, ids)))
+    prompts = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    spec = graphed_decoding.SamplingSpec(keys=[1, 2], temperature=1.0, top_k=50, top_p=1.0, suppressed=[],
+                                         eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    with torch.inference_mode():
+        windowed, captured = graphed_decoding.sample_in_graphs(model, prompts, 30, spec)
+    assert captured and fake_capture["captures"] == 4 and len(warm_ups) == 4
+    # the prompt, then steps whose last token sits at positions 3 .. 31: the capture itself runs nothing
+    expected = [8] + [min(33, 8 * (last // 8 + 1)) for last in range(3, 32)]
+    assert sorted(windows) == sorted(expected) and len(windows) == 30
+    monkeypatch.setattr(graphed_decoding, "WINDOW", 256)
+    with torch.inference_mode():
+        whole, _ = graphed_decoding.sample_in_graphs(model, prompts, 30, spec, capture=False)
+    assert torch.equal(windowed, whole)
+
+
 def test_a_capture_that_fails_leaves_the_run_eager_with_the_same_samples(tokenizer, fake_capture, monkeypatch):
     model = _eos_prone(tokenizer)
     graphed = _generate(model, tokenizer, max_length=2 * LENGTH)
     failures = []
 
-    def failing(step):
+    def failing(step, pool):
         failures.append(1)
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
 

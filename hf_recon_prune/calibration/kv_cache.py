@@ -82,10 +82,11 @@ if DynamicLayer is not None:
                 self._value_buffer[..., :length, :].copy_(kept[1])
 
     class PositionedLayer(DynamicLayer):
-        """A cache layer for decoding in CUDA graphs (``graphed_decoding.py``): keys and values live in zeroed buffers of
-        ``positions.capacity`` positions, an update writes them at the positions ``positions.current`` (a device
-        tensor) onwards, and attention always sees the whole buffers under the caller's mask. Nothing in an update
-        depends on a value on the host, so a captured step replays at the right position."""
+        """A cache layer for decoding in CUDA graphs (``graphed_decoding.py``): keys and values live in zeroed buffers
+        of ``positions.capacity`` positions; an update writes them at the positions ``positions.current`` (a device
+        tensor) onwards and returns the first ``positions.window`` positions (a host value, fixed per captured graph),
+        which attention reads under the caller's mask. Nothing depends on the position's value on the host, so a
+        captured step replays at the right position."""
 
         _layer_type = None
 
@@ -106,7 +107,8 @@ if DynamicLayer is not None:
             index = self.positions.current + self.positions.offsets[:key_states.shape[-2]]
             self.keys.index_copy_(-2, index, key_states)
             self.values.index_copy_(-2, index, value_states)
-            return self.keys, self.values
+            window = self.positions.window
+            return self.keys[..., :window, :], self.values[..., :window, :]
 
         def get_seq_length(self) -> int:
             return self.positions.capacity if self.is_initialized else 0
