@@ -7,7 +7,8 @@ static cache, compiles for 30-40 s per batch size. Capturing the eager kernels o
 A step must then not depend on anything on the host, so this module decodes by itself instead of through
 ``model.generate``, with the same result: the prompt is run once (eager), then every step feeds one token per row
 at the cache position ``current`` (a device tensor), writes its keys and values there into buffers of the whole
-length (``kv_cache.PositionedLayer``), attends over every position under the mask ``position <= current``, and
+length (``kv_cache.PositionedLayer``), attends over their first :data:`WINDOW`-multiple of positions that holds the
+context (one captured graph per such window) under the mask ``position <= current``, and
 turns the float32 logits into the next token as ``self_generation`` has ``generate`` do it: suppressed tokens,
 temperature / top-k / top-p (transformers' own warpers), the keyed Gumbel noise of ``sampling.py`` (for every
 vocabulary entry: the sparse variant needs a host sync), argmax; after EOS a row gets the pad token. The host
@@ -15,8 +16,9 @@ looks at the state every :data:`CHECK_EVERY` steps only, to stop once every row 
 
 Attention runs through :func:`decode_attention`, registered with transformers' ``AttentionInterface`` and selected
 for the duration of the run: for a single query token it places the query heads that share a key/value head side
-by side, so grouped-query attention reads the cache once (transformers' SDPA path repeats the keys and values for
-every query head whenever a mask is given, in the releases we support).
+by side and attends by two batched matrix products, so grouped-query attention reads the cache once (transformers'
+SDPA path repeats the keys and values for every query head whenever a mask is given, in the releases we support,
+and the masked SDPA kernel was most of a step at 1024 positions; docs/benchmarks.md).
 
 Which models: a single device, no Accelerate hooks, ``sdpa`` or ``eager`` attention, every layer plain full
 attention (no sliding window, no linear attention), and no attention feature the function does not implement
