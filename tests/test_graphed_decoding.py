@@ -221,3 +221,17 @@ def test_the_static_cache_setting_resolves_per_device(tokenizer, monkeypatch):
     with pytest.raises(ValueError, match=r"self_gen_static_cache='graphs' is not allowed.*True, False or 'auto'"):
         PruningConfig(self_gen_static_cache="graphs")
     assert PruningConfig().self_gen_static_cache == "auto"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt_neox", "gemma"])
+def test_the_decoder_gives_generates_samples_for_every_family(tokenizer, fake_capture, monkeypatch, family):
+    """Each model family's own attention, positions and cache calls through the decoder (windows of 8 positions)
+    against generate() with the dynamic cache, in float64."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(family, dtype=torch.float64)
+    assert graphed_decoding.unsupported_reason(model) is None
+    ours = _generate(model, tokenizer, stop_at_eos=False)
+    monkeypatch.setattr(self_generation, "resolve_decoding", lambda *args: (False, False))
+    reference = _generate(model, tokenizer, stop_at_eos=False, batch_size=3)
+    assert ours.decoding == "cuda graphs" and torch.equal(ours.input_ids, reference.input_ids)
