@@ -235,3 +235,25 @@ def test_the_decoder_gives_generates_samples_for_every_family(tokenizer, fake_ca
     monkeypatch.setattr(self_generation, "resolve_decoding", lambda *args: (False, False))
     reference = _generate(model, tokenizer, stop_at_eos=False, batch_size=3)
     assert ours.decoding == "cuda graphs" and torch.equal(ours.input_ids, reference.input_ids)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "qwen2_moe", "phi3", "gpt2"])
+def test_the_decoder_gives_generates_samples_for_mixture_of_experts_models(tokenizer, fake_capture, monkeypatch,
+                                                                            family):
+    """Routed experts (float32: their grouped matrix products take no float64), DeepSeek-V3's latent attention,
+    Phi-3's fused projections and GPT-2's learned positions. Hybrid models (linear attention, sliding windows) go to
+    generate() instead."""
+    from test_moe import make_model
+
+    model = make_model(family).eval()
+    ours = _generate(model, tokenizer, stop_at_eos=False)
+    monkeypatch.setattr(self_generation, "resolve_decoding", lambda *args: (False, False))
+    reference = _generate(model, tokenizer, stop_at_eos=False, batch_size=3)
+    assert ours.decoding == "cuda graphs" and torch.equal(ours.input_ids, reference.input_ids)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_next", "jamba"])
+def test_models_with_other_attention_layers_are_left_to_generate(family):
+    from test_moe import make_model
+
+    assert "not plain full attention" in graphed_decoding.unsupported_reason(make_model(family))
