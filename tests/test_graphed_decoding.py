@@ -257,3 +257,16 @@ def test_models_with_other_attention_layers_are_left_to_generate(family):
     from test_moe import make_model
 
     assert "not plain full attention" in graphed_decoding.unsupported_reason(make_model(family))
+
+
+def test_generating_on_the_cpu_with_a_gpu_at_hand_says_to_move_the_model(tokenizer, monkeypatch, caplog):
+    model = make_tiny_llama(len(tokenizer))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level("WARNING", logger="hf_recon_prune.calibration.self_generation"):
+        _generate(model, tokenizer, num=1, seq_len=8)
+    assert "runs where the model is, on the CPU, though a GPU is available" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_recon_prune.calibration.self_generation"):
+        _generate(model, tokenizer, num=1, seq_len=8)
+    assert "GPU is available" not in caplog.text

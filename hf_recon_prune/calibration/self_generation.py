@@ -169,6 +169,9 @@ def generate_self_calibration(
 
     keep = resolve_language_filter(language, language_filter)
     special = _SpecialTokens.from_model_and_tokenizer(model, tokenizer)
+    if device.type == "cpu" and torch.cuda.is_available():
+        logger.warning("self-generation runs where the model is, on the CPU, though a GPU is available: for speed, "
+                       "load the model onto the GPU first (e.g. from_pretrained(..., device_map='cuda')) if it fits")
     if batch_size == "auto":
         batch_size = auto_batch_size(model, device, max_length, _model_vocab_size(model) or len(tokenizer))
     run = _Generation(model, tokenizer, special, device, keep, filter_name(language, language_filter), dict(
