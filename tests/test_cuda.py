@@ -7,6 +7,7 @@ The places covered, each by at least one test below:
     * activation streams on the device, in pinned CPU memory (with and without copies overlapped on a side stream),
       in pageable CPU memory and in a memory-mapped file: loads of row slices and gathered rows, stores of results
       (``offload.StreamRows``), through the whole engine for LR, BR+GP and BR+GP+CR, full and LoRA, on two families;
+    * BR's row indices moved to the device once an epoch when the streams live there (``block_trainer``);
     * the first block's inputs captured into a CPU stream from embeddings on the GPU (``capture.py``);
     * blocks moved onto the device and back (``offload.BlockPlacement``): a model in CPU memory, one dispatched by
       Accelerate across the GPU and the CPU, with disk offload, and ``accelerate.cpu_offload``;
@@ -392,6 +393,30 @@ def test_graphed_br_equals_eager_br_on_cuda(recipe, mode, batch):
         assert not any("CUDA graphs failed" in w for w in report.warnings), report.warnings
         runs[setting] = (pruner, model)
     _assert_same_result(*runs["auto"], reference=(runs[False][0].masks, _cpu_state(runs[False][1])))
+
+
+@pytest.mark.parametrize("compile_blocks", [False, "auto"])
+def test_br_gathers_device_stream_rows_with_an_index_on_the_device(compile_blocks, monkeypatch):
+    """With the streams on the device, BR moves each epoch's order there once, so no step copies its rows' index from
+    the host (a pageable host-to-device copy waits for the device's whole queue); CPU streams are gathered on the
+    host with CPU indices. Both give the same masks and weights, eager and graphed."""
+    import hf_recon_prune.reconstruction.block_trainer as block_trainer
+
+    seen, real = [], block_trainer._MiniBatches.load
+
+    def load(self, rows, ahead=None):
+        seen.append({rows.device.type} | ({ahead.device.type} if ahead is not None else set()))
+        return real(self, rows, ahead)
+
+    monkeypatch.setattr(block_trainer._MiniBatches, "load", load)
+    runs = {}
+    for location, index_device in (("device", "cuda"), ("cpu", "cpu")):
+        seen.clear()
+        model = _model("llama", num_layers=2).cuda()
+        pruner, report = _prune(model, stream_location=location, compile_blocks=compile_blocks)
+        assert seen and all(devices == {index_device} for devices in seen), (location, seen[:4])
+        runs[location] = (pruner, model)
+    _assert_same_result(*runs["device"], reference=(runs["cpu"][0].masks, _cpu_state(runs["cpu"][1])))
 
 
 # ---------------------------------------------------------------------------------------------------- fallbacks

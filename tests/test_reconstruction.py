@@ -313,6 +313,19 @@ def test_same_seed_same_weights(mode):
     assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
 
 
+def test_row_indices_live_with_device_resident_streams():
+    """A step gathers the rows of device-resident streams with an index already on the device (an epoch's order is
+    moved there once); CPU and disk streams, and mixed placements, are gathered with CPU indices."""
+    from hf_recon_prune.reconstruction.block_trainer import _MiniBatches
+
+    host = torch.zeros(4, 2, 3)
+    elsewhere = torch.empty(4, 2, 3, device="meta")  # stands for a device the CPU suite does not have
+    assert _MiniBatches(host, host, CPU).index_device == CPU
+    assert _MiniBatches(elsewhere, elsewhere, elsewhere.device).index_device == elsewhere.device
+    assert _MiniBatches(elsewhere, host, elsewhere.device).index_device == CPU
+    assert _MiniBatches(host, elsewhere, elsewhere.device).index_device == CPU
+
+
 def test_bad_arguments():
     model, blocks, kwargs, masks, x, target = _problem()
     layer = blocks[0].mlp.gate_proj  # 64 x 32: a transposed mask has the wrong shape

@@ -237,7 +237,10 @@ class _Training:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: max(0.0, 1.0 - step / plan.total_steps))
         self.scaler = torch.amp.GradScaler(device.type, enabled=loss.amp_dtype is torch.float16)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order wherever the run is
+        # A pageable host-to-device copy waits for the device's whole queue: an epoch's order goes to the device once,
+        # not a step's rows at every step (the rows of device streams are then gathered without the host).
+        self.index_device = loss.data.index_device if sharded_rows is None else torch.device("cpu")
         self.step = 0
         # halved after an out-of-memory error; the optimiser still sees whole mini-batches
         self.micro_batch = plan.batch_size
@@ -260,7 +263,7 @@ class _Training:
 
     def _epoch(self, progress, max_steps: Optional[int] = None) -> Optional[tuple[int, float]]:
         plan = self.plan
-        order = torch.randperm(plan.num_rows, generator=self.generator)
+        order = torch.randperm(plan.num_rows, generator=self.generator).to(self.index_device)
         epoch_batches = list(batches(plan.num_rows, plan.batch_size))
         if max_steps is not None:
             epoch_batches = epoch_batches[:max(0, max_steps - self.step)]
@@ -397,6 +400,15 @@ class _MiniBatches:
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device):
         self.inputs, self.targets = inputs, targets
         self.transfers = StreamRows(device)
+
+    @property
+    def index_device(self) -> torch.device:
+        """Where row indices should live: with the streams when both are off the CPU (device-resident), so that
+        gathering a mini-batch needs no index from the host; on the CPU otherwise (CPU and disk streams are
+        gathered on the host)."""
+        if self.inputs.device == self.targets.device and self.inputs.device.type != "cpu":
+            return self.inputs.device
+        return torch.device("cpu")
 
     def load(self, rows: torch.Tensor, ahead: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transfers.load(self.inputs, rows, ahead), self.transfers.load(self.targets, rows, ahead)
