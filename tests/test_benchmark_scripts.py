@@ -264,6 +264,21 @@ def test_scale_gpu_runs_a_recipe_in_parts_that_resume_from_the_package_checkpoin
         scale_gpu.parse_args(["--stop-after", "10"])  # a part without checkpoints could not be resumed
 
 
+def test_stage_profile_runs_br_with_host_and_device_indices_side_by_side(stage_profile, tmp_path):
+    import hf_recon_prune.reconstruction.block_trainer as block_trainer
+
+    out = tmp_path / "index.json"
+    assert stage_profile.main([
+        "--device", "cpu", "--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--vocab",
+        "128", "--samples", "4", "--seq-len", "16", "--epochs", "1", "--recipes", "br+gp", "--stream-location",
+        "device", "--br-index", "both", "--out", str(out),
+    ]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(run["recipe"], run["br_index_on_device"]) for run in runs] == [("br+gp host index", False),
+                                                                            ("br+gp", True)]
+    assert block_trainer.INDEX_ON_DEVICE is True  # the switch is restored after the runs
+
+
 def test_stage_profile_counts_grouped_query_attention_projections(stage_profile):
     args = stage_profile.parse_args(["--device", "cpu", "--hidden", "64", "--intermediate", "128", "--heads", "8",
                                      "--kv-heads", "2"])

@@ -398,8 +398,9 @@ def test_graphed_br_equals_eager_br_on_cuda(recipe, mode, batch):
 @pytest.mark.parametrize("compile_blocks", [False, "auto"])
 def test_br_gathers_device_stream_rows_with_an_index_on_the_device(compile_blocks, monkeypatch):
     """With the streams on the device, BR moves each epoch's order there once, so no step copies its rows' index from
-    the host (a pageable host-to-device copy waits for the device's whole queue); CPU streams are gathered on the
-    host with CPU indices. Both give the same masks and weights, eager and graphed."""
+    the host (a pageable host-to-device copy waits for the device's whole queue); CPU streams, and device streams
+    with ``INDEX_ON_DEVICE`` off (the behaviour before), are gathered with CPU indices. All give the same masks and
+    weights, eager and graphed."""
     import hf_recon_prune.reconstruction.block_trainer as block_trainer
 
     seen, real = [], block_trainer._MiniBatches.load
@@ -410,13 +411,17 @@ def test_br_gathers_device_stream_rows_with_an_index_on_the_device(compile_block
 
     monkeypatch.setattr(block_trainer._MiniBatches, "load", load)
     runs = {}
-    for location, index_device in (("device", "cuda"), ("cpu", "cpu")):
+    for location, on_device, index_device in (("device", True, "cuda"), ("device", False, "cpu"),
+                                              ("cpu", True, "cpu")):
         seen.clear()
+        monkeypatch.setattr(block_trainer, "INDEX_ON_DEVICE", on_device)
         model = _model("llama", num_layers=2).cuda()
         pruner, report = _prune(model, stream_location=location, compile_blocks=compile_blocks)
-        assert seen and all(devices == {index_device} for devices in seen), (location, seen[:4])
-        runs[location] = (pruner, model)
-    _assert_same_result(*runs["device"], reference=(runs["cpu"][0].masks, _cpu_state(runs["cpu"][1])))
+        assert seen and all(devices == {index_device} for devices in seen), (location, on_device, seen[:4])
+        runs[location, on_device] = (pruner, model)
+    reference = runs["cpu", True]
+    for key in (("device", True), ("device", False)):
+        _assert_same_result(*runs[key], reference=(reference[0].masks, _cpu_state(reference[1])))
 
 
 # ---------------------------------------------------------------------------------------------------- fallbacks

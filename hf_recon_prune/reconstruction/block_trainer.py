@@ -36,6 +36,11 @@ __all__ = ["TrainResult", "LossTransform", "reconstruct_window", "resolve_autoca
 #: (they reflect every previous step, masks included). Return the loss unchanged to only observe.
 LossTransform = Callable[[int, torch.Tensor], torch.Tensor]
 
+#: With device-resident streams, BR moves each epoch's row order to the device once (off: every step copies its rows'
+#: index from the host, as before 6b1ed2b). ``benchmarks/stage_profile.py --br-index both`` runs both side by side;
+#: ``tests/test_cuda.py`` checks that both give the same result.
+INDEX_ON_DEVICE = True
+
 
 @dataclass
 class TrainResult:
@@ -240,7 +245,8 @@ class _Training:
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order wherever the run is
         # A pageable host-to-device copy waits for the device's whole queue: an epoch's order goes to the device once,
         # not a step's rows at every step (the rows of device streams are then gathered without the host).
-        self.index_device = loss.data.index_device if sharded_rows is None else torch.device("cpu")
+        on_device = INDEX_ON_DEVICE and sharded_rows is None
+        self.index_device = loss.data.index_device if on_device else torch.device("cpu")
         self.step = 0
         # halved after an out-of-memory error; the optimiser still sees whole mini-batches
         self.micro_batch = plan.batch_size
