@@ -4,18 +4,19 @@ Layout of ``PruningConfig.checkpoint_dir``::
 
     blocks/block-00003.safetensors   final weights (state dict) and masks of decoder block 3, written once when the
                                      block is finalised (write to a temporary name, then rename)
+    blocks/dense-00003.safetensors   the weights block 3 had when the run took it (runs with a dense stream: GP or
+                                     error tracking), written once, when the block is first taken
     step-00003/                      the latest complete checkpoint: everything after block 3 was finalised
-        manifest.json                config, fingerprints, which blocks are final, what the streams hold
+        manifest.json                config, fingerprints, which blocks are final, which streams the next window needs
         report.json                  the PruneReport so far
         state.safetensors            torch RNG state; weights, masks (and dense copy) of blocks prepared but not final
-    streams/stream-<split>-<kind>-<i>-<tag>.safetensors   the activation streams that enter the next window
 
 A step folder is written under a temporary name and renamed into place, so a ``step-*`` folder either is complete or
-does not exist; older step folders are deleted once the new one is in place. Checkpoints cost what changed: a block
-file is written once, when its block is final, and a stream file only when the stream is new or was written to since
-the last step (a dense stream computed ahead for a CR window, for instance, is carried over); a step's manifest names
-the stream files it uses, and files no step uses any more are deleted after the new step is in place. (Format 1,
-whose stream files lay inside each step folder, is still read.) Everything is read back with
+does not exist; older step folders are deleted once the new one is in place. Checkpoints cost what changed: each
+block's files are written once, and the activation streams (``num_samples x seq_len x hidden`` values each, several
+GiB per step at 7B) are not written at all: a resume recomputes them from the calibration ids, the dense block files
+and the final block files, one forward pass per stream and block (``run_checkpoints.restore_run``). (Formats 1 and 2,
+which wrote the streams, into each step folder or into ``streams/``, are still read.) Everything is read back with
 ``safetensors`` and ``json`` only: nothing in a checkpoint is unpickled, imported or evaluated. A checkpoint carries
 a fingerprint of the configuration (execution-only fields excepted), the model's structure and the calibration token
 ids (``fingerprints.py``); resuming with anything different is refused with a message that says what differs. The
@@ -46,8 +47,11 @@ from .fingerprints import (  # noqa: F401  (re-exported: the fingerprints were d
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+#: Format 3 recomputes the streams on resume; format 2 (still written with ``run_checkpoints.SAVE_STREAMS``) and
+#: format 1 carry them.
+FORMAT_VERSION = 3
+STREAMS_FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2, 3)
 STREAMS = "streams"
 MANIFEST = "manifest.json"
 REPORT = "report.json"
@@ -100,13 +104,26 @@ def block_file(folder: str, index: int) -> str:
     return os.path.join(folder, BLOCKS, f"block-{index:05d}.safetensors")
 
 
+def dense_block_file(folder: str, index: int) -> str:
+    return os.path.join(folder, BLOCKS, f"dense-{index:05d}.safetensors")
+
+
 def save_block(folder: str, index: int, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                run_id: str, fingerprint: str) -> None:
     """Write a finalised block's state dict and masks (``mask.<linear name>``) atomically."""
-    path = block_file(folder, index)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tensors = {f"state.{name}": t for name, t in state.items()}
     tensors.update({f"mask.{name}": m for name, m in masks.items()})
+    _save_block_tensors(block_file(folder, index), tensors, index, run_id, fingerprint)
+
+
+def save_dense_block(folder: str, index: int, state: dict[str, torch.Tensor], run_id: str, fingerprint: str) -> None:
+    """Write the state dict a block had when the run took it (``state.<name>``) atomically."""
+    _save_block_tensors(dense_block_file(folder, index), {f"state.{name}": t for name, t in state.items()}, index,
+                        run_id, fingerprint)
+
+
+def _save_block_tensors(path: str, tensors: dict[str, torch.Tensor], index: int, run_id: str, fingerprint: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}{_TMP_PREFIX}{os.getpid()}"
     _save_tensors(tensors, tmp, metadata={"run_id": run_id, "fingerprint": fingerprint, "block": str(index)})
     os.replace(tmp, path)
@@ -127,7 +144,9 @@ def save_stream(folder: str, name: str, tensor: torch.Tensor) -> tuple[str, int]
 def save_step(folder: str, step: int, manifest: dict[str, Any], report: dict[str, Any],
               state: dict[str, torch.Tensor], stream_files: dict[str, tuple[str, int]]) -> str:
     """Write ``step-<step>`` (manifest, report, state) atomically, naming ``stream_files`` (stream name -> (file in
-    ``streams/``, size), already written by :func:`save_stream`); delete older steps and unused stream files."""
+    ``streams/``, size), already written by :func:`save_stream`); delete older steps and unused stream files.
+    Without stream files the step is of format 3: a resume recomputes the streams, from the dense block files that
+    ``manifest["dense_blocks"]`` names and the final block files."""
     os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, f"step-{step:05d}")
     tmp = os.path.join(folder, f"{_TMP_PREFIX}step-{step:05d}-{os.getpid()}")
@@ -142,10 +161,11 @@ def save_step(folder: str, step: int, manifest: dict[str, Any], report: dict[str
     sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in (STATE, REPORT)}
     block_sizes = {str(i): os.path.getsize(block_file(folder, i)) for i in manifest.get("finalised", [])
                    if os.path.isfile(block_file(folder, i))}
-    manifest = dict(manifest, format_version=FORMAT_VERSION, step=step,
+    dense_sizes = {str(i): os.path.getsize(dense_block_file(folder, i)) for i in manifest.get("dense_blocks", [])}
+    manifest = dict(manifest, format_version=STREAMS_FORMAT_VERSION if stream_files else FORMAT_VERSION, step=step,
                     streams={name: file for name, (file, _) in stream_files.items()},
                     stream_file_sizes={file: size for file, size in stream_files.values()}, file_sizes=sizes,
-                    block_file_sizes=block_sizes)
+                    block_file_sizes=block_sizes, dense_block_file_sizes=dense_sizes)
     _write_json(manifest, os.path.join(tmp, MANIFEST))  # written last: a folder with a manifest is complete
     _fsync_dir(tmp)
     if os.path.exists(final):  # a step of an earlier run with the same index: replaced by this one
@@ -206,13 +226,16 @@ _MANIFEST_FIELDS = {
 
 def _check_manifest(path: str, manifest: dict[str, Any]) -> None:
     """Raise CheckpointError naming the first entry of the manifest that is missing or of the wrong type."""
-    for name, kind in _MANIFEST_FIELDS.items():
+    version = manifest.get("format_version")
+    recomputed = isinstance(version, int) and version >= 3
+    fields = dict(_MANIFEST_FIELDS, **({"dense_blocks": list} if recomputed else {}))
+    for name, kind in fields.items():
         value = manifest.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise CheckpointError(f"{os.path.join(path, MANIFEST)} is damaged: its {name!r} is "
                                   f"{'missing' if name not in manifest else type(value).__name__}, expected "
                                   f"{kind.__name__}; {_START_AGAIN}")
-    for name in ("finalised", "pending", "existing_zeros"):
+    for name in ("finalised", "pending", "existing_zeros") + (("dense_blocks",) if recomputed else ()):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in manifest[name]):
             raise CheckpointError(f"{os.path.join(path, MANIFEST)} is damaged: {name!r} must list integers; "
                                   f"{_START_AGAIN}")
@@ -222,13 +245,13 @@ def _check_manifest(path: str, manifest: dict[str, Any]) -> None:
                                   f"{file_name!r}; {_START_AGAIN}")
 
 
-def _safetensors_keys(path: str) -> list[str]:
-    """The tensor names of a safetensors file; CheckpointError when its header is torn or unreadable."""
+def _safetensors_metadata(path: str) -> dict[str, str]:
+    """The metadata of a safetensors file; CheckpointError when its header is torn or unreadable."""
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as handle:
-            return list(handle.keys())
+            return handle.metadata() or {}
     except Exception as err:  # SafetensorError: "incomplete metadata, file not fully covered", "header too small"
         raise CheckpointError(f"{path} is torn or damaged ({err}); {_START_AGAIN}") from None
 
@@ -247,6 +270,8 @@ class Checkpoint:
         _check_manifest(path, manifest)
         self.manifest: dict[str, Any] = manifest
         self.stream_folder = path if manifest["format_version"] == 1 else os.path.join(self.folder, STREAMS)
+        #: Format 3 holds no stream: a resume recomputes them (``run_checkpoints.restore_run``).
+        self.recomputes_streams = manifest["format_version"] >= 3
         self._check_files()
         self.report: dict[str, Any] = _read_json(os.path.join(path, REPORT))
         if not isinstance(self.report, dict):
@@ -257,6 +282,7 @@ class Checkpoint:
         header; otherwise CheckpointError names the file (nothing has been loaded into the model yet)."""
         sizes = dict(self.manifest.get("file_sizes") or {})
         files = [os.path.join(self.path, STATE)]
+        owned = set()  # block files, which must be this run's
         for name in self.manifest["streams"].values():
             files.append(os.path.join(self.stream_folder, name))
             recorded = (self.manifest.get("stream_file_sizes") or {}).get(name)
@@ -264,9 +290,16 @@ class Checkpoint:
                 sizes[os.path.relpath(files[-1], self.path)] = recorded
         for index in self.manifest["finalised"]:
             files.append(block_file(self.folder, index))
+            owned.add(files[-1])
             recorded = (self.manifest.get("block_file_sizes") or {}).get(str(index))
             if recorded is not None:
                 sizes[os.path.relpath(block_file(self.folder, index), self.path)] = recorded
+        for index in self.manifest.get("dense_blocks") or []:
+            files.append(dense_block_file(self.folder, index))
+            owned.add(files[-1])
+            recorded = (self.manifest.get("dense_block_file_sizes") or {}).get(str(index))
+            if recorded is not None:
+                sizes[os.path.relpath(files[-1], self.path)] = recorded
         for path in files:
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path} is missing: the checkpoint in {self.path} is incomplete; {_START_AGAIN}")
@@ -274,7 +307,15 @@ class Checkpoint:
             if recorded is not None and os.path.getsize(path) != recorded:
                 raise CheckpointError(f"{path} is torn: {os.path.getsize(path)} bytes where the checkpoint wrote "
                                       f"{recorded}; {_START_AGAIN}")
-            _safetensors_keys(path)
+            metadata = _safetensors_metadata(path)
+            if path in owned:
+                self._check_owner(path, metadata)
+
+    def _check_owner(self, path: str, metadata: dict[str, str]) -> None:
+        if (metadata.get("run_id") != self.manifest.get("run_id")
+                or metadata.get("fingerprint") != self.manifest.get("fingerprint")):
+            raise CheckpointError(f"{path} belongs to another run than {self.path}; delete {self.folder} and "
+                                  "start again")
 
     def check_matches(self, config_dict: dict[str, Any], model_info: dict[str, Any], calibration: str) -> None:
         """Raise CheckpointError naming what differs between the checkpoint and this run."""
@@ -340,9 +381,15 @@ class Checkpoint:
 
     def block(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(state dict, masks by linear name) of a finalised block, checked to belong to this run."""
+        return self._block_tensors(block_file(self.folder, index))
+
+    def dense_block(self, index: int) -> dict[str, torch.Tensor]:
+        """The state dict block ``index`` had when the run took it, checked to belong to this run."""
+        return self._block_tensors(dense_block_file(self.folder, index))[0]
+
+    def _block_tensors(self, path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         from safetensors import safe_open
 
-        path = block_file(self.folder, index)
         if not os.path.isfile(path):
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; delete {self.folder} and start again")
         try:
@@ -350,11 +397,7 @@ class Checkpoint:
         except Exception as err:
             raise CheckpointError(f"{path} cannot be read ({err}); {_START_AGAIN}") from None
         with handle:
-            metadata = handle.metadata() or {}
-            if (metadata.get("run_id") != self.manifest.get("run_id")
-                    or metadata.get("fingerprint") != self.manifest.get("fingerprint")):
-                raise CheckpointError(f"{path} belongs to another run than {self.path}; delete {self.folder} and "
-                                      "start again")
+            self._check_owner(path, handle.metadata() or {})
             state, masks = {}, {}
             for key in handle.keys():
                 kind, _, name = key.partition(".")

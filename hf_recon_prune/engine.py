@@ -180,7 +180,7 @@ class BlockEngine(MaskSelection):
         self.placement = BlockPlacement(device, cfg.stream_folder)
         state.kwargs = capture_block_kwargs(self.layout.base_model, blocks, ids[:1], device)
         if saved is not None:
-            state.first_window = restore_run(saved, state, self)
+            state.first_window = restore_run(saved, state, self, lambda: self._first_streams(local_ids, forward))
         else:
             state.streams = self._first_streams(local_ids, forward)
             self.allocate_sparsity()
@@ -253,6 +253,9 @@ class BlockEngine(MaskSelection):
                 continue
             with _timed(state.report.blocks[index], "placement"):
                 block = self.take_block(index)
+            if self.checkpoints is not None and state.plan.dense_stream:  # a resume recomputes the streams from it
+                with _timed(state.report.blocks[index], "checkpoint"):
+                    self.checkpoints.save_dense_block(index, block)
             if state.plan.dense_copies:
                 state.dense_blocks[index] = copy.deepcopy(block)
             state.block_masks[index] = self._prepare_block(index, window[0])

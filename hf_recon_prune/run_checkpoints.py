@@ -3,6 +3,11 @@
 The files and their format (and the checks a resume makes before loading anything) are ``checkpoint.py``'s; this
 module maps the engine's run state onto them: which blocks are final or pending, the streams, the RNG state, and
 the refusal to throw away a checkpoint of the same run.
+
+The streams are not written: every stream is a function of the calibration ids, the weights each block had when
+the run took it (the dense stream) and the final weights of the blocks before it (the sparse stream), so a resume
+recomputes them with the run's own batched forward, block by block, from the dense and final block files. That
+costs one forward pass per stream and block on resume, where writing them cost several GiB per block at 7B.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import torch
 
 from .checkpoint import (
+    _START_AGAIN,
     MANIFEST,
     Checkpoint,
     CheckpointError,
@@ -23,12 +30,17 @@ from .checkpoint import (
     latest_step,
     new_run_id,
     save_block,
+    save_dense_block,
     save_step,
     save_stream,
 )
 from .fingerprints import block_weights_sample, model_fingerprint, run_fingerprint, tensor_fingerprint
 
 logger = logging.getLogger(__name__)
+
+#: Write the streams into every step (format 2) instead of recomputing them on resume (format 3). Off: a step wrote
+#: 4 GiB of streams per block at 7B with GP; kept so that reading format-2 checkpoints stays tested.
+SAVE_STREAMS = False
 
 
 class RunCheckpoints:
@@ -46,6 +58,7 @@ class RunCheckpoints:
         self._written: dict[str, tuple[tuple[int, int, int], tuple[str, int]]] = {}  # see _stream_files
         self._alive: list[torch.Tensor] = []
         self.stream_writes = 0  # stream files written by this process (the rest were carried over)
+        self.dense_blocks: set[int] = set()  # blocks whose dense file this run wrote or a resume found
 
     @classmethod
     def open(cls, config: Any, model: torch.nn.Module, blocks: Any, tensors: tuple, resume: bool,
@@ -78,7 +91,22 @@ class RunCheckpoints:
         else:
             run_id, dense_samples = new_run_id(), current_samples
             fingerprint = run_fingerprint(config_dict, model_info, calibration)
-        return cls(folder, run_id, fingerprint, config_dict, model_info, calibration, dense_samples), saved
+        checkpoints = cls(folder, run_id, fingerprint, config_dict, model_info, calibration, dense_samples)
+        if saved is not None:
+            checkpoints.dense_blocks.update(saved.manifest.get("dense_blocks") or [])
+        return checkpoints, saved
+
+    @property
+    def recomputes_streams(self) -> bool:
+        return not SAVE_STREAMS
+
+    def save_dense_block(self, index: int, block: torch.nn.Module) -> None:
+        """The weights block ``index`` has as the run takes it, once (a resume recomputes the dense stream from
+        them); only needed by runs with a dense stream."""
+        if not self.recomputes_streams or index in self.dense_blocks:
+            return
+        save_dense_block(self.folder, index, block.state_dict(), self.run_id, self.fingerprint)
+        self.dense_blocks.add(index)
 
     def save_block(self, index: int, block: torch.nn.Module, masks: dict) -> None:
         names = _mask_names(block)
@@ -105,13 +133,14 @@ class RunCheckpoints:
                              "dense_none": sorted(k for k, v in stream.dense.items() if v is None)}
             for kind in ("sparse", "dense"):
                 streams.update({f"{split}-{kind}-{key}": t for key, t in getattr(stream, kind).items() if t is not None})
-        stream_files = self._stream_files(streams)
+        stream_files = {} if self.recomputes_streams else self._stream_files(streams)
         manifest = {
             "run_id": self.run_id, "fingerprint": self.fingerprint, "config": self.config, "model": self.model,
             "calibration": self.calibration, "dense_block_samples": self.dense_samples,
             "finalised": finalised, "pending": pending, "next_window": next_window, "stream_layout": layout,
             "forward_batch_size": state.forward.batch_size, "existing_zeros": list(state.existing_zeros),
             "elapsed_seconds": elapsed,
+            "dense_blocks": sorted(i for i in self.dense_blocks if i in set(finalised) | set(pending)),
         }
         save_step(self.folder, step, manifest, state.report.to_dict(), tensors, stream_files)
 
@@ -153,13 +182,14 @@ def _refuse_fresh_start(latest: str, fingerprint: str, overwrite: bool) -> None:
                    "" if same_run else " (it was made with other settings, or is damaged)")
 
 
-def restore_run(saved: Checkpoint, state: Any, engine: Any) -> int:
+def restore_run(saved: Checkpoint, state: Any, engine: Any, first_streams: Callable[[], dict]) -> int:
     """Load ``saved`` into the model and ``state`` (the engine's run state); returns the first window to run.
 
     ``engine`` supplies the model's blocks, the block placement and ``take_block(index)`` (onload a block and note
-    that it is modified), ``prunable(block)`` and ``named_masks(index, masks)``.
+    that it is modified), ``prunable(block)``, ``named_masks(index, masks)`` and ``show_progress``;
+    ``first_streams()`` makes the streams entering block 0 (from the calibration ids), from which a checkpoint of
+    format 3 has its streams recomputed (module docstring).
     """
-    from .propagation import Streams
     from .report import PruneReport
 
     manifest = saved.manifest
@@ -181,24 +211,63 @@ def restore_run(saved: Checkpoint, state: Any, engine: Any) -> int:
                                   f"layers ({sorted(masks)} vs {sorted(layers)})")
         return {layers[name]: masks[name].to(device) for name in layers}
 
-    for index in manifest["finalised"]:
-        block_state, masks = saved.block(index)
-        block = engine.take_block(index, block_state)
-        engine.masks.update(engine.named_masks(index, ordered_masks(block, masks, "cpu")))
-        state.block_masks[index] = {}  # finished: only the key matters (see the block loop)
-        engine.placement.offload(block)
+    finalised, pending = set(manifest["finalised"]), set(manifest["pending"])
+    streams = _RecomputedStreams(saved, state, first_streams()) if saved.recomputes_streams else None
     tensors = saved.state()
-    for index in manifest["pending"]:
-        prefix = f"pending.{index}."
-        part = {kind: {k[len(prefix) + len(kind) + 1:]: v for k, v in tensors.items() if k.startswith(f"{prefix}{kind}.")}
-                for kind in ("state", "mask", "dense")}
-        block = engine.take_block(index, part["state"])
-        state.block_masks[index] = ordered_masks(block, part["mask"], state.device)
-        if part["dense"]:
-            state.dense_blocks[index] = copy.deepcopy(block)
-            state.dense_blocks[index].load_state_dict(part["dense"], strict=True)
-    state.streams = {}
-    for split, layout in manifest["stream_layout"].items():
+    covered = sorted(finalised | pending)
+    progress = _restore_progress(engine, len(covered), streams is not None)
+    started = time.perf_counter()
+    for index in covered:
+        block = engine.take_block(index)
+        if streams is not None:
+            streams.advance_dense(index, block)
+        if index in finalised:
+            block_state, masks = saved.block(index)
+            block.load_state_dict(block_state, strict=True)
+            engine.masks.update(engine.named_masks(index, ordered_masks(block, masks, "cpu")))
+            state.block_masks[index] = {}  # finished: only the key matters (see the block loop)
+            if streams is not None:
+                streams.advance_sparse(index, block)
+            engine.placement.offload(block)
+        else:
+            prefix = f"pending.{index}."
+            part = {kind: {k[len(prefix) + len(kind) + 1:]: v for k, v in tensors.items()
+                           if k.startswith(f"{prefix}{kind}.")} for kind in ("state", "mask", "dense")}
+            block.load_state_dict(part["state"], strict=True)
+            state.block_masks[index] = ordered_masks(block, part["mask"], state.device)
+            if part["dense"]:
+                state.dense_blocks[index] = copy.deepcopy(block)
+                state.dense_blocks[index].load_state_dict(part["dense"], strict=True)
+        if progress is not None:
+            progress.update(1)
+    if progress is not None:
+        progress.close()
+    if streams is not None:
+        state.streams = streams.result()
+        logger.info("recomputed the activation streams through %d blocks in %.1f s", len(covered),
+                    time.perf_counter() - started)
+    else:
+        state.streams = _saved_streams(saved, state)
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and state.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], state.device)
+    return int(manifest["next_window"])
+
+
+def _restore_progress(engine: Any, total: int, recomputing: bool):
+    if not (getattr(engine, "show_progress", False) and recomputing and total):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="restoring the checkpoint (recomputing streams)", unit="block")
+
+
+def _saved_streams(saved: Checkpoint, state: Any) -> dict:
+    """The streams of a checkpoint of format 1 or 2, read from their files."""
+    from .propagation import Streams
+
+    streams = {}
+    for split, layout in saved.manifest["stream_layout"].items():
         parts: dict[str, dict[int, Optional[torch.Tensor]]] = {"sparse": {}, "dense": {}}
         for kind in ("sparse", "dense"):
             for key in layout[kind]:
@@ -207,11 +276,75 @@ def restore_run(saved: Checkpoint, state: Any, engine: Any) -> int:
                     continue
                 loaded = saved.stream(f"{split}-{kind}-{key}")
                 parts[kind][int(key)] = state.forward.new_stream(loaded.shape[0]).copy_(loaded)
-        state.streams[split] = Streams(sparse=parts["sparse"], dense=parts["dense"])
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and state.device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], state.device)
-    return int(manifest["next_window"])
+        streams[split] = Streams(sparse=parts["sparse"], dense=parts["dense"])
+    return streams
+
+
+class _RecomputedStreams:
+    """The streams a step of format 3 holds, recomputed block by block with the run's own batched forward.
+
+    The dense stream passes through each block with the weights the block had when the run took it (its dense file),
+    the sparse stream with the block's final weights, exactly as the run advanced them (``engine._prepare_block``,
+    ``engine._finalise_block``); only the keys the step's ``stream_layout`` lists are kept."""
+
+    def __init__(self, saved: Checkpoint, state: Any, first: dict):
+        self.saved, self.state, self.streams = saved, state, first
+        layout = saved.manifest["stream_layout"]
+        if set(layout) != set(first):
+            raise CheckpointError(f"{saved.path}: its streams are of the splits {sorted(layout)}, this run has "
+                                  f"{sorted(first)}; {_START_AGAIN}")
+        self.sparse_keys = {split: {int(k) for k in entry["sparse"]} for split, entry in layout.items()}
+        self.dense_none = {split: {int(k) for k in entry["dense_none"]} for split, entry in layout.items()}
+        self.dense_keys = {split: {int(k) for k in entry["dense"]} - self.dense_none[split]
+                           for split, entry in layout.items()}
+        self.sparse_through = max((max(keys, default=0) for keys in self.sparse_keys.values()), default=0)
+        self.dense_through = max((max(keys, default=0) for keys in self.dense_keys.values()), default=0)
+        self.dense_files = set(saved.manifest.get("dense_blocks") or [])
+
+    def advance_dense(self, index: int, block: torch.nn.Module) -> None:
+        """Dense streams past block ``index``, with the block's dense weights loaded into it (the caller loads its
+        final or pending state next)."""
+        if index >= self.dense_through:
+            return
+        if index not in self.dense_files:
+            raise CheckpointError(f"{self.saved.path}: no dense weights were saved for block {index}, whose dense "
+                                  f"stream the next window needs; {_START_AGAIN}")
+        block.load_state_dict(self.saved.dense_block(index), strict=True)
+        for split, stream in self.streams.items():
+            if stream.dense.get(index) is not None:
+                stream.dense[index + 1], _ = self.state.forward([block], [self.state.kwargs[index]],
+                                                                stream.dense[index], block=index, split=split)
+            if index not in self.dense_keys[split]:
+                stream.dense.pop(index, None)
+
+    def advance_sparse(self, index: int, block: torch.nn.Module) -> None:
+        """Sparse streams past the final block ``index``."""
+        if index >= self.sparse_through:
+            return
+        for split, stream in self.streams.items():
+            if self.state.total_rows[split] == 0:
+                stream.sparse[index + 1] = stream.sparse[index]
+            else:
+                stream.sparse[index + 1], _ = self.state.forward([block], [self.state.kwargs[index]],
+                                                                 stream.sparse[index], block=index, split=split)
+            if index not in self.sparse_keys[split]:
+                stream.sparse.pop(index, None)
+
+    def result(self) -> dict:
+        """The recomputed streams, checked to be the ones the step lists."""
+        for split, stream in self.streams.items():
+            for key in self.dense_none[split]:
+                stream.dense[key] = None
+            for key in [k for k in stream.dense if k not in self.dense_keys[split] | self.dense_none[split]]:
+                del stream.dense[key]
+            if set(stream.sparse) != self.sparse_keys[split] or not self.dense_keys[split] <= {
+                    k for k, v in stream.dense.items() if v is not None}:
+                raise CheckpointError(
+                    f"{self.saved.path}: the {split} streams recomputed from the block files "
+                    f"(sparse {sorted(stream.sparse)}, dense {sorted(stream.dense)}) are not the ones the checkpoint "
+                    f"lists (sparse {sorted(self.sparse_keys[split])}, dense {sorted(self.dense_keys[split])}); "
+                    f"{_START_AGAIN}")
+        return self.streams
 
 
 def _mask_names(block: torch.nn.Module):

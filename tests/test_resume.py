@@ -213,6 +213,8 @@ def _pruned(config, resume=False, calibration=None, num_layers=NUM_BLOCKS, overw
     dict(reconstruction=["lr", "br"]),                             # BR toward the dense block on the sparse stream
     dict(reconstruction=["br", "cr"], method="wanda"),             # CR without GP: a pending block's dense copy
     dict(reconstruction=["lr", "br", "gp"], reconstruction_mode="lora", lora_rank=4),
+    dict(reconstruction=["lr", "br"], track_reconstruction_error=False),  # no dense stream to recompute
+    dict(reconstruction=["lr", "br", "gp", "cr"], cr_schedule="sliding"),
 ])
 def test_resume_in_process_equals_uninterrupted(tmp_path, overrides):
     reference, _, reference_report = _pruned(_config(**overrides))
@@ -226,6 +228,17 @@ def test_resume_in_process_equals_uninterrupted(tmp_path, overrides):
     assert set(pruner.masks) == {f"model.layers.{i}.{name}" for i in range(NUM_BLOCKS)
                                  for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+def test_resume_without_held_out_rows_equals_uninterrupted(tmp_path):
+    """A split with no rows passes its (empty) streams along unchanged, in the run and in the recomputation."""
+    calibration = _calibration()
+    calibration.heldout_ids = calibration.heldout_ids[:0]
+    reference, _, _ = _pruned(_config(**VARIANTS["br_gp_cr"]), calibration=calibration)
+    config = _config(tmp_path, **VARIANTS["br_gp_cr"])
+    _interrupted(config, 1, calibration=calibration)
+    model, _, _ = _pruned(config, resume=True, calibration=calibration)
+    _assert_identical(model.state_dict(), reference.state_dict())
 
 
 def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, monkeypatch):
@@ -249,9 +262,9 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path
     model, _, _ = _pruned(config, resume=True, on_block_end=lambda index, report: seen.append(index))
     assert seen == [2, 3]
     _assert_identical(model.state_dict(), reference.state_dict())
-    assert sorted(os.listdir(tmp_path)) == ["blocks", "step-00003", "streams"]  # leftovers of the crash are gone
-    named = json.loads((tmp_path / "step-00003" / "manifest.json").read_text())["streams"]
-    assert sorted(os.listdir(tmp_path / "streams")) == sorted(named.values())  # unused stream files too
+    assert sorted(os.listdir(tmp_path)) == ["blocks", "step-00003"]  # leftovers of the crash are gone
+    assert sorted(os.listdir(tmp_path / "blocks")) == [f"{kind}-{i:05d}.safetensors" for kind in ("block", "dense")
+                                                       for i in range(NUM_BLOCKS)]
 
 
 def test_checkpoint_holds_only_safetensors_and_json(tmp_path):
@@ -412,17 +425,26 @@ def test_a_fresh_run_over_a_checkpoint_of_the_same_run_is_refused(tmp_path):
     _assert_identical(model.state_dict(), reference.state_dict())
 
 
-@pytest.mark.parametrize("target", ["stream", "state", "block", "header"])
-def test_a_torn_checkpoint_file_is_refused_on_resume(tmp_path, target):
+@pytest.mark.parametrize("target", ["stream", "state", "block", "dense", "header", "missing dense"])
+def test_a_torn_checkpoint_file_is_refused_on_resume(tmp_path, target, monkeypatch):
+    import hf_recon_prune.run_checkpoints as run_checkpoints
+
+    monkeypatch.setattr(run_checkpoints, "SAVE_STREAMS", target == "stream")  # stream files: format 2 only
     _interrupted(_config(tmp_path), 1)
+    monkeypatch.setattr(run_checkpoints, "SAVE_STREAMS", False)
     step = tmp_path / "step-00001"
-    path = {"stream": next((tmp_path / "streams").glob("stream-*.safetensors")), "state": step / "state.safetensors",
-            "block": tmp_path / "blocks" / "block-00001.safetensors",
+    path = {"stream": next(iter((tmp_path / "streams").glob("stream-*.safetensors")), None),
+            "state": step / "state.safetensors", "block": tmp_path / "blocks" / "block-00001.safetensors",
+            "dense": tmp_path / "blocks" / "dense-00001.safetensors",
+            "missing dense": tmp_path / "blocks" / "dense-00000.safetensors",
             "header": tmp_path / "blocks" / "block-00000.safetensors"}[target]
     data = path.read_bytes()
     if target == "header":  # same size, damaged header: what a torn write that left the length can look like
         path.write_bytes(b"\xff" * 8 + data[8:])
         match = rf"{path} is torn or damaged \(.*\)"
+    elif target == "missing dense":
+        path.unlink()
+        match = rf"{path} is missing: the checkpoint in {step} is incomplete"
     else:
         path.write_bytes(data[: len(data) // 2])
         match = rf"{path} is torn: {len(data) // 2} bytes where the checkpoint wrote {len(data)}"
@@ -451,7 +473,7 @@ def test_a_damaged_manifest_is_refused_on_resume(tmp_path, damage):
             data["next_window"] = "2"
             match = r"manifest\.json is damaged: its 'next_window' is str, expected int"
         else:
-            data["streams"][next(iter(data["streams"]))] = "../../outside.safetensors"
+            data["streams"]["calibration-sparse-2"] = "../../outside.safetensors"
             match = r"manifest\.json is damaged: it names the stream file '\.\./\.\./outside\.safetensors'"
         manifest.write_text(json.dumps(data))
     model = make_tiny_model("llama", num_layers=NUM_BLOCKS)
@@ -490,14 +512,41 @@ def test_the_blocks_folder_is_fsynced_after_every_rename(tmp_path, monkeypatch):
     real = checkpoints._fsync_dir
     monkeypatch.setattr(checkpoints, "_fsync_dir", lambda path: (synced.append(os.path.abspath(path)), real(path)))
     _pruned(_config(tmp_path))
-    assert synced.count(str(tmp_path / "blocks")) == NUM_BLOCKS  # once per block file, after its rename
+    assert synced.count(str(tmp_path / "blocks")) == 2 * NUM_BLOCKS  # once per final and dense file, after its rename
 
 
-def test_a_checkpoint_writes_only_the_streams_that_changed(tmp_path, monkeypatch):
-    """Stream files are written when a stream is new or was written to; one that is carried over from the last
-    step keeps its file, and the run still resumes to the uninterrupted result."""
+@pytest.mark.parametrize("variant", ["br_gp", "br_gp_cr"])
+def test_a_checkpoint_writes_no_stream_and_each_block_once(tmp_path, variant):
+    """Format 3: a step holds no stream (a resume recomputes them, see test_resume_in_process_equals_uninterrupted
+    and the SIGKILL tests); each block's dense and final weights are written once, so the files grow with the
+    blocks done, not with the calibration set."""
+    manifests = []
+    _pruned(_config(tmp_path, **VARIANTS[variant]),
+            on_block_end=lambda index, report: manifests.append(
+                json.loads((Path(checkpoints.latest_step(str(tmp_path))) / "manifest.json").read_text())))
+    for manifest in manifests:
+        assert manifest["format_version"] == 3 and manifest["streams"] == {} and manifest["stream_layout"]
+        assert manifest["dense_blocks"] == sorted(manifest["finalised"] + manifest["pending"])
+    assert not (tmp_path / "streams").exists()
+    assert sorted(os.listdir(tmp_path / "blocks")) == [f"{kind}-{i:05d}.safetensors" for kind in ("block", "dense")
+                                                       for i in range(NUM_BLOCKS)]
+    dense = load_file(str(tmp_path / "blocks" / "dense-00002.safetensors"))
+    taken = make_tiny_model("llama", num_layers=NUM_BLOCKS).model.layers[2].state_dict()
+    _assert_identical({k.removeprefix("state."): v for k, v in dense.items()}, taken)  # the weights as taken
+
+
+def test_a_run_without_a_dense_stream_writes_no_dense_block(tmp_path):
+    _pruned(_config(tmp_path, reconstruction=["lr", "br"], track_reconstruction_error=False))  # no dense stream
+    assert sorted(os.listdir(tmp_path / "blocks")) == [f"block-{i:05d}.safetensors" for i in range(NUM_BLOCKS)]
+
+
+def test_a_format_2_checkpoint_writes_only_the_streams_that_changed(tmp_path, monkeypatch):
+    """Format 2 (``SAVE_STREAMS``, kept so that reading it stays tested): stream files are written when a stream is
+    new or was written to; one that is carried over from the last step keeps its file, and the run still resumes to
+    the uninterrupted result."""
     import hf_recon_prune.run_checkpoints as run_checkpoints
 
+    monkeypatch.setattr(run_checkpoints, "SAVE_STREAMS", True)
     written, steps = [], []
     real = run_checkpoints.save_stream
 
@@ -527,9 +576,13 @@ def test_a_checkpoint_writes_only_the_streams_that_changed(tmp_path, monkeypatch
     _assert_identical(model.state_dict(), reference.state_dict())
 
 
-def test_a_checkpoint_of_format_1_with_its_streams_in_the_step_folder_still_resumes(tmp_path):
+def test_a_checkpoint_of_format_1_with_its_streams_in_the_step_folder_still_resumes(tmp_path, monkeypatch):
+    import hf_recon_prune.run_checkpoints as run_checkpoints
+
     reference, _, _ = _pruned(_config())
+    monkeypatch.setattr(run_checkpoints, "SAVE_STREAMS", True)
     _interrupted(_config(tmp_path), 1)
+    monkeypatch.setattr(run_checkpoints, "SAVE_STREAMS", False)
     step = tmp_path / "step-00001"
     manifest = json.loads((step / "manifest.json").read_text())
     for file_name in manifest["streams"].values():
