@@ -59,6 +59,7 @@ class RunCheckpoints:
         self._alive: list[torch.Tensor] = []
         self.stream_writes = 0  # stream files written by this process (the rest were carried over)
         self.dense_blocks: set[int] = set()  # blocks whose dense file this run wrote or a resume found
+        self.recomputes_streams = not SAVE_STREAMS  # format 3; else the streams are written (format 2)
 
     @classmethod
     def open(cls, config: Any, model: torch.nn.Module, blocks: Any, tensors: tuple, resume: bool,
@@ -94,11 +95,9 @@ class RunCheckpoints:
         checkpoints = cls(folder, run_id, fingerprint, config_dict, model_info, calibration, dense_samples)
         if saved is not None:
             checkpoints.dense_blocks.update(saved.manifest.get("dense_blocks") or [])
+            # A run resumed from streams on disk has no dense files of its earlier blocks: it goes on writing streams.
+            checkpoints.recomputes_streams = saved.recomputes_streams and not SAVE_STREAMS
         return checkpoints, saved
-
-    @property
-    def recomputes_streams(self) -> bool:
-        return not SAVE_STREAMS
 
     def save_dense_block(self, index: int, block: torch.nn.Module) -> None:
         """The weights block ``index`` has as the run takes it, once (a resume recomputes the dense stream from

@@ -576,6 +576,26 @@ def test_a_format_2_checkpoint_writes_only_the_streams_that_changed(tmp_path, mo
     _assert_identical(model.state_dict(), reference.state_dict())
 
 
+def test_a_run_resumed_from_a_format_2_checkpoint_goes_on_writing_streams(tmp_path, monkeypatch):
+    """Its earlier blocks have no dense files to recompute the streams from, so its later steps carry them too, and
+    a second interruption still resumes to the uninterrupted result."""
+    import hf_recon_prune.run_checkpoints as run_checkpoints
+
+    reference, _, _ = _pruned(_config())
+    config = _config(tmp_path)
+    monkeypatch.setattr(run_checkpoints, "SAVE_STREAMS", True)
+    _interrupted(config, 0)
+    monkeypatch.setattr(run_checkpoints, "SAVE_STREAMS", False)
+    model = make_tiny_model("llama", num_layers=NUM_BLOCKS)
+    with pytest.raises(PruningFailedError):
+        Pruner(model, config, calibration_data=_calibration(), show_progress=False,
+               on_block_end=_stop_after(1)).prune(resume=True)
+    manifest = json.loads((tmp_path / "step-00001" / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["streams"]
+    model, _, _ = _pruned(config, resume=True)
+    _assert_identical(model.state_dict(), reference.state_dict())
+
+
 def test_a_checkpoint_of_format_1_with_its_streams_in_the_step_folder_still_resumes(tmp_path, monkeypatch):
     import hf_recon_prune.run_checkpoints as run_checkpoints
 
