@@ -279,6 +279,28 @@ def test_stage_profile_runs_br_with_host_and_device_indices_side_by_side(stage_p
     assert block_trainer.INDEX_ON_DEVICE is True  # the switch is restored after the runs
 
 
+def test_checkpoint_cost_compares_recomputed_and_saved_streams(tmp_path):
+    checkpoint_cost = _benchmark("checkpoint_cost")
+    import hf_recon_prune.run_checkpoints as run_checkpoints
+
+    out = tmp_path / "cost.json"
+    assert checkpoint_cost.main([
+        "--device", "cpu", "--layers", "2", "--hidden", "32", "--intermediate", "64", "--heads", "4", "--vocab",
+        "128", "--dtype", "float32", "--samples", "64", "--seq-len", "32", "--epochs", "1", "--work-dir",
+        str(tmp_path / "work"), "--out", str(out),
+    ]) == 0
+    runs = {run["mode"]: run for run in json.loads(out.read_text())["runs"]}
+    assert runs["recompute"]["identical"] and runs["save"]["identical"]
+    stream = 64 * 32 * 32 * 4
+    assert runs["save"]["stream_bytes"] == stream
+    # format 2 wrote the two calibration streams (sparse and dense) at each of the 2 steps on top of what format 3
+    # writes, and format 3 writes each block's dense weights on top of what format 2 writes
+    block = 4 * 32 * 32 + 3 * 32 * 64 + 2 * 32  # linear weights + norms of one block, float32 values
+    difference = runs["save"]["written_bytes"] - runs["recompute"]["written_bytes"]
+    assert abs(difference - (2 * 2 * stream - 2 * 4 * block)) < 0.05 * difference
+    assert run_checkpoints.SAVE_STREAMS is False  # restored
+
+
 def test_stage_profile_counts_grouped_query_attention_projections(stage_profile):
     args = stage_profile.parse_args(["--device", "cpu", "--hidden", "64", "--intermediate", "128", "--heads", "8",
                                      "--kv-heads", "2"])
