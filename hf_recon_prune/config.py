@@ -214,9 +214,9 @@ class PruningConfig:
     forward_batch_size: int = 8
     track_reconstruction_error: bool = True
     data_parallel: str = "auto"
-    # checkpoint_dir: after every finalised block, a checkpoint (weights and masks of the blocks done, the streams,
-    # RNG state, the report so far) is written there, so that Pruner.prune(resume=True) / --resume continues an
-    # interrupted run with the same result. None: no checkpoints.
+    # checkpoint_dir: after every finalised block, a checkpoint (weights and masks of the blocks done and the weights
+    # they had when taken, RNG state, the report so far; a resume recomputes the streams from them) is written there,
+    # so that Pruner.prune(resume=True) / --resume continues an interrupted run with the same result. None: none.
     checkpoint_dir: Optional[str] = None
 
     def __post_init__(self) -> None:

@@ -222,9 +222,17 @@ def check_resources(estimate: Any, config: Any, blocks: Any, device: torch.devic
     if estimate.stream_location == "disk":
         _check_disk(estimate.streams * processes, config.stream_folder, "stream_folder", "the disk-backed streams")
     if config.checkpoint_dir:
-        weights = sum(t.numel() * t.element_size() for block in blocks for t in block.state_dict().values())
-        # Block files for every block, and two step folders (with their streams) while one replaces the other.
-        _check_disk(weights + 2 * estimate.streams, config.checkpoint_dir, "checkpoint_dir", "the checkpoints")
+        _check_disk(checkpoint_bytes(blocks), config.checkpoint_dir, "checkpoint_dir", "the checkpoints")
+
+
+def checkpoint_bytes(blocks: Any) -> int:
+    """Disk the checkpoints of a run over ``blocks`` need at most: every block's final weights and masks (a byte a
+    value at most) and the weights it had when taken (a resume recomputes the streams from them), and two step
+    folders while one replaces the other (with CR each holds the block prepared for the next window). No stream is
+    written."""
+    sizes = [sum(t.numel() * t.element_size() for t in block.state_dict().values()) for block in blocks]
+    values = sum(t.numel() for block in blocks for t in block.state_dict().values())
+    return 2 * sum(sizes) + values + 2 * max(sizes, default=0)
 
 
 def _check_disk(needed: int, folder: Optional[str], field: str, what: str) -> None:

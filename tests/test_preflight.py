@@ -169,6 +169,14 @@ def test_disk_below_the_plan_is_refused_naming_the_folder(monkeypatch, tmp_path)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "streams").exists()
 
 
+def test_the_checkpoints_disk_need_is_a_hand_count():
+    from torch import nn
+
+    blocks = [nn.Linear(4, 4), nn.Linear(4, 8, bias=False)]  # float32: 20 values (80 bytes), 32 values (128 bytes)
+    # final + dense weights of both, a byte a value for the masks, two step folders holding the larger block
+    assert preflight_module.checkpoint_bytes(blocks) == 2 * (80 + 128) + (20 + 32) + 2 * 128
+
+
 def test_host_memory_reads_this_machine():
     available, total = preflight_module.host_memory()
     assert total is not None and total > 0 and 0 <= available <= total
