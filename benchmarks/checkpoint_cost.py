@@ -14,8 +14,9 @@ calibration ids, every mode runs the same recipe with ``checkpoint_dir`` set:
 
 The resumed model is compared with the run's own, bit for bit (``identical``).
 
-GPU (one H200, 7B shape, 3 blocks, about 2-3 minutes; a few GB of disk under --work-dir):
-    python benchmarks/checkpoint_cost.py --layers 3 --work-dir /tmp/ckpt --out benchmarks/results/checkpoint_cost_h200.json
+GPU (one H200, 7B shape, 3 blocks, BR at 1 epoch, about a minute; format 2 writes 4 GiB a step under --work-dir):
+    python benchmarks/checkpoint_cost.py --layers 3 --epochs 1 --work-dir /tmp/ckpt \\
+        --out benchmarks/results/checkpoint_cost_h200.json
 CPU (the SmolLM2 shape):
     python benchmarks/checkpoint_cost.py --device cpu --layers 4 --hidden 576 --intermediate 1536 --heads 9 \\
         --kv-heads 3 --vocab 49152 --dtype float32 --samples 64 --seq-len 512 --epochs 1 --work-dir /tmp/ckpt \\
@@ -107,6 +108,7 @@ def run_mode(args, mode: str) -> dict[str, Any]:
         method="sparsegpt", sparsity=0.5, reconstruction=RECIPES[args.recipe], num_samples=args.samples,
         seq_len=args.seq_len, br_epochs=args.epochs, device=args.device, stream_location=args.stream_location,
         seed=args.seed, heldout_fraction=0.0, checkpoint_dir=folder,
+        compile_blocks=False,  # BR's speed does not matter here, and a first compilation would blur the times
     )
     counter = _WriteCounter()
     real_save, real_streams = counter.wrap(checkpoint, "_save_tensors"), run_checkpoints.SAVE_STREAMS
