@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="block_trainer.INDEX_ON_DEVICE with device-resident streams: BR's row order moved to the "
                           "device once an epoch ('device', the default) or each step's index copied from the host "
                           "('host'); 'both': host, then device")
+    run.add_argument("--placement-staging", default="on", choices=["off", "on", "both"],
+                     help="offload.PINNED_STAGING (blocks and masks cross PCIe through reusable pinned slots); "
+                          "'both': off, then on")
     run.add_argument("--ceiling-size", type=int, default=None, help="matmul size of the ceiling (default 8192, CPU 512)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="benchmarks/results/stage_profile.json")
@@ -230,7 +233,7 @@ def stage_floor(entry: dict[str, float], ceilings: dict[str, Any]) -> float:
 
 # ====================================================================================================== run
 def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled=False,
-               overlap: bool = False, index_on_device: bool = True) -> dict[str, Any]:
+               overlap: bool = False, index_on_device: bool = True, staged: bool = True) -> dict[str, Any]:
     import hf_recon_prune.offload as offload
     import hf_recon_prune.reconstruction.block_trainer as block_trainer
 
@@ -259,13 +262,13 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled=False,
     def block_done(index: int, report) -> None:  # a run cut short by a time limit still shows how far it got
         print(f"  block {index} done at {time.perf_counter() - started:.1f} s", flush=True)
 
-    previous = offload.OVERLAP_COPIES, block_trainer.INDEX_ON_DEVICE
-    offload.OVERLAP_COPIES, block_trainer.INDEX_ON_DEVICE = overlap, index_on_device
+    previous = offload.OVERLAP_COPIES, block_trainer.INDEX_ON_DEVICE, offload.PINNED_STAGING
+    offload.OVERLAP_COPIES, block_trainer.INDEX_ON_DEVICE, offload.PINNED_STAGING = overlap, index_on_device, staged
     try:
         report = Pruner(model, config, calibration_data=calibration, show_progress=False,
                         on_block_end=block_done).prune()
     finally:
-        offload.OVERLAP_COPIES, block_trainer.INDEX_ON_DEVICE = previous
+        offload.OVERLAP_COPIES, block_trainer.INDEX_ON_DEVICE, offload.PINNED_STAGING = previous
     _sync(device)
     seconds = time.perf_counter() - started
     model_flops = flop_model(args, recipe)
@@ -295,9 +298,10 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled=False,
     peaks = report.memory.get("peak_device_bytes_per_window") or []
     result = {
         "recipe": recipe + {True: " compiled", False: "", "auto": " compile auto"}[compiled]
-        + (" overlapped copies" if overlap else "") + ("" if index_on_device else " host index"),
+        + (" overlapped copies" if overlap else "") + ("" if index_on_device else " host index")
+        + ("" if staged else " plain placement copies"),
         "reconstruction": RECIPES[recipe], "compile_blocks": compiled, "overlap_copies": overlap,
-        "br_index_on_device": index_on_device,
+        "br_index_on_device": index_on_device, "placement_staging": staged,
         "br_executions": sorted({c.get("execution") for b in report.blocks for c in b.br_choices}),
         "method": args.method, "pattern": args.pattern,
         "total_seconds": seconds, "model_build_seconds": build_seconds,
@@ -399,10 +403,10 @@ def main(argv=None) -> int:
     compile_settings = [{"off": False, "on": True, "auto": "auto"}[c] for c in
                         ("off,on" if args.compile == "both" else args.compile).split(",")]
     index_settings = {"device": [True], "host": [False], "both": [False, True]}[args.br_index]
-    runs = [(r, c, o, i) for r in args.recipes for c in compile_settings for o in switch[args.overlap_copies]
-            for i in index_settings]
-    for recipe, compiled, overlap, index_on_device in runs:
-        result = run_recipe(args, recipe, ceilings, compiled, overlap, index_on_device)
+    runs = [(r, c, o, i, p) for r in args.recipes for c in compile_settings for o in switch[args.overlap_copies]
+            for i in index_settings for p in switch[args.placement_staging]]
+    for recipe, compiled, overlap, index_on_device, staged in runs:
+        result = run_recipe(args, recipe, ceilings, compiled, overlap, index_on_device, staged)
         results["runs"].append(result)
         stage_text = ", ".join(f"{k} {v['median_seconds_per_block']:.2f}" for k, v in result["stages"].items()
                                if v["total_seconds"])

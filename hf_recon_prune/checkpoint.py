@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import uuid
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -80,10 +80,16 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: Optional[dict[str, str]] = None) -> None:
+def _copy_to_host(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: Optional[dict[str, str]] = None,
+                  to_host: Callable[[torch.Tensor], torch.Tensor] = _copy_to_host) -> None:
+    """``to_host`` must return a new CPU tensor (the engine passes its pinned staging's copy)."""
     from safetensors.torch import save_file
 
-    cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+    cpu = {name: to_host(t).contiguous() for name, t in tensors.items()}
     save_file(cpu, path, metadata=metadata)
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -109,23 +115,26 @@ def dense_block_file(folder: str, index: int) -> str:
 
 
 def save_block(folder: str, index: int, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
-               run_id: str, fingerprint: str) -> None:
+               run_id: str, fingerprint: str, to_host: Callable[[torch.Tensor], torch.Tensor] = _copy_to_host) -> None:
     """Write a finalised block's state dict and masks (``mask.<linear name>``) atomically."""
     tensors = {f"state.{name}": t for name, t in state.items()}
     tensors.update({f"mask.{name}": m for name, m in masks.items()})
-    _save_block_tensors(block_file(folder, index), tensors, index, run_id, fingerprint)
+    _save_block_tensors(block_file(folder, index), tensors, index, run_id, fingerprint, to_host)
 
 
-def save_dense_block(folder: str, index: int, state: dict[str, torch.Tensor], run_id: str, fingerprint: str) -> None:
+def save_dense_block(folder: str, index: int, state: dict[str, torch.Tensor], run_id: str, fingerprint: str,
+                     to_host: Callable[[torch.Tensor], torch.Tensor] = _copy_to_host) -> None:
     """Write the state dict a block had when the run took it (``state.<name>``) atomically."""
     _save_block_tensors(dense_block_file(folder, index), {f"state.{name}": t for name, t in state.items()}, index,
-                        run_id, fingerprint)
+                        run_id, fingerprint, to_host)
 
 
-def _save_block_tensors(path: str, tensors: dict[str, torch.Tensor], index: int, run_id: str, fingerprint: str) -> None:
+def _save_block_tensors(path: str, tensors: dict[str, torch.Tensor], index: int, run_id: str, fingerprint: str,
+                        to_host: Callable[[torch.Tensor], torch.Tensor] = _copy_to_host) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}{_TMP_PREFIX}{os.getpid()}"
-    _save_tensors(tensors, tmp, metadata={"run_id": run_id, "fingerprint": fingerprint, "block": str(index)})
+    _save_tensors(tensors, tmp, metadata={"run_id": run_id, "fingerprint": fingerprint, "block": str(index)},
+                  to_host=to_host)
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path))  # the rename itself must survive a crash, like the step folder's
 

@@ -178,6 +178,8 @@ class BlockEngine(MaskSelection):
             state.training = replace(BlockTrainingSettings.from_config(cfg),
                                      reconstruction_mode=estimate.reconstruction_mode)
         self.placement = BlockPlacement(device, cfg.stream_folder)
+        if self.checkpoints is not None:
+            self.checkpoints.to_host = self.placement.staging.to_host
         state.kwargs = capture_block_kwargs(self.layout.base_model, blocks, ids[:1], device)
         if saved is not None:
             state.first_window = restore_run(saved, state, self, lambda: self._first_streams(local_ids, forward))
@@ -268,7 +270,7 @@ class BlockEngine(MaskSelection):
             self._finalise_block(index)
             block_report = state.report.blocks[index]
             with _timed(block_report, "placement"):
-                self.masks.update({name: mask.to("cpu")
+                self.masks.update({name: self.placement.staging.to_host(mask)
                                    for name, mask in self.named_masks(index, state.block_masks[index]).items()})
             if self.checkpoints is not None:
                 with _timed(block_report, "checkpoint"):
@@ -294,7 +296,7 @@ class BlockEngine(MaskSelection):
         modified; ``load_state``: a checkpoint's weights for it."""
         block = self.placement.onload(self.layout.blocks[index])
         if self.keep_backup:
-            self.backups[index] = {k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()}
+            self.backups[index] = {k: self.placement.staging.to_host(v) for k, v in block.state_dict().items()}
         self.state.modified.append(index)
         if load_state is not None:
             block.load_state_dict(load_state, strict=True)

@@ -60,6 +60,8 @@ class RunCheckpoints:
         self.stream_writes = 0  # stream files written by this process (the rest were carried over)
         self.dense_blocks: set[int] = set()  # blocks whose dense file this run wrote or a resume found
         self.recomputes_streams = not SAVE_STREAMS  # format 3; else the streams are written (format 2)
+        # Copies block tensors into new CPU tensors for the files (the engine sets its pinned staging's).
+        self.to_host: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.detach().to("cpu", copy=True)
 
     @classmethod
     def open(cls, config: Any, model: torch.nn.Module, blocks: Any, tensors: tuple, resume: bool,
@@ -104,13 +106,13 @@ class RunCheckpoints:
         them); only needed by runs with a dense stream."""
         if not self.recomputes_streams or index in self.dense_blocks:
             return
-        save_dense_block(self.folder, index, block.state_dict(), self.run_id, self.fingerprint)
+        save_dense_block(self.folder, index, block.state_dict(), self.run_id, self.fingerprint, self.to_host)
         self.dense_blocks.add(index)
 
     def save_block(self, index: int, block: torch.nn.Module, masks: dict) -> None:
         names = _mask_names(block)
         save_block(self.folder, index, block.state_dict(), {names(key): mask for key, mask in masks.items()},
-                   self.run_id, self.fingerprint)
+                   self.run_id, self.fingerprint, self.to_host)
 
     def save_step(self, step: int, next_window: int, state: Any, blocks: Any, elapsed: float) -> None:
         """Everything the next window needs that is not in the block files: pending blocks, streams, RNG, report."""

@@ -279,6 +279,21 @@ def test_stage_profile_runs_br_with_host_and_device_indices_side_by_side(stage_p
     assert block_trainer.INDEX_ON_DEVICE is True  # the switch is restored after the runs
 
 
+def test_stage_profile_runs_placement_with_and_without_staging_side_by_side(stage_profile, tmp_path):
+    import hf_recon_prune.offload as offload
+
+    out = tmp_path / "staging.json"
+    assert stage_profile.main([
+        "--device", "cpu", "--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--vocab",
+        "128", "--samples", "4", "--seq-len", "16", "--recipes", "lr", "--placement-staging", "both",
+        "--out", str(out),
+    ]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(run["recipe"], run["placement_staging"]) for run in runs] == [("lr plain placement copies", False),
+                                                                          ("lr", True)]
+    assert offload.PINNED_STAGING is True
+
+
 def test_checkpoint_cost_compares_recomputed_and_saved_streams(tmp_path):
     checkpoint_cost = _benchmark("checkpoint_cost")
     import hf_recon_prune.run_checkpoints as run_checkpoints

@@ -48,6 +48,14 @@ RECIPES = {"lr": ["lr"], "br+gp": ["lr", "br", "gp"], "br+gp+cr": ["lr", "br", "
 LOCATIONS = ("device", "cpu", "cpu-overlap", "cpu-pageable", "disk")
 
 
+@pytest.fixture(autouse=True)
+def _stage_every_tensor_in_small_pieces(monkeypatch):
+    """The tiny models' tensors are far below the size at which placement stages copies through pinned slots, and
+    below one slot: staging everything in 4 KiB pieces runs the whole suite through the pipeline's seams."""
+    monkeypatch.setattr(offload, "STAGING_MIN_BYTES", 0)
+    monkeypatch.setattr(offload, "STAGING_SLOT_BYTES", 4096)
+
+
 def _model(family: str, num_layers: int = 3, dtype=torch.float32):
     model = make_tiny_model(family, num_layers=num_layers, dtype=dtype)
     model.config._attn_implementation = "eager"  # deterministic kernels: location changes nothing (docstring)
@@ -182,6 +190,42 @@ def test_stream_factory_pins_cpu_streams_and_can_be_told_not_to(monkeypatch):
     assert offload.StreamFactory("cpu", device, torch.float32)((2, 3, 4)).is_pinned()
     monkeypatch.setattr(offload, "PIN_CPU_STREAMS", False)
     assert not offload.StreamFactory("cpu", device, torch.float32)((2, 3, 4)).is_pinned()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.bool])
+def test_pinned_staging_round_trips_on_cuda_in_stream_order(dtype):
+    staging = offload.PinnedStaging(torch.device("cuda"))
+    assert staging.enabled
+    generator = torch.Generator().manual_seed(0)
+    for step, shape in enumerate([(257, 33), (4096,), (), (7, 3, 5), (1000, 10)]):
+        host = (torch.rand(shape, generator=generator) > 0.5 if dtype == torch.bool
+                else torch.randn(shape, generator=generator).to(dtype))
+        on_device = staging.to_device(host)
+        assert on_device.device.type == "cuda" and torch.equal(on_device.cpu(), host)
+        # A kernel queued just before the copy out: the copy must see its result, not the bytes before it.
+        changed = ~on_device if dtype == torch.bool else on_device * 3 + step
+        back = staging.to_host(changed)
+        assert back.device.type == "cpu" and not back.is_pinned()
+        assert torch.equal(back, changed.cpu())
+    pinned = torch.randn(300, pin_memory=True)
+    assert torch.equal(staging.to_device(pinned).cpu(), pinned)  # already pinned: a plain copy
+
+
+def test_a_model_in_cpu_memory_gives_the_same_result_with_and_without_pinned_staging(monkeypatch):
+    results = {}
+    for staged in (False, True):
+        monkeypatch.setattr(offload, "PINNED_STAGING", staged)
+        model = _model("llama")  # in CPU memory: every block crosses to the GPU and back
+        pruner, _ = _prune(model, stream_location="cpu")
+        for name, tensor in model.state_dict().items():
+            assert tensor.device.type == "cpu" and not tensor.is_pinned(), name
+        results[staged] = (pruner.masks, _cpu_state(model))
+    masks, state = results[True]
+    assert masks.keys() == results[False][0].keys() and masks
+    for name, mask in masks.items():
+        assert torch.equal(mask, results[False][0][name]), name
+    for name, value in state.items():
+        torch.testing.assert_close(value, results[False][1][name], rtol=BF16_RTOL, atol=WEIGHT_ATOL, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------- the engine

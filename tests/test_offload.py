@@ -215,3 +215,83 @@ def test_memory_estimate_of_the_statistics_by_hand():
     hidden, ffn, tokens = 64, 128, 4 * 16  # forward_batch_size 4 of _run, seq_len 16
     forward = tokens * ((4 * hidden + 3 * ffn) * 4 + 8 * hidden)
     assert estimate["window_peak"] == estimate["block_weights"] + max(grams + forward, grams + solve)
+
+
+# ---------------------------------------------------------------------------------------------------- staging
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.bool, torch.int64])
+@pytest.mark.parametrize("slot_bytes", [7, 64, 1 << 20])
+def test_pinned_staging_copies_every_byte_through_its_slots(dtype, slot_bytes):
+    """The slot pipeline (forced on the CPU, where no memory can be pinned) against the tensors themselves: pieces
+    smaller than an element, pieces that span tensors' ends, and a slot larger than every tensor."""
+    staging = offload.PinnedStaging(torch.device("cpu"), slot_bytes=slot_bytes, force=True)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(33, 17), (5,), (), (3, 4, 5)]
+    for shape in shapes:
+        if dtype == torch.bool:
+            value = torch.rand(shape, generator=generator) > 0.5
+        elif dtype == torch.int64:
+            value = torch.randint(-2**40, 2**40, shape, generator=generator)
+        else:
+            value = torch.randn(shape, generator=generator).to(dtype)
+        for copy in (staging.to_host(value), staging.to_device(value)):
+            assert copy.dtype == dtype and copy.shape == value.shape
+            assert torch.equal(copy.view(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8))
+            assert copy.data_ptr() != value.data_ptr()
+
+
+def test_pinned_staging_cuts_a_tensor_into_slot_sized_pieces_and_alternates_slots():
+    staging = offload.PinnedStaging(torch.device("cpu"), slot_bytes=16, force=True)
+    assert list(staging._pieces(40)) == [(0, 16), (16, 32), (32, 40)]
+    taken = []
+    original = staging._take_slot
+
+    def spy(nbytes):
+        taken.append((staging._next, nbytes))
+        return original(nbytes)
+
+    staging._take_slot = spy
+    staging.to_host(torch.arange(10, dtype=torch.float32))  # 40 bytes
+    staging.to_device(torch.arange(3, dtype=torch.float32))  # 12 bytes: the slot after the last one used
+    assert taken == [(0, 16), (1, 16), (0, 8), (1, 12)]
+
+
+def test_pinned_staging_is_off_on_the_cpu_and_for_what_it_cannot_stage(monkeypatch):
+    assert not offload.PinnedStaging(torch.device("cpu")).enabled  # plain copies: nothing to pin on a CPU run
+    staging = offload.PinnedStaging(torch.device("cpu"), slot_bytes=8, force=True)
+    staging._take_slot = None  # any staged copy would fail
+    transposed = torch.randn(6, 4).t()
+    assert torch.equal(staging.to_host(transposed), transposed)  # not contiguous: a plain copy
+    assert torch.equal(staging.to_host(torch.empty(0)), torch.empty(0))
+    monkeypatch.setattr(offload, "PINNED_STAGING", False)
+    assert not offload.PinnedStaging(torch.device("cuda", 0)).enabled
+
+
+def test_masks_and_checkpoints_taken_through_the_staging_equal_plain_copies(tmp_path, monkeypatch):
+    """On the CPU the engine's masks and checkpoint files cross nothing, so forcing the staging on shows that
+    every tensor it hands over is the one a plain copy gives."""
+    reference_model = make_tiny_model("llama", num_layers=3)
+    reference, _ = _run(reference_model, checkpoint_dir=str(tmp_path / "plain"))
+    class Counting(offload.PinnedStaging):
+        pieces = 0
+
+        def __init__(self, device):
+            super().__init__(device, slot_bytes=100, force=True)
+
+        def _take_slot(self, nbytes):
+            Counting.pieces += 1
+            return super()._take_slot(nbytes)
+
+    monkeypatch.setattr(offload, "PinnedStaging", Counting)
+    model = make_tiny_model("llama", num_layers=3)
+    pruner, _ = _run(model, checkpoint_dir=str(tmp_path / "staged"))
+    assert pruner.masks.keys() == reference.masks.keys()
+    for name, mask in pruner.masks.items():
+        assert torch.equal(mask, reference.masks[name]), name
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, reference_model.state_dict()[name]), name
+    from safetensors.torch import load_file
+
+    for path in sorted((tmp_path / "plain" / "blocks").glob("*.safetensors")):
+        plain, staged = load_file(path), load_file(tmp_path / "staged" / "blocks" / path.name)
+        assert plain.keys() == staged.keys() and all(torch.equal(plain[k], staged[k]) for k in plain), path.name
+    assert Counting.pieces > 100  # the masks and the block files went through the slots
