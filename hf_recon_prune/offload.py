@@ -267,7 +267,7 @@ class PinnedStaging:
         if not self._stages(host, torch.device("cpu")):
             return host.to(self.device)
         out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-        source, target = _bytes(host), _bytes(out)
+        source, target = _bytes(host.detach()), _bytes(out)
         for start, stop in self._pieces(source.numel()):
             slot = self._take_slot(stop - start)
             slot.copy_(source[start:stop])
