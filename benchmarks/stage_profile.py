@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="block_trainer.INDEX_ON_DEVICE with device-resident streams: BR's row order moved to the "
                           "device once an epoch ('device', the default) or each step's index copied from the host "
                           "('host'); 'both': host, then device")
+    run.add_argument("--reconstruction-mode", default="full", choices=["full", "lora", "auto"],
+                     help="PruningConfig.reconstruction_mode ('auto': full where the window fits the budget, else "
+                          "masked LoRA)")
     run.add_argument("--placement-staging", default="on", choices=["off", "on", "both"],
                      help="offload.PINNED_STAGING (blocks and masks cross PCIe through reusable pinned slots); "
                           "'both': off, then on")
@@ -256,6 +259,7 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled=False,
         forward_batch_size=args.forward_batch_size, device=args.device, stream_location=args.stream_location,
         max_device_memory=args.max_device_memory if device.type == "cuda" else None, seed=args.seed,
         track_reconstruction_error=args.track_error, heldout_fraction=0.0, compile_blocks=compiled,
+        reconstruction_mode=args.reconstruction_mode,
     )
     _sync(device)
     started = time.perf_counter()
