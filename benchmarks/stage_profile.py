@@ -345,7 +345,7 @@ def markdown(results: dict[str, Any]) -> str:
     s, c = results["settings"], results["ceilings"]
     copy = c.get("copy")
     lines = [
-        f"# Stage profile: {s['layers']} Llama-2-7B-shaped blocks (hidden {s['hidden']}, FFN {s['intermediate']}), "
+        f"# Stage profile: {s['layers']} Llama-shaped blocks (hidden {s['hidden']}, FFN {s['intermediate']}), "
         f"random weights ({s['dtype']})",
         "",
         f"Machine: {results['machine']}. Calibration {s['samples']} x {s['seq_len']} random tokens; {s['method']} "

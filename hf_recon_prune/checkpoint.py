@@ -80,12 +80,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _copy_to_host(tensor: torch.Tensor) -> torch.Tensor:
+def copy_to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A new CPU tensor with the value of ``tensor``: what a checkpoint file is written from."""
     return tensor.detach().to("cpu", copy=True)
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: Optional[dict[str, str]] = None,
-                  to_host: Callable[[torch.Tensor], torch.Tensor] = _copy_to_host) -> None:
+                  to_host: Callable[[torch.Tensor], torch.Tensor] = copy_to_host) -> None:
     """``to_host`` must return a new CPU tensor (the engine passes its pinned staging's copy)."""
     from safetensors.torch import save_file
 
@@ -115,7 +116,7 @@ def dense_block_file(folder: str, index: int) -> str:
 
 
 def save_block(folder: str, index: int, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
-               run_id: str, fingerprint: str, to_host: Callable[[torch.Tensor], torch.Tensor] = _copy_to_host) -> None:
+               run_id: str, fingerprint: str, to_host: Callable[[torch.Tensor], torch.Tensor] = copy_to_host) -> None:
     """Write a finalised block's state dict and masks (``mask.<linear name>``) atomically."""
     tensors = {f"state.{name}": t for name, t in state.items()}
     tensors.update({f"mask.{name}": m for name, m in masks.items()})
@@ -123,14 +124,14 @@ def save_block(folder: str, index: int, state: dict[str, torch.Tensor], masks: d
 
 
 def save_dense_block(folder: str, index: int, state: dict[str, torch.Tensor], run_id: str, fingerprint: str,
-                     to_host: Callable[[torch.Tensor], torch.Tensor] = _copy_to_host) -> None:
+                     to_host: Callable[[torch.Tensor], torch.Tensor] = copy_to_host) -> None:
     """Write the state dict a block had when the run took it (``state.<name>``) atomically."""
     _save_block_tensors(dense_block_file(folder, index), {f"state.{name}": t for name, t in state.items()}, index,
                         run_id, fingerprint, to_host)
 
 
 def _save_block_tensors(path: str, tensors: dict[str, torch.Tensor], index: int, run_id: str, fingerprint: str,
-                        to_host: Callable[[torch.Tensor], torch.Tensor] = _copy_to_host) -> None:
+                        to_host: Callable[[torch.Tensor], torch.Tensor] = copy_to_host) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}{_TMP_PREFIX}{os.getpid()}"
     _save_tensors(tensors, tmp, metadata={"run_id": run_id, "fingerprint": fingerprint, "block": str(index)},

@@ -228,8 +228,8 @@ def _remove_quietly(path: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- staging
 #: Move block weights and masks between the GPU and pageable CPU memory through two reusable pinned slots
-#: (PinnedStaging). On: one Llama-2-7B block (386 MiB) on, its masks and the block off again took 527 ms with plain
-#: copies on an H200, against a PCIe floor of 18 ms (benchmarks/placement_copies.py, docs/benchmarks.md).
+#: (PinnedStaging). On: one Llama-2-7B block (386 MiB) on, its masks and the block off again took 128 ms on an H200
+#: against 584 ms with plain copies, and a PCIe floor of 18.5 ms (benchmarks/placement_copies.py, docs/benchmarks.md).
 PINNED_STAGING = True
 #: Size of each of the two slots; a tensor larger than a slot crosses in pieces.
 STAGING_SLOT_BYTES = 64 << 20

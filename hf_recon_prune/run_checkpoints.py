@@ -27,6 +27,7 @@ from .checkpoint import (
     CheckpointError,
     _check_manifest,
     _read_json,
+    copy_to_host,
     latest_step,
     new_run_id,
     save_block,
@@ -61,7 +62,7 @@ class RunCheckpoints:
         self.dense_blocks: set[int] = set()  # blocks whose dense file this run wrote or a resume found
         self.recomputes_streams = not SAVE_STREAMS  # format 3; else the streams are written (format 2)
         # Copies block tensors into new CPU tensors for the files (the engine sets its pinned staging's).
-        self.to_host: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.detach().to("cpu", copy=True)
+        self.to_host: Callable[[torch.Tensor], torch.Tensor] = copy_to_host
 
     @classmethod
     def open(cls, config: Any, model: torch.nn.Module, blocks: Any, tensors: tuple, resume: bool,

@@ -10,7 +10,9 @@ The places covered, each by at least one test below:
     * BR's row indices moved to the device once an epoch when the streams live there (``block_trainer``);
     * the first block's inputs captured into a CPU stream from embeddings on the GPU (``capture.py``);
     * blocks moved onto the device and back (``offload.BlockPlacement``): a model in CPU memory, one dispatched by
-      Accelerate across the GPU and the CPU, with disk offload, and ``accelerate.cpu_offload``;
+      Accelerate across the GPU and the CPU, with disk offload, and ``accelerate.cpu_offload``; every such copy, the
+      masks' and the checkpoints' through the pinned slots of ``offload.PinnedStaging``, in 4-KiB pieces (a fixture
+      of this file), and a model in CPU memory with and without them;
     * masks copied out to the CPU (``Pruner.masks``), BR's pinned revert snapshot, checkpoints written from GPU
       tensors and read back into a resumed run;
     * the tensor-core Hessian accumulation and the batched SparseGPT solve, on CUDA tensors;
