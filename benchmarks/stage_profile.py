@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--placement-staging", default="on", choices=["off", "on", "both"],
                      help="offload.PINNED_STAGING (blocks and masks cross PCIe through reusable pinned slots); "
                           "'both': off, then on")
+    run.add_argument("--overlap-placement", default="on", choices=["off", "on", "both"],
+                     help="offload.OVERLAP_PLACEMENT (the next block loaded and the last one written back while the "
+                          "device computes); 'both': off, then on")
     run.add_argument("--ceiling-size", type=int, default=None, help="matmul size of the ceiling (default 8192, CPU 512)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="benchmarks/results/stage_profile.json")
@@ -235,8 +238,8 @@ def stage_floor(entry: dict[str, float], ceilings: dict[str, Any]) -> float:
 
 
 # ====================================================================================================== run
-def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled=False,
-               overlap: bool = False, index_on_device: bool = True, staged: bool = True) -> dict[str, Any]:
+def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled=False, overlap: bool = False,
+               index_on_device: bool = True, staged: bool = True, overlapped_placement: bool = True) -> dict[str, Any]:
     import hf_recon_prune.offload as offload
     import hf_recon_prune.reconstruction.block_trainer as block_trainer
 
@@ -266,13 +269,17 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled=False,
     def block_done(index: int, report) -> None:  # a run cut short by a time limit still shows how far it got
         print(f"  block {index} done at {time.perf_counter() - started:.1f} s", flush=True)
 
-    previous = offload.OVERLAP_COPIES, block_trainer.INDEX_ON_DEVICE, offload.PINNED_STAGING
-    offload.OVERLAP_COPIES, block_trainer.INDEX_ON_DEVICE, offload.PINNED_STAGING = overlap, index_on_device, staged
+    switches = {(offload, "OVERLAP_COPIES"): overlap, (block_trainer, "INDEX_ON_DEVICE"): index_on_device,
+                (offload, "PINNED_STAGING"): staged, (offload, "OVERLAP_PLACEMENT"): overlapped_placement}
+    previous = {key: getattr(*key) for key in switches}
+    for (module, name), value in switches.items():
+        setattr(module, name, value)
     try:
         report = Pruner(model, config, calibration_data=calibration, show_progress=False,
                         on_block_end=block_done).prune()
     finally:
-        offload.OVERLAP_COPIES, block_trainer.INDEX_ON_DEVICE, offload.PINNED_STAGING = previous
+        for (module, name), value in previous.items():
+            setattr(module, name, value)
     _sync(device)
     seconds = time.perf_counter() - started
     model_flops = flop_model(args, recipe)
@@ -303,9 +310,10 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled=False,
     result = {
         "recipe": recipe + {True: " compiled", False: "", "auto": " compile auto"}[compiled]
         + (" overlapped copies" if overlap else "") + ("" if index_on_device else " host index")
-        + ("" if staged else " plain placement copies"),
+        + ("" if staged else " plain placement copies") + ("" if overlapped_placement else " placement in turn"),
         "reconstruction": RECIPES[recipe], "compile_blocks": compiled, "overlap_copies": overlap,
         "br_index_on_device": index_on_device, "placement_staging": staged,
+        "overlap_placement": (report.memory.get("estimate") or {}).get("overlap_placement"),
         "br_executions": sorted({c.get("execution") for b in report.blocks for c in b.br_choices}),
         "method": args.method, "pattern": args.pattern,
         "total_seconds": seconds, "model_build_seconds": build_seconds,
@@ -407,10 +415,10 @@ def main(argv=None) -> int:
     compile_settings = [{"off": False, "on": True, "auto": "auto"}[c] for c in
                         ("off,on" if args.compile == "both" else args.compile).split(",")]
     index_settings = {"device": [True], "host": [False], "both": [False, True]}[args.br_index]
-    runs = [(r, c, o, i, p) for r in args.recipes for c in compile_settings for o in switch[args.overlap_copies]
-            for i in index_settings for p in switch[args.placement_staging]]
-    for recipe, compiled, overlap, index_on_device, staged in runs:
-        result = run_recipe(args, recipe, ceilings, compiled, overlap, index_on_device, staged)
+    runs = [(r, c, o, i, p, m) for r in args.recipes for c in compile_settings for o in switch[args.overlap_copies]
+            for i in index_settings for p in switch[args.placement_staging] for m in switch[args.overlap_placement]]
+    for recipe, compiled, overlap, index_on_device, staged, overlapped_placement in runs:
+        result = run_recipe(args, recipe, ceilings, compiled, overlap, index_on_device, staged, overlapped_placement)
         results["runs"].append(result)
         stage_text = ", ".join(f"{k} {v['median_seconds_per_block']:.2f}" for k, v in result["stages"].items()
                                if v["total_seconds"])

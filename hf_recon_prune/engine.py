@@ -92,6 +92,7 @@ class BlockEngine(MaskSelection):
         self.placement: Optional[BlockPlacement] = None
         self.checkpoints: Optional[RunCheckpoints] = None
         self.state: Optional[RunState] = None
+        self._unannounced: list[int] = []  # finalised blocks whose on_block_end is still to come
 
     @property
     def modified(self) -> list[int]:
@@ -121,9 +122,11 @@ class BlockEngine(MaskSelection):
                         last = state.report.blocks[window[0]].error_after.get("calibration")
                         if last is not None:
                             progress.set_postfix(block=window[0], err=f"{last:.3g}")
+                where = "at the end of the run"
+                self.placement.close()  # every block written back, every mask delivered
+                self._announce_finalised_blocks()
                 if progress is not None:
                     progress.close()
-                where = "at the end of the run"
                 if data_parallel is not None:
                     data_parallel.finish()
         except BaseException as error:
@@ -177,7 +180,7 @@ class BlockEngine(MaskSelection):
         if plan.block_wise:
             state.training = replace(BlockTrainingSettings.from_config(cfg),
                                      reconstruction_mode=estimate.reconstruction_mode)
-        self.placement = BlockPlacement(device, cfg.stream_folder)
+        self.placement = BlockPlacement(device, cfg.stream_folder, overlap=estimate.overlap_placement)
         if self.checkpoints is not None:
             self.checkpoints.to_host = self.placement.staging.to_host
         state.kwargs = capture_block_kwargs(self.layout.base_model, blocks, ids[:1], device)
@@ -255,6 +258,8 @@ class BlockEngine(MaskSelection):
                 continue
             with _timed(state.report.blocks[index], "placement"):
                 block = self.take_block(index)
+                if index + 1 < len(blocks):  # every schedule takes the blocks in order: the next one loads meanwhile
+                    self.placement.prefetch(blocks[index + 1])
             if self.checkpoints is not None and state.plan.dense_stream:  # a resume recomputes the streams from it
                 with _timed(state.report.blocks[index], "checkpoint"):
                     self.checkpoints.save_dense_block(index, block)
@@ -269,14 +274,12 @@ class BlockEngine(MaskSelection):
         for index in finalised:
             self._finalise_block(index)
             block_report = state.report.blocks[index]
-            with _timed(block_report, "placement"):
-                self.masks.update({name: self.placement.staging.to_host(mask)
-                                   for name, mask in self.named_masks(index, state.block_masks[index]).items()})
             if self.checkpoints is not None:
                 with _timed(block_report, "checkpoint"):
                     self.checkpoints.save_block(index, blocks[index], state.block_masks[index])
-            with _timed(block_report, "placement"):
-                self.placement.offload(blocks[index])
+            with _timed(block_report, "placement"):  # with overlap, the copies run while the next block computes
+                self.placement.offload(blocks[index], background=True, deliver=self.masks.update,
+                                       with_tensors=self.named_masks(index, state.block_masks[index]))
             state.dense_blocks.pop(index, None)
             # The key stays (the block is done); its device masks go, or they would pile up block after block.
             state.block_masks[index] = {}
@@ -287,9 +290,19 @@ class BlockEngine(MaskSelection):
             with _timed(state.report.blocks[finalised[-1]], "checkpoint"):
                 self.checkpoints.save_step(finalised[-1], window_number + 1, state, blocks,
                                            state.elapsed_before + time.perf_counter() - started)
-        if self.on_block_end is not None:
-            for index in finalised:
-                self.on_block_end(index, state.report)
+        self._announce_finalised_blocks()
+        self._unannounced = list(finalised)
+        if not self.placement.overlaps:
+            self._announce_finalised_blocks()
+
+    def _announce_finalised_blocks(self) -> None:
+        """``on_block_end`` for finalised blocks once each is back where it lives (the callback may read it there).
+        With overlapped placement that is at the end of the next window, so that their write-back overlaps its work."""
+        announced, self._unannounced = self._unannounced, []
+        for index in announced:
+            self.placement.wait(self.layout.blocks[index])
+            if self.on_block_end is not None:
+                self.on_block_end(index, self.state.report)
 
     def take_block(self, index: int, load_state: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
         """Put block ``index`` on the execution device for its turn (backed up first if asked) and note it as

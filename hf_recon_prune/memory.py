@@ -49,6 +49,8 @@ class MemoryEstimate:
     device_peak: int = 0  # resident + window_peak + streams kept on the device
     reconstruction_mode: str = ""  # what BR trains ("full" / "lora"; reconstruction_mode="auto" resolved)
     reconstruction_mode_why: str = ""  # why, for "auto"
+    overlap_placement: bool = False  # blocks move while the device computes (offload.OVERLAP_PLACEMENT)
+    overlap_bytes: int = 0  # the blocks that overlap holds on the device besides the window's (in device_peak)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +69,8 @@ class MemoryEstimate:
             f"  activation streams {gib(self.streams)} on {self.stream_location}; already on the device "
             f"{gib(self.resident)}",
         ]
+        if self.overlap_placement:
+            lines.append(f"  blocks moved while the device computes: up to {gib(self.overlap_bytes)} more on the device")
         return "\n".join(lines)
 
 
@@ -204,6 +208,7 @@ def plan_placement(estimate: MemoryEstimate, config: PruningConfig, device: torc
     estimate.stream_location = location
     on_device = estimate.streams if location == "device" and device.type != "cpu" else 0
     estimate.device_peak = resident + estimate.window_peak + on_device
+    _plan_overlap(estimate, device, available, on_device)
 
     if available is not None and estimate.window_peak > MARGIN * available:
         raise MemoryBudgetError(
@@ -224,6 +229,23 @@ def plan_placement(estimate: MemoryEstimate, config: PruningConfig, device: torc
             "samples or a smaller stream_dtype."
         )
     return estimate
+
+
+#: Blocks that overlapped placement may hold on the device besides the window: the next one, loaded early, and the
+#: last finished one, until it is written back.
+OVERLAP_BLOCKS = 2
+
+
+def _plan_overlap(estimate: MemoryEstimate, device: torch.device, available: Optional[int], on_device: int) -> None:
+    """Overlapped placement (``offload.OVERLAP_PLACEMENT``) on CUDA where its extra blocks fit the budget next to the
+    window and the device streams (which come first); its bytes join ``device_peak``."""
+    from . import offload
+
+    extra = OVERLAP_BLOCKS * estimate.block_weights
+    fits = available is None or estimate.window_peak + on_device + extra <= MARGIN * available
+    estimate.overlap_placement = bool(offload.OVERLAP_PLACEMENT and device.type == "cuda" and fits)
+    estimate.overlap_bytes = extra if estimate.overlap_placement else 0
+    estimate.device_peak += estimate.overlap_bytes
 
 
 def _statistics_bytes(layers: dict, needed: bool, hessian: bool) -> tuple[int, int]:

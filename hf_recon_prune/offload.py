@@ -16,8 +16,9 @@ import logging
 import os
 import tempfile
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -348,6 +349,7 @@ class _Onloaded:
     hooks: list[tuple[nn.Module, Any, Any]] = field(default_factory=list)  # (module, its _hf_hook, original_devices)
     offloaded: list[_OffloadedTensors] = field(default_factory=list)
     homes: dict[str, torch.device] = field(default_factory=dict)  # other tensors' devices, by name in the block
+    loaded_tensors: list[torch.Tensor] = field(default_factory=list)  # made by the load (until the stream hand-over)
 
 
 def _align_hooks(hook: Any) -> list[Any]:
@@ -358,6 +360,47 @@ def _align_hooks(hook: Any) -> list[Any]:
     return [hook] if isinstance(hook, AlignDevicesHook) else []
 
 
+#: Overlap placement with the device's work (CUDA): the next block is loaded while the current window computes, and
+#: a finished block (with its masks) is written back while the next one computes, by one worker thread on a side
+#: stream with pinned slots of its own. It holds up to two more blocks on the device, which the memory plan counts
+#: and turns the overlap off for where they do not fit (``memory.plan_placement``).
+OVERLAP_PLACEMENT = True
+
+
+class _PlacementWorker:
+    """The thread that moves blocks in the background: jobs run one at a time, in the order given, on a CUDA stream
+    of their own (``stream``; None off CUDA, for tests on the CPU) after the event they are given, with their own
+    pinned slots, so they never wait for, or share slots with, the copies of the thread that computes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.staging = PinnedStaging(device)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_recon_prune_placement")
+
+    def submit(self, job: Callable[[PinnedStaging], Any]) -> Future:
+        """Run ``job(staging)`` after everything queued on the device's current stream so far; the future's result is
+        ``(job's result, event after the job's device work)``."""
+        after = None
+        if self.stream is not None:
+            after = torch.cuda.Event()
+            after.record(torch.cuda.current_stream(self.device))
+        return self._executor.submit(self._run, job, after)
+
+    def _run(self, job: Callable[[PinnedStaging], Any], after: Optional[Any]) -> tuple[Any, Optional[Any]]:
+        if self.stream is None:
+            return job(self.staging), None
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            self.stream.wait_event(after)
+            result = job(self.staging)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return result, done
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
 class BlockPlacement:
     """Moves a block to the execution device for its turn and back to where it lived (RAM, another GPU, disk).
 
@@ -366,15 +409,106 @@ class BlockPlacement:
         scratch_folder: where pruned weights of disk-offloaded blocks go when their loader has no folder of its own
             (transformers reads disk-offloaded weights straight from the checkpoint's safetensors when no
             ``offload_folder`` was given; the checkpoint itself is never written).
+        overlap: move blocks in the background (:data:`OVERLAP_PLACEMENT`): :meth:`prefetch` starts loading a block
+            that :meth:`onload` will ask for, and ``offload(..., background=True)`` writes a finished block back
+            while the caller goes on. The results are the same bytes as without; :meth:`wait_all` waits for every
+            move (before the model, or the tensors handed to ``deliver``, are read). On CUDA, or anywhere with
+            ``force_overlap=True`` (tests).
     """
 
-    def __init__(self, device: torch.device, scratch_folder: Optional[str] = None):
+    def __init__(self, device: torch.device, scratch_folder: Optional[str] = None, overlap: bool = False,
+                 force_overlap: bool = False):
         self.device = normalise_device(device)
         self.scratch_folder = scratch_folder
         self.staging = PinnedStaging(self.device)
         self._state: dict[int, _Onloaded] = {}
+        self._worker: Optional[_PlacementWorker] = None
+        if force_overlap or (overlap and self.device.type == "cuda"):
+            self._worker = _PlacementWorker(self.device)
+        self._moving: dict[int, Future] = {}  # id(block) -> its move in the background, until someone waits for it
+
+    @property
+    def overlaps(self) -> bool:
+        return self._worker is not None
+
+    def prefetch(self, block: nn.Module) -> None:
+        """Start loading ``block`` onto the device in the background (nothing without overlap, or if it is there)."""
+        if self._worker is None or id(block) in self._state or id(block) in self._moving:
+            return
+        self._moving[id(block)] = self._worker.submit(lambda staging: self._onload(block, staging))
 
     def onload(self, block: nn.Module) -> nn.Module:
+        self._settle(block)
+        self._onload(block, self.staging)
+        self._state[id(block)].loaded_tensors = []  # loaded on this stream: nothing to hand over
+        return block
+
+    def offload(self, block: nn.Module, background: bool = False,
+                with_tensors: Optional[dict[str, torch.Tensor]] = None,
+                deliver: Optional[Callable[[dict[str, torch.Tensor]], None]] = None) -> None:
+        """Put ``block`` back where it lives. ``with_tensors`` (device tensors, such as the block's masks) are copied
+        to the host on the way and handed to ``deliver``. ``background=True`` (with overlap) returns at once: the
+        copies start after the device's work queued so far, so the caller may go on computing."""
+        self._settle(block)
+        if background and self._worker is not None:
+            self._moving[id(block)] = self._worker.submit(
+                lambda staging: self._offload(block, staging, with_tensors, deliver))
+            return
+        self._offload(block, self.staging, with_tensors, deliver)
+
+    def wait_all(self) -> None:
+        """Wait for every move in the background; the first that failed raises here."""
+        errors = []
+        for key in list(self._moving):
+            try:
+                self._settle_key(key)
+            except Exception as error:  # noqa: BLE001 - the others are waited for too, then the first is raised
+                errors.append(error)
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        """Wait for every move and stop the worker thread."""
+        try:
+            self.wait_all()
+        finally:
+            if self._worker is not None:
+                self._worker.close()
+                self._worker = None
+
+    def restore_all(self, blocks: list[nn.Module]) -> None:
+        """Put every block still on the execution device back where it lives (after a failure)."""
+        try:
+            self.wait_all()
+        except Exception as error:  # noqa: BLE001 - the blocks are put back all the same
+            logger.error("a block move in the background failed: %s", error)
+        for block in blocks:
+            if id(block) in self._state:
+                self.offload(block)
+        self.close()
+
+    def wait(self, block: nn.Module) -> None:
+        """Wait for ``block``'s move in the background, if one is under way (its error, if it failed)."""
+        self._settle(block)
+
+    def _settle(self, block: nn.Module) -> None:
+        if id(block) in self._moving:
+            self._settle_key(id(block))
+
+    def _settle_key(self, key: int) -> None:
+        """Wait for a move in the background; what it loaded joins the current stream's work."""
+        _, done = self._moving.pop(key).result()
+        if done is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(done)
+        state = self._state.get(key)
+        if state is not None:  # loaded on the worker's stream, used (and freed) on this one
+            for tensor in state.loaded_tensors:
+                tensor.record_stream(current)
+            state.loaded_tensors = []
+
+    def _onload(self, block: nn.Module, staging: PinnedStaging) -> nn.Module:
         from accelerate.hooks import remove_hook_from_module
         from accelerate.utils import named_module_tensors, set_module_tensor_to_device
 
@@ -402,7 +536,7 @@ class BlockPlacement:
                 if value.device == self.device:
                     value = value.clone()  # never train in place on a tensor the weights map (or a file map) owns
                 elif value.device.type == "cpu":
-                    value = self.staging.to_device(value)
+                    value = staging.to_device(value)
                 set_module_tensor_to_device(entry.module, name, self.device, value=value, clear_cache=False)
         # Tensors the hooks serve were just loaded; the others were dispatched as they are (possibly on this device).
         paths = {id(module): path for path, module in block.named_modules()}
@@ -417,25 +551,37 @@ class BlockPlacement:
                 )
             if tensor.device != self.device:
                 state.homes[name] = tensor.device
-                value = self.staging.to_device(tensor.detach()) if tensor.device.type == "cpu" else None
+                value = staging.to_device(tensor.detach()) if tensor.device.type == "cpu" else None
                 set_module_tensor_to_device(block, name, self.device, value=value, clear_cache=False)
+        moved = set(state.homes) | served
+        state.loaded_tensors = [tensor for name, tensor in _named_tensors(block) if name in moved]
         self._state[id(block)] = state
         return block
 
-    def offload(self, block: nn.Module) -> None:
+    def _offload(self, block: nn.Module, staging: PinnedStaging, with_tensors: Optional[dict[str, torch.Tensor]],
+                 deliver: Optional[Callable[[dict[str, torch.Tensor]], None]]) -> None:
         from accelerate.hooks import add_hook_to_module
         from accelerate.utils import set_module_tensor_to_device
 
+        if with_tensors:
+            copies = {name: staging.to_host(tensor) for name, tensor in with_tensors.items()}
+            if deliver is not None:
+                deliver(copies)
         state = self._state.pop(id(block), None)
         if state is None:
             return
+        if self.device.type == "cuda":
+            current = torch.cuda.current_stream(self.device)
+            for _name, tensor in _named_tensors(block):  # freed below, maybe before copies on this stream are done
+                if tensor.device == self.device:
+                    tensor.record_stream(current)
         for entry in state.offloaded:
             for name in entry.names:
                 value = _get_tensor(entry.module, name).detach()
-                self._write_back(entry.hook.weights_map, name, value)
+                self._write_back(entry.hook.weights_map, name, value, staging)
                 set_module_tensor_to_device(entry.module, name, "meta", clear_cache=False)
         for name, home in state.homes.items():
-            value = self.staging.to_host(_get_tensor(block, name)) if home.type == "cpu" else None
+            value = staging.to_host(_get_tensor(block, name)) if home.type == "cpu" else None
             set_module_tensor_to_device(block, name, home, value=value, clear_cache=False)
         for module, hook, original_devices in state.hooks:
             add_hook_to_module(module, hook)
@@ -444,19 +590,13 @@ class BlockPlacement:
                 if devices:
                     align.original_devices = devices
 
-    def restore_all(self, blocks: list[nn.Module]) -> None:
-        """Put every block still on the execution device back where it lives (after a failure)."""
-        for block in blocks:
-            if id(block) in self._state:
-                self.offload(block)
-
-    def _write_back(self, weights_map: Any, name: str, value: torch.Tensor) -> None:
+    def _write_back(self, weights_map: Any, name: str, value: torch.Tensor, staging: PinnedStaging) -> None:
         from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_weight, save_offload_index
 
         key, storage = name, weights_map
         while isinstance(storage, PrefixedDataset):
             key, storage = f"{storage.prefix}{key}", storage.dataset
-        cpu_value = self.staging.to_host(value)
+        cpu_value = staging.to_host(value)
         if isinstance(storage, OffloadedWeightsLoader):
             if key in storage.state_dict or key not in storage.index:
                 storage.state_dict[key] = cpu_value

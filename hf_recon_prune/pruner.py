@@ -44,7 +44,9 @@ class Pruner:
             ``PruningFailedError`` that says which blocks were modified.
         show_progress: tqdm progress bar over the blocks.
         on_block_end: called as ``on_block_end(index, report)`` after decoder block ``index`` is finalised (its
-            weights will not change again) and, with ``config.checkpoint_dir``, after its checkpoint is on disk.
+            weights will not change again), back where the model keeps it and, with ``config.checkpoint_dir``, after
+            its checkpoint is on disk. With overlapped placement (on a GPU) that is at the end of the next window
+            (or of the run), since the block is written back while the next window computes.
     """
 
     def __init__(

@@ -294,6 +294,21 @@ def test_stage_profile_runs_placement_with_and_without_staging_side_by_side(stag
     assert offload.PINNED_STAGING is True
 
 
+def test_stage_profile_runs_placement_in_turn_and_overlapped_side_by_side(stage_profile, tmp_path):
+    import hf_recon_prune.offload as offload
+
+    out = tmp_path / "overlap.json"
+    assert stage_profile.main([
+        "--device", "cpu", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--vocab",
+        "128", "--samples", "4", "--seq-len", "16", "--recipes", "lr", "--overlap-placement", "both",
+        "--out", str(out),
+    ]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["recipe"] for run in runs] == ["lr placement in turn", "lr"]
+    assert [run["overlap_placement"] for run in runs] == [False, False]  # the CPU never overlaps (the plan says so)
+    assert offload.OVERLAP_PLACEMENT is True
+
+
 def test_checkpoint_cost_compares_recomputed_and_saved_streams(tmp_path):
     checkpoint_cost = _benchmark("checkpoint_cost")
     import hf_recon_prune.run_checkpoints as run_checkpoints
@@ -341,3 +356,19 @@ def test_memory_plan_on_paper_matches_a_hand_count_for_the_70b_shape(tmp_path):
     # the point: a two-block CR window does not fit 24 GiB in full mode; masked LoRA does
     assert not rows[("br+gp+cr", "full")]["fits"] and rows[("br+gp+cr", "lora")]["fits"]
     assert rows[("br+gp", "full")]["fits"] and rows[("lr", "full")]["fits"]
+
+
+def test_br_step_profile_times_the_steps_of_one_window(tmp_path):
+    br_step_profile = _benchmark("br_step_profile")
+    out = tmp_path / "steps.json"
+    assert br_step_profile.main([
+        "--device", "cpu", "--hidden", "32", "--intermediate", "64", "--heads", "4", "--kv-heads", "2", "--vocab",
+        "128", "--rows", "8", "--seq-len", "16", "--br-batch-size", "4", "--epochs", "2", "--compile", "off",
+        "--out", str(out),
+    ]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["execution"] == "eager" and run["steps"] == 2 * 2  # 8 rows in batches of 4, 2 epochs
+    assert run["wall_ms_per_step"] > 0 and run["kernels_per_step"] == 0  # no device kernels on the CPU
+    names = {op["name"] for op in run["top_host_ops"]}
+    assert "aten::mm" in names or "aten::addmm" in names  # the block's linears ran under the profiler
+    assert (tmp_path / "steps.md").read_text().startswith("# BR step profile")

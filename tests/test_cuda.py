@@ -230,6 +230,27 @@ def test_a_model_in_cpu_memory_gives_the_same_result_with_and_without_pinned_sta
         torch.testing.assert_close(value, results[False][1][name], rtol=BF16_RTOL, atol=WEIGHT_ATOL, msg=name)
 
 
+@pytest.mark.parametrize("recipe", ["lr", "br+gp+cr"])
+def test_a_model_in_cpu_memory_gives_the_same_result_with_and_without_overlapped_placement(recipe, monkeypatch):
+    """Blocks loaded ahead and written back on the worker's stream while the next block computes: the same masks and
+    weights as moving them in turn, and every tensor back in (pageable) CPU memory."""
+    results = {}
+    for overlap in (False, True):
+        monkeypatch.setattr(offload, "OVERLAP_PLACEMENT", overlap)
+        model = _model("llama", num_layers=4)
+        pruner, report = _prune(model, stream_location="cpu", reconstruction=RECIPES[recipe])
+        assert report.memory["estimate"]["overlap_placement"] is overlap
+        for name, tensor in model.state_dict().items():
+            assert tensor.device.type == "cpu" and not tensor.is_pinned(), name
+        results[overlap] = (pruner.masks, _cpu_state(model))
+    masks, state = results[True]
+    assert masks.keys() == results[False][0].keys() and masks
+    for name, mask in masks.items():
+        assert torch.equal(mask, results[False][0][name]), name
+    for name, value in state.items():
+        torch.testing.assert_close(value, results[False][1][name], rtol=BF16_RTOL, atol=WEIGHT_ATOL, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------- the engine
 # Without BR there is nothing to train, so LR runs once ("full" names no training there).
 _RECIPE_MODES = [(recipe, mode) for recipe in sorted(RECIPES) for mode in ("full", "lora")

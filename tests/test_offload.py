@@ -68,32 +68,67 @@ def _track_materialised_blocks(monkeypatch, layout):
     return counts
 
 
-@pytest.mark.parametrize("storage", ["disk", "disk-without-offload-folder", "cpu_offload"])
-def test_offloaded_model_prunes_to_the_in_memory_result(saved, storage, tmp_path, monkeypatch):
-    checkpoint = os.path.join(saved["folder"], "model.safetensors")
-    checksum = _sha256(checkpoint)
-    overrides = {}
+def _force_overlapped_placement(monkeypatch) -> list[str]:
+    """Overlapped placement on the CPU (the worker thread without CUDA streams): returns the background jobs' kinds,
+    as they are submitted."""
+    import hf_recon_prune.engine as engine
+
+    jobs = []
+
+    class Overlapped(offload.BlockPlacement):
+        def __init__(self, device, scratch_folder=None, overlap=False):
+            super().__init__(device, scratch_folder, force_overlap=True)
+
+        def prefetch(self, block):
+            jobs.append("prefetch")
+            super().prefetch(block)
+
+        def offload(self, block, background=False, **kwargs):
+            jobs.append("offload in the background" if background else "offload")
+            super().offload(block, background=background, **kwargs)
+
+    monkeypatch.setattr(engine, "BlockPlacement", Overlapped)
+    return jobs
+
+
+def _offloaded_model(saved, storage, tmp_path, overrides):
     if storage == "cpu_offload":
         # accelerate.cpu_offload: every weight in a CPU state dict, meta tensors in the model, hooks on every module
         from accelerate import cpu_offload
 
         model = transformers.AutoModelForCausalLM.from_pretrained(saved["folder"]).eval()
         cpu_offload(model, execution_device=torch.device("cpu"))
-    else:
-        kwargs = dict(device_map="auto", max_memory={"cpu": saved["size"] // 4})
-        if storage == "disk":
-            kwargs["offload_folder"] = str(tmp_path / "offload")
-        else:  # transformers then reads offloaded weights from the checkpoint; the pruned ones need another home
-            overrides["stream_folder"] = str(tmp_path / "scratch")
-        model = transformers.AutoModelForCausalLM.from_pretrained(saved["folder"], **kwargs).eval()
-        assert "disk" in set(model.hf_device_map.values())
+        return model
+    kwargs = dict(device_map="auto", max_memory={"cpu": saved["size"] // 4})
+    if storage == "disk":
+        kwargs["offload_folder"] = str(tmp_path / "offload")
+    else:  # transformers then reads offloaded weights from the checkpoint; the pruned ones need another home
+        overrides["stream_folder"] = str(tmp_path / "scratch")
+    model = transformers.AutoModelForCausalLM.from_pretrained(saved["folder"], **kwargs).eval()
+    assert "disk" in set(model.hf_device_map.values())
+    return model
+
+
+@pytest.mark.parametrize("storage, overlap", [("disk", False), ("disk-without-offload-folder", False),
+                                              ("cpu_offload", False), ("disk", True), ("cpu_offload", True)])
+def test_offloaded_model_prunes_to_the_in_memory_result(saved, storage, overlap, tmp_path, monkeypatch):
+    checkpoint = os.path.join(saved["folder"], "model.safetensors")
+    checksum = _sha256(checkpoint)
+    overrides = {}
+    model = _offloaded_model(saved, storage, tmp_path, overrides)
     layout = resolve_layout(model)
     assert all(p.device.type == "meta" for p in layout.blocks.parameters())
 
+    jobs = _force_overlapped_placement(monkeypatch) if overlap else []
     counts = _track_materialised_blocks(monkeypatch, layout)
     pruner, report = _run(model, **overrides)
 
-    assert counts and max(counts) == 1  # one window (one block with BR+GP) materialised at a time
+    if overlap:  # blocks 1 and 2 loaded ahead; every block written back while the run went on
+        assert jobs.count("prefetch") == 2 and jobs.count("offload in the background") == 3, jobs
+        # the window, the next block loaded ahead and the last one still being written back, at most
+        assert counts and max(counts) <= 3
+    else:
+        assert counts and max(counts) == 1  # one window (one block with BR+GP) materialised at a time
     assert all(p.device.type == "meta" for p in layout.blocks.parameters())  # back in the offload storage
     assert _sha256(checkpoint) == checksum  # the original checkpoint is never written
     for mine, theirs in zip(report.blocks, saved["report"].blocks):
@@ -111,6 +146,81 @@ def test_offloaded_model_prunes_to_the_in_memory_result(saved, storage, tmp_path
         _assert_same_model(reloaded.state_dict(), pruner.masks, saved)
     if storage == "disk-without-offload-folder":
         assert any(name.endswith(".dat") for _, _, files in os.walk(tmp_path / "scratch") for name in files)
+
+
+def test_a_failure_with_blocks_moving_in_the_background_puts_every_block_back(saved, tmp_path, monkeypatch):
+    """A failure in block 1 while block 2 is being loaded ahead and block 0 written back: the backups restore the
+    model, every block is back under its hooks (meta in the model), and the model runs as before."""
+    from conftest import fail_pruning_after
+
+    model = _offloaded_model(saved, "cpu_offload", tmp_path, {})
+    with torch.no_grad():
+        before = model(random_ids(2, 12, seed=7)).logits
+    jobs = _force_overlapped_placement(monkeypatch)
+    fail_pruning_after(monkeypatch, 9, "simulated failure")  # block 0 has 7 linears: fails in block 1
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        Pruner(model, _config(**RECIPE), calibration_data=_calibration(), show_progress=False,
+               keep_backup=True).prune()
+    assert "prefetch" in jobs and "offload in the background" in jobs
+    assert all(p.device.type == "meta" for p in resolve_layout(model).blocks.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(random_ids(2, 12, seed=7)).logits, before, rtol=0, atol=0)
+
+
+def test_overlapped_placement_moves_a_block_and_back_byte_for_byte():
+    """prefetch -> onload hands over the loaded block; a background offload delivers the extra tensors and puts the
+    block back; onload of the same block afterwards waits for that write-back and sees its values."""
+    from accelerate import cpu_offload
+
+    model = make_tiny_model("llama", num_layers=2).eval()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    block = resolve_layout(model).blocks[0]
+    placement = offload.BlockPlacement(torch.device("cpu"), force_overlap=True)
+    assert placement.overlaps
+    placement.prefetch(block)
+    placement.onload(block)
+    assert all(p.device.type == "cpu" for p in block.parameters())
+    assert torch.equal(block.mlp.down_proj.weight, expected["model.layers.0.mlp.down_proj.weight"])
+    with torch.no_grad():
+        block.mlp.down_proj.weight.mul_(2)
+    delivered = {}
+    mask = block.mlp.down_proj.weight != 0
+    placement.offload(block, background=True, with_tensors={"mask": mask}, deliver=delivered.update)
+    placement.onload(block)  # waits for the write-back first
+    assert torch.equal(delivered["mask"], mask)
+    assert torch.equal(block.mlp.down_proj.weight, 2 * expected["model.layers.0.mlp.down_proj.weight"])
+    placement.offload(block)
+    placement.close()
+    assert all(p.device.type == "meta" for p in block.parameters())
+
+
+def test_overlapped_placement_is_planned_only_where_its_blocks_fit(monkeypatch):
+    """Two more blocks (the next one and the last one) on the device, counted in the peak; off where they do not
+    fit next to the window and the device streams, and off the GPU."""
+    from hf_recon_prune import memory
+
+    def estimate():
+        return memory.MemoryEstimate(device="cuda:0", window_blocks=1, block_weights=1 << 30, window_weights=1 << 30,
+                                     dense_copies=0, reconstruction=0, statistics=0, activations=0, streams=4 << 30,
+                                     stream_location="device", resident=0, budget=None, window_peak=3 << 30,
+                                     device_peak=7 << 30)
+
+    monkeypatch.setattr(offload, "OVERLAP_PLACEMENT", True)
+    cuda = torch.device("cuda", 0)
+    roomy = estimate()
+    memory._plan_overlap(roomy, cuda, available=20 << 30, on_device=4 << 30)  # 3 + 4 + 2 <= 0.9 * 20 GiB
+    assert roomy.overlap_placement and roomy.overlap_bytes == 2 << 30 and roomy.device_peak == 9 << 30
+    tight = estimate()
+    memory._plan_overlap(tight, cuda, available=9 << 30, on_device=4 << 30)  # 9 > 0.9 * 9 GiB
+    assert not tight.overlap_placement and tight.overlap_bytes == 0 and tight.device_peak == 7 << 30
+    on_the_cpu = estimate()
+    memory._plan_overlap(on_the_cpu, torch.device("cpu"), available=None, on_device=0)
+    assert not on_the_cpu.overlap_placement
+    monkeypatch.setattr(offload, "OVERLAP_PLACEMENT", False)
+    switched_off = estimate()
+    memory._plan_overlap(switched_off, cuda, available=20 << 30, on_device=4 << 30)
+    assert not switched_off.overlap_placement
 
 
 def test_disk_streams_give_the_in_memory_result(saved, tmp_path, monkeypatch):
