@@ -1,12 +1,12 @@
 """Where one step of block-wise reconstruction spends its time, by torch.profiler, on a block of a given shape.
 
 One decoder block with random weights (SmolLM2-135M's shape by default) and 50 % random masks is trained by
-``reconstruct_window`` on random inputs and targets held on the device, the way the engine calls it, once untimed
-(the first window of a process pays CUDA's start-up and the captures) and once under the profiler, for each
-``--compile`` setting. For each it writes the wall time per step, the GPU's busy time per step (the kernels'
-durations, summed over the steps, graph replays included), the kernels launched per step and the operators with
-the most device and host time: a step far above its GPU time is bound by the host (launches, Python), a step near
-it by the kernels themselves.
+``reconstruct_window`` on random inputs and targets held on the device, the way the engine calls it, for each
+``--compile`` setting: once untimed (the first window of a process pays CUDA's start-up), then 1 epoch and
+``--epochs`` epochs, timed and then traced by the profiler. The difference of the two runs is the steady cost of a
+step (the window's set-up and captures cancel out): its wall time, the GPU's busy time (the kernels' durations,
+graph replays included) and the kernels launched; the tables list the long run's kernels and operators with the
+most time. A step far above its GPU time is bound by the host (launches, Python), a step near it by the kernels.
 
     python benchmarks/br_step_profile.py --compile auto,off --out benchmarks/results/br_step_profile_smollm2_shape_h200.json
 """
@@ -41,10 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_shape_arguments(parser)
     parser.set_defaults(layers=1, **SMOLLM2)
     run = parser.add_argument_group("run")
-    run.add_argument("--rows", type=int, default=64, help="calibration rows of the window")
+    run.add_argument("--rows", type=int, default=256, help="calibration rows of the window")
     run.add_argument("--seq-len", type=int, default=1024)
     run.add_argument("--br-batch-size", type=int, default=8)
-    run.add_argument("--epochs", type=int, default=2)
+    run.add_argument("--epochs", type=int, default=3, help="epochs of the long run (the short one has 1)")
     run.add_argument("--compile", default="auto,off", help="compile_blocks settings to profile: off, on, auto")
     run.add_argument("--device", default=None, help="default: cuda if available")
     run.add_argument("--seed", type=int, default=0)
@@ -74,8 +74,8 @@ def _window(args, device: torch.device):
     return block, masks, kwargs, inputs, targets
 
 
-def _settings(args, compiled) -> BlockTrainingSettings:
-    config = PruningConfig(br_epochs=args.epochs, br_batch_size=args.br_batch_size, br_lr=1e-3, compile_blocks=compiled,
+def _settings(args, compiled, epochs: int) -> BlockTrainingSettings:
+    config = PruningConfig(br_epochs=epochs, br_batch_size=args.br_batch_size, br_lr=1e-3, compile_blocks=compiled,
                            seed=args.seed, reconstruction=["lr", "br", "gp"])
     return BlockTrainingSettings.from_config(config)
 
@@ -92,43 +92,54 @@ def _event_rows(events, key: str, top: int) -> list[dict[str, Any]]:
 
 
 def profile(args, compiled, device: torch.device) -> dict[str, Any]:
+    """Runs of 1 and of ``args.epochs`` epochs, timed and traced: their difference is the steady cost of a step,
+    without the window's set-up, its first step and its captures, which both runs pay once."""
     from torch.profiler import ProfilerActivity
 
     block, masks, kwargs, inputs, targets = _window(args, device)
-    settings = _settings(args, compiled)
     original = {name: p.detach().clone() for name, p in block.named_parameters()}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
-    def train():
+    def train(epochs: int):
         with torch.no_grad():  # every run starts from the same weights
             for name, p in block.named_parameters():
                 p.copy_(original[name])
+        settings = _settings(args, compiled, epochs)
         return reconstruct_window([block], masks, inputs, targets, [kwargs[0]], settings, device)
 
-    train()  # untimed: start-up, the first captures or compilation
-    _sync(device)
-    started = time.perf_counter()
-    untraced = train()
-    _sync(device)
-    untraced_seconds = time.perf_counter() - started
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        traced = train()
+    def timed(epochs: int) -> tuple[float, Any]:
         _sync(device)
-    steps = untraced.num_steps
-    kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
-    busy_us = sum(e.device_time for e in kernels) if kernels else 0.0
-    averages = prof.key_averages()
-    result = {
-        "compile_blocks": compiled, "execution": untraced.execution, "steps": steps,
-        "wall_ms_per_step": 1e3 * untraced_seconds / max(steps, 1),
-        "wall_ms_per_step_traced": 1e3 * traced.seconds / max(traced.num_steps, 1),
-        "gpu_busy_ms_per_step": busy_us / 1e3 / max(traced.num_steps, 1),
-        "kernels_per_step": len(kernels) / max(traced.num_steps, 1),
-        "top_device_ops": _event_rows(averages, "device_time_total", args.top),
-        "top_host_ops": _event_rows(averages, "self_cpu_time_total", args.top),
-        "kernel_names_by_time": _kernel_table(kernels, args.top),
+        started = time.perf_counter()
+        result = train(epochs)
+        _sync(device)
+        return time.perf_counter() - started, result
+
+    def traced(epochs: int):
+        with torch.profiler.profile(activities=activities) as prof:
+            result = train(epochs)
+            _sync(device)
+        kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        return prof, kernels, result
+
+    train(1)  # untimed: start-up, the first captures or compilation
+    short_seconds, short = timed(1)
+    long_seconds, long = timed(args.epochs)
+    _, short_kernels, _ = traced(1)
+    prof, long_kernels, _ = traced(args.epochs)
+    steps = long.num_steps - short.num_steps
+    busy = sum(e.device_time for e in long_kernels) - sum(e.device_time for e in short_kernels)
+    return {
+        "compile_blocks": compiled, "execution": long.execution, "steps": long.num_steps,
+        "steady_steps": steps,
+        "wall_ms_per_step": 1e3 * (long_seconds - short_seconds) / max(steps, 1),
+        "wall_ms_per_step_with_setup": 1e3 * long_seconds / max(long.num_steps, 1),
+        "window_setup_ms": 1e3 * (short_seconds - (long_seconds - short_seconds) / max(steps, 1) * short.num_steps),
+        "gpu_busy_ms_per_step": busy / 1e3 / max(steps, 1),
+        "kernels_per_step": (len(long_kernels) - len(short_kernels)) / max(steps, 1),
+        "top_device_ops": _event_rows(prof.key_averages(), "device_time_total", args.top),
+        "top_host_ops": _event_rows(prof.key_averages(), "self_cpu_time_total", args.top),
+        "kernel_names_by_time": _kernel_table(long_kernels, args.top),
     }
-    return result
 
 
 def _kernel_table(kernels, top: int) -> list[dict[str, Any]]:
@@ -148,9 +159,11 @@ def markdown(results: dict[str, Any]) -> str:
              f"{s['epochs']} epochs, bf16 autocast where the device has it.", ""]
     for run in results["runs"]:
         lines += [f"## compile_blocks={run['compile_blocks']!r} ({run['execution']})", "",
-                  f"{run['steps']} steps: {run['wall_ms_per_step']:.2f} ms a step untraced "
-                  f"({run['wall_ms_per_step_traced']:.2f} traced), GPU busy {run['gpu_busy_ms_per_step']:.2f} ms a "
-                  f"step, {run['kernels_per_step']:.0f} kernels a step.", "",
+                  f"Steady state over {run['steady_steps']} steps (a run of {run['steps']} steps less one of "
+                  f"{run['steps'] - run['steady_steps']}): {run['wall_ms_per_step']:.2f} ms a step, GPU busy "
+                  f"{run['gpu_busy_ms_per_step']:.2f} ms a step, {run['kernels_per_step']:.0f} kernels a step; the "
+                  f"window's set-up (captures included) {run['window_setup_ms']:.0f} ms. Kernels below: the "
+                  f"{run['steps']}-step run.", "",
                   "| kernel | calls | total µs | median µs |", "|---|---:|---:|---:|"]
         lines += [f"| `{k['kernel']}` | {k['calls']} | {k['total_us']:.0f} | {k['median_us']:.1f} |"
                   for k in run["kernel_names_by_time"]]
@@ -169,7 +182,7 @@ def main(argv=None) -> int:
         run = profile(args, compiled, device)
         results["runs"].append(run)
         print(f"compile_blocks={compiled!r} ({run['execution']}): {run['wall_ms_per_step']:.2f} ms/step, GPU busy "
-              f"{run['gpu_busy_ms_per_step']:.2f} ms/step, {run['kernels_per_step']:.0f} kernels/step", flush=True)
+              f"{run['gpu_busy_ms_per_step']:.2f} ms/step, set-up {run['window_setup_ms']:.0f} ms, {run['kernels_per_step']:.0f} kernels/step", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)

@@ -363,11 +363,11 @@ def test_br_step_profile_times_the_steps_of_one_window(tmp_path):
     out = tmp_path / "steps.json"
     assert br_step_profile.main([
         "--device", "cpu", "--hidden", "32", "--intermediate", "64", "--heads", "4", "--kv-heads", "2", "--vocab",
-        "128", "--rows", "8", "--seq-len", "16", "--br-batch-size", "4", "--epochs", "2", "--compile", "off",
+        "128", "--rows", "8", "--seq-len", "16", "--br-batch-size", "4", "--epochs", "3", "--compile", "off",
         "--out", str(out),
     ]) == 0
     run = json.loads(out.read_text())["runs"][0]
-    assert run["execution"] == "eager" and run["steps"] == 2 * 2  # 8 rows in batches of 4, 2 epochs
+    assert run["execution"] == "eager" and run["steps"] == 3 * 2 and run["steady_steps"] == 2 * 2  # 8 rows, batch 4
     assert run["wall_ms_per_step"] > 0 and run["kernels_per_step"] == 0  # no device kernels on the CPU
     names = {op["name"] for op in run["top_host_ops"]}
     assert "aten::mm" in names or "aten::addmm" in names  # the block's linears ran under the profiler
