@@ -462,54 +462,6 @@ def test_graphed_br_equals_eager_br_on_cuda(recipe, mode, batch):
     _assert_same_result(*runs["auto"], reference=(runs[False][0].masks, _cpu_state(runs[False][1])))
 
 
-def _captured_window_loss(seed: int):
-    """A one-block window's loss, captured in CUDA graphs by its first call with grad."""
-    from hf_recon_prune.architectures import resolve_layout
-    from hf_recon_prune.capture import capture_block_kwargs
-    from hf_recon_prune.reconstruction.execution import WindowLoss
-
-    model = _model("llama", num_layers=1).cuda()
-    layout = resolve_layout(model)
-    block = layout.blocks[0]
-    for param in block.parameters():
-        param.requires_grad_(True)
-    kwargs = capture_block_kwargs(layout.base_model, [block], random_ids(1, 24, seed=seed), torch.device("cuda"))
-    loss = WindowLoss([block], kwargs, "graphed")
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    x, y = (torch.randn(4, 24, model.config.hidden_size, device="cuda", generator=generator) for _ in range(2))
-    with torch.enable_grad():
-        loss(x, y).backward()
-    return loss
-
-
-def test_a_garbage_collection_during_a_capture_destroys_no_graph_on_cuda():
-    """Graphs left in reference cycles (a window's loss dropped without release) must not be collected while
-    another window is captured: that is a CUDA error, and the window would fall back to eager."""
-    import gc
-
-    threshold = gc.get_threshold()
-    abandoned = _captured_window_loss(seed=1)
-    assert abandoned.execution == "graphed" and not abandoned.notes
-    del abandoned  # its graphs are garbage in cycles now
-    gc.set_threshold(1, 1, 1)  # a full collection every few allocations of Python objects
-    try:
-        loss = _captured_window_loss(seed=2)
-    finally:
-        gc.set_threshold(*threshold)
-    assert loss.execution == "graphed" and not loss.notes, loss.notes
-    loss.release()
-
-
-def test_releasing_a_window_resets_its_two_graphs_at_once_on_cuda():
-    from hf_recon_prune.reconstruction.execution import _reset_graphs
-
-    loss = _captured_window_loss(seed=3)
-    forward = loss._module.forward
-    assert _reset_graphs(forward) == 2  # the forward's graph and the backward's
-    loss.release()
-    assert loss._graphed is None and loss.execution == "graphed"
-
-
 @pytest.mark.parametrize("compile_blocks", [False, "auto"])
 def test_br_gathers_device_stream_rows_with_an_index_on_the_device(compile_blocks, monkeypatch):
     """With the streams on the device, BR moves each epoch's order there once, so no step copies its rows' index from

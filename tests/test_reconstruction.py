@@ -403,6 +403,43 @@ def test_cuda_bf16_autocast_pinned_streams(mode):
     _assert_mask_exact(masks)
 
 
+def test_no_garbage_collection_runs_while_a_window_is_captured(monkeypatch):
+    """A collection during a capture could destroy an earlier window's graphs (kept in reference cycles), which CUDA
+    forbids while capturing: the capture is made with the collector off, and it is on again afterwards, also when
+    the capture fails. (The capture is faked: the decision needs no GPU.)"""
+    import gc
+
+    from conftest import make_tiny_model, random_ids
+    from hf_recon_prune.architectures import resolve_layout
+    from hf_recon_prune.capture import capture_block_kwargs
+    from hf_recon_prune.reconstruction import execution
+
+    model = make_tiny_model("llama", num_layers=1)
+    layout = resolve_layout(model)
+    kwargs = capture_block_kwargs(layout.base_model, layout.blocks, random_ids(1, 8, seed=1), torch.device("cpu"))
+    x, y = torch.randn(2, 8, model.config.hidden_size), torch.randn(2, 8, model.config.hidden_size)
+    collector_on = []
+
+    def fake_capture(module, sample_args, fail=False):
+        collector_on.append(gc.isenabled())
+        if fail:
+            raise RuntimeError("capture failed")
+        return module
+
+    assert gc.isenabled()
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_capture)
+    loss = execution.WindowLoss(list(layout.blocks), kwargs, "graphed")
+    with torch.enable_grad():
+        expected = execution.window_squared_error(list(layout.blocks), kwargs, x, y)
+        assert torch.equal(loss(x, y), expected) and loss.execution == "graphed"
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda m, a: fake_capture(m, a, fail=True))
+    failing = execution.WindowLoss(list(layout.blocks), kwargs, "graphed")
+    with torch.enable_grad():
+        failing(x, y)
+    assert failing.execution == "eager" and "capture failed" in failing.notes[0]
+    assert collector_on == [False, False] and gc.isenabled()
+
+
 def test_auto_execution_compiles_large_windows_and_graphs_small_ones_on_cuda(monkeypatch):
     """compile_blocks="auto" decides by the window's size on CUDA only; routers and hooks keep a small window eager
     (the decision needs no GPU: nothing runs)."""

@@ -195,19 +195,17 @@ class WindowLoss:
             self.execution = "eager"
 
     def release(self) -> None:
-        """Free the graphs and their memory (after the window's training), now rather than at some later garbage
-        collection (see :func:`_reset_graphs`)."""
-        if self._module is not None:
-            _reset_graphs(self._module.forward)
+        """Free the graphs and their memory (after the window's training)."""
         self._graphed = self._graphed_shape = self._module = None
 
 
 @contextlib.contextmanager
 def _no_garbage_collection():
     """No cyclic garbage collection during a capture. ``make_graphed_callables`` keeps its graphs in reference cycles
-    (an autograd Function class made per capture), so a window's graphs would otherwise be destroyed by whichever
+    (an autograd Function class made per capture), so a released window's graphs are destroyed by whichever
     collection comes next, and destroying a graph while another is being captured is a CUDA error that fails the
-    capture: one window in 30 of SmolLM2's shape fell back to eager that way on the H200 before this."""
+    capture (CUDA warns "operation not permitted when stream is capturing (function reset)"): before this, one
+    window in 30 of SmolLM2's shape fell back to eager that way on the H200, in each of three runs."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -215,39 +213,6 @@ def _no_garbage_collection():
     finally:
         if enabled:
             gc.enable()
-
-
-def _reset_graphs(graphed_forward: Callable, depth: int = 6) -> int:
-    """Reset every ``torch.cuda.CUDAGraph`` that ``graphed_forward`` (the forward ``make_graphed_callables`` put on a
-    module) holds, found through its closures: their memory pools go back to the allocator now, and the graphs that
-    the garbage collector destroys later are empty, which touches no CUDA state. Returns how many were reset (0 if
-    torch keeps them elsewhere: then they go with the garbage collection, as before)."""
-    found: dict[int, torch.cuda.CUDAGraph] = {}
-    seen: set[int] = set()
-
-    def visit(obj, level: int) -> None:
-        if level > depth or id(obj) in seen:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, torch.cuda.CUDAGraph):
-            found[id(obj)] = obj
-            return
-        if isinstance(obj, staticmethod):
-            obj = obj.__func__
-        if isinstance(obj, type):  # the autograd Function class: its forward and backward close over the graphs
-            for value in vars(obj).values():
-                visit(value, level + 1)
-            return
-        for cell in getattr(obj, "__closure__", None) or ():
-            try:
-                visit(cell.cell_contents, level + 1)
-            except ValueError:  # an empty cell
-                continue
-
-    visit(graphed_forward, 0)
-    for graph in found.values():
-        graph.reset()
-    return len(found)
 
 
 @contextlib.contextmanager
