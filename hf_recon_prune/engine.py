@@ -352,6 +352,7 @@ class BlockEngine(MaskSelection):
 
     def _reconstruct(self, window: tuple[int, ...]) -> None:
         from .reconstruction import reconstruct_window
+        from .reconstruction.execution import choose_execution
 
         state, blocks, report = self.state, self.layout.blocks, self.state.report
         calibration = state.streams["calibration"]
@@ -368,6 +369,11 @@ class BlockEngine(MaskSelection):
         extra["frozen"] = [block.get_parameter(name) for block in window_blocks
                            for name, why in unprunable_parameters(block, self.prunable_weights(block)).items()
                            if why == "router"]
+        if choose_execution(state.training.compile_blocks, state.device, window_blocks,
+                            routed=bool(extra["frozen"])) == "graphed":
+            # A CUDA graph's capture (global mode) fails if another thread makes a CUDA call meanwhile: no block
+            # moves in the background while this window may capture. Such windows are small, so are their moves.
+            self.placement.wait_all()
         heldout = state.streams.get("heldout")
         if heldout is not None and state.total_rows.get("heldout", 0) > 0:  # what br_lr="auto" / br_keep_best judge by
             extra["heldout_inputs"] = heldout.sparse[first]

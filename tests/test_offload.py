@@ -167,6 +167,37 @@ def test_a_failure_with_blocks_moving_in_the_background_puts_every_block_back(sa
         torch.testing.assert_close(model(random_ids(2, 12, seed=7)).logits, before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("execution", ["graphed", "compiled"])
+def test_no_block_moves_in_the_background_while_a_window_may_be_captured(execution, monkeypatch):
+    """A capture in CUDA graphs fails if another thread makes a CUDA call meanwhile, so the engine waits for every
+    background move before training a window that will be graphed (and only then)."""
+    import hf_recon_prune.reconstruction as reconstruction
+    import hf_recon_prune.reconstruction.execution as execution_module
+
+    _force_overlapped_placement(monkeypatch)
+    waits, at_training = [], []
+    real_wait_all, real_training = offload.BlockPlacement.wait_all, reconstruction.reconstruct_window
+
+    def wait_all(self):
+        waits.append(len(self._moving))
+        real_wait_all(self)
+
+    def training(blocks, *args, **kwargs):
+        at_training.append((len(waits), len(pruner._engine.placement._moving)))
+        return real_training(blocks, *args, **kwargs)
+
+    monkeypatch.setattr(offload.BlockPlacement, "wait_all", wait_all)
+    monkeypatch.setattr(reconstruction, "reconstruct_window", training)
+    monkeypatch.setattr(execution_module, "choose_execution", lambda *args, **kwargs: execution)
+    model = make_tiny_model("llama", num_layers=3)
+    pruner = Pruner(model, _config(**RECIPE), calibration_data=_calibration(), show_progress=False)
+    pruner.prune()
+    if execution == "graphed":  # waited before each window, and nothing was moving when it trained
+        assert at_training == [(1, 0), (2, 0), (3, 0)]
+    else:  # compiled windows capture nothing: the moves go on (the only wait is the run's last)
+        assert [count for count, _ in at_training] == [0, 0, 0] and len(waits) == 1
+
+
 def test_overlapped_placement_moves_a_block_and_back_byte_for_byte():
     """prefetch -> onload hands over the loaded block; a background offload delivers the extra tensors and puts the
     block back; onload of the same block afterwards waits for that write-back and sees its values."""
