@@ -279,34 +279,24 @@ def test_stage_profile_runs_br_with_host_and_device_indices_side_by_side(stage_p
     assert block_trainer.INDEX_ON_DEVICE is True  # the switch is restored after the runs
 
 
-def test_stage_profile_runs_placement_with_and_without_staging_side_by_side(stage_profile, tmp_path):
+@pytest.mark.parametrize("option, switch, recipes, field", [
+    ("--placement-staging", "PINNED_STAGING", ["lr plain placement copies", "lr"], "placement_staging"),
+    ("--overlap-placement", "OVERLAP_PLACEMENT", ["lr placement in turn", "lr"], "overlap_placement"),
+])
+def test_stage_profile_runs_a_placement_switch_off_and_on_side_by_side(stage_profile, tmp_path, option, switch,
+                                                                      recipes, field):
     import hf_recon_prune.offload as offload
 
-    out = tmp_path / "staging.json"
-    assert stage_profile.main([
-        "--device", "cpu", "--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--vocab",
-        "128", "--samples", "4", "--seq-len", "16", "--recipes", "lr", "--placement-staging", "both",
-        "--out", str(out),
-    ]) == 0
-    runs = json.loads(out.read_text())["runs"]
-    assert [(run["recipe"], run["placement_staging"]) for run in runs] == [("lr plain placement copies", False),
-                                                                          ("lr", True)]
-    assert offload.PINNED_STAGING is True
-
-
-def test_stage_profile_runs_placement_in_turn_and_overlapped_side_by_side(stage_profile, tmp_path):
-    import hf_recon_prune.offload as offload
-
-    out = tmp_path / "overlap.json"
+    out = tmp_path / "placement.json"
     assert stage_profile.main([
         "--device", "cpu", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--vocab",
-        "128", "--samples", "4", "--seq-len", "16", "--recipes", "lr", "--overlap-placement", "both",
-        "--out", str(out),
+        "128", "--samples", "4", "--seq-len", "16", "--recipes", "lr", option, "both", "--out", str(out),
     ]) == 0
     runs = json.loads(out.read_text())["runs"]
-    assert [run["recipe"] for run in runs] == ["lr placement in turn", "lr"]
-    assert [run["overlap_placement"] for run in runs] == [False, False]  # the CPU never overlaps (the plan says so)
-    assert offload.OVERLAP_PLACEMENT is True
+    assert [run["recipe"] for run in runs] == recipes
+    # staging is asked for (and is a plain copy on the CPU); the CPU never overlaps (the plan says so)
+    assert [run[field] for run in runs] == ([False, True] if switch == "PINNED_STAGING" else [False, False])
+    assert getattr(offload, switch) is True  # restored
 
 
 def test_checkpoint_cost_compares_recomputed_and_saved_streams(tmp_path):

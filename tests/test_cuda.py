@@ -213,36 +213,25 @@ def test_pinned_staging_round_trips_on_cuda_in_stream_order(dtype):
     assert torch.equal(staging.to_device(pinned).cpu(), pinned)  # already pinned: a plain copy
 
 
-def test_a_model_in_cpu_memory_gives_the_same_result_with_and_without_pinned_staging(monkeypatch):
+@pytest.mark.parametrize("switch, recipe, num_layers", [
+    ("PINNED_STAGING", "br+gp", 3),  # blocks and masks through the reusable pinned slots, or plain copies
+    ("OVERLAP_PLACEMENT", "lr", 4),  # blocks loaded ahead and written back on the worker's stream, or in turn
+    ("OVERLAP_PLACEMENT", "br+gp+cr", 4),
+])
+def test_a_model_in_cpu_memory_gives_the_same_result_whichever_way_its_blocks_move(switch, recipe, num_layers,
+                                                                                   monkeypatch):
+    """Every block crosses to the GPU and back: the same masks and weights with the placement switch off and on,
+    and every tensor back in (pageable) CPU memory."""
     results = {}
-    for staged in (False, True):
-        monkeypatch.setattr(offload, "PINNED_STAGING", staged)
-        model = _model("llama")  # in CPU memory: every block crosses to the GPU and back
-        pruner, _ = _prune(model, stream_location="cpu")
-        for name, tensor in model.state_dict().items():
-            assert tensor.device.type == "cpu" and not tensor.is_pinned(), name
-        results[staged] = (pruner.masks, _cpu_state(model))
-    masks, state = results[True]
-    assert masks.keys() == results[False][0].keys() and masks
-    for name, mask in masks.items():
-        assert torch.equal(mask, results[False][0][name]), name
-    for name, value in state.items():
-        torch.testing.assert_close(value, results[False][1][name], rtol=BF16_RTOL, atol=WEIGHT_ATOL, msg=name)
-
-
-@pytest.mark.parametrize("recipe", ["lr", "br+gp+cr"])
-def test_a_model_in_cpu_memory_gives_the_same_result_with_and_without_overlapped_placement(recipe, monkeypatch):
-    """Blocks loaded ahead and written back on the worker's stream while the next block computes: the same masks and
-    weights as moving them in turn, and every tensor back in (pageable) CPU memory."""
-    results = {}
-    for overlap in (False, True):
-        monkeypatch.setattr(offload, "OVERLAP_PLACEMENT", overlap)
-        model = _model("llama", num_layers=4)
+    for on in (False, True):
+        monkeypatch.setattr(offload, switch, on)
+        model = _model("llama", num_layers=num_layers)  # in CPU memory
         pruner, report = _prune(model, stream_location="cpu", reconstruction=RECIPES[recipe])
-        assert report.memory["estimate"]["overlap_placement"] is overlap
+        if switch == "OVERLAP_PLACEMENT":
+            assert report.memory["estimate"]["overlap_placement"] is on
         for name, tensor in model.state_dict().items():
             assert tensor.device.type == "cpu" and not tensor.is_pinned(), name
-        results[overlap] = (pruner.masks, _cpu_state(model))
+        results[on] = (pruner.masks, _cpu_state(model))
     masks, state = results[True]
     assert masks.keys() == results[False][0].keys() and masks
     for name, mask in masks.items():
