@@ -23,9 +23,13 @@ The issue's benchmark (H200, 256 x 1024 tokens, 10 epochs):
         --epochs 10 --patterns unstructured,2:4 --recipes br+gp+cr,br+gp --self-samples 0,256 \\
         --lrs auto,2e-4,1e-3,2e-3,5e-4 --workers 8 --work-dir /tmp/sweep --deadline 540 \\
         --resume-from benchmarks/results/lr_sweep_h200.jsonl --out benchmarks/results/lr_sweep_h200.json
-    (then copy the work dir's results.jsonl over benchmarks/results/lr_sweep_h200.jsonl: what the next one resumes;
-    only runs of the same corpus resume, see corpus_fingerprint: carry the CPU machine's Python 3.11 pydoc_data onto
-    the GPU and put it first on PYTHONPATH, as the runs of 2026-12-01 had it)
+        --require-corpus python-3.12.3/pydoc_data-abaa56a64551
+    (then append the work dir's new results to benchmarks/results/lr_sweep_h200.jsonl: what the next one resumes;
+    only runs of the same corpus resume, see corpus_fingerprint: carry the CPU machine's Python 3.11.7
+    pydoc_data/topics.py onto the GPU and make it the one Python imports. The runs of 2026-12-01 put it first on
+    PYTHONPATH; on 2026-12-04 that did not reach the sweep (it read the image's own) and the runs copied the file over
+    the image's pydoc_data/topics.py instead. --require-corpus stops a sweep on the wrong text before it loads
+    anything)
 A CPU run at the demo's budget (what docs/benchmarks.md quotes):
     OMP_NUM_THREADS=2 python benchmarks/lr_sweep.py --device cpu --samples 32 --seq-len 256 --epochs 4 \\
         --recipes br+gp --out benchmarks/results/lr_sweep_cpu.json
@@ -83,6 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--self-gen-decoding", default="dynamic", choices=["dynamic", "auto"],
                         help="self_gen_static_cache: dynamic (False; the grid's runs so far were made with it, and "
                              "every run of one grid must see the same samples) or auto (the package's default)")
+    parser.add_argument("--require-corpus", default=None, metavar="ID",
+                        help="stop before any model is loaded unless the default corpus's fingerprint is ID (e.g. "
+                             "python-3.12.3/pydoc_data-abaa56a64551, what benchmarks/results/lr_sweep_h200.jsonl "
+                             "resumes): a carried pydoc_data that is not picked up costs a whole device call")
     parser.add_argument("--out", default="benchmarks/results/lr_sweep.json")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
@@ -231,14 +239,18 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- driver
+def _pydoc_data_file() -> str:
+    import pydoc_data.topics
+
+    return pydoc_data.topics.__file__
+
+
 def corpus_fingerprint() -> dict[str, str]:
     """Which text the runs saw. The default corpus is the running Python's ``pydoc_data`` and the docstrings are its
     standard library's, so another Python version or another ``pydoc_data`` (carried onto a machine through
     ``PYTHONPATH``) is another benchmark: on SmolLM2 the dense perplexity of the default corpus's held-out part is
     11.96 with 3.11.7's ``pydoc_data`` and 12.13 with 3.12.1's. Results are resumed only from the same fingerprint."""
-    import pydoc_data.topics
-
-    with open(pydoc_data.topics.__file__, "rb") as handle:
+    with open(_pydoc_data_file(), "rb") as handle:
         topics = hashlib.sha256(handle.read()).hexdigest()[:12]
     return {"python": platform.python_version(), "pydoc_data_sha256": topics,
             "id": f"python-{platform.python_version()}/pydoc_data-{topics}"}
@@ -248,6 +260,9 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Once per work dir: the model saved as safetensors, the held-out ids and the dense perplexities; then, for every
     self-sample count the work dir has not generated yet (a later invocation may ask for new ones), the samples
     (timed, then cached for every run)."""
+    if args.require_corpus and corpus_fingerprint()["id"] != args.require_corpus:
+        raise SystemExit(f"the default corpus is {corpus_fingerprint()['id']}, not --require-corpus "
+                         f"{args.require_corpus}: pydoc_data comes from {_pydoc_data_file()}")
     state_path = os.path.join(args.work_dir, "state.json")
     if os.path.isfile(state_path):
         with open(state_path, encoding="utf-8") as handle:
@@ -272,6 +287,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
             print(f"self-generated {count} samples in {state['self_generation'][str(count)]['seconds']:.0f} s",
                   flush=True)
         del dense
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the driver idles while the workers run: its cached blocks starved six of them
     with open(state_path, "w", encoding="utf-8") as handle:
         json.dump(state, handle, indent=2, default=str)
     return state
@@ -328,17 +345,19 @@ def collect(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:
 
 def _adopt_results(args: argparse.Namespace, state: dict[str, Any]) -> list[str]:
     """Append the runs of ``--resume-from`` that the work dir does not have yet and that saw the same text (see
-    :func:`corpus_fingerprint`); returns the keys of those left out for another corpus (they run again)."""
+    :func:`corpus_fingerprint`); returns the keys left out because only another corpus has them (they run again).
+    A key made on both corpora is adopted from this one's run: the file holds the grid of every corpus."""
     done = _done(args.work_dir)
     with open(args.resume_from, encoding="utf-8") as handle:
         earlier = [(line, json.loads(line)) for line in handle if line.strip()]
-    earlier = [(line, run) for line, run in earlier if run_key(run) not in done]
-    other = [run_key(run) for _, run in earlier if run.get("corpus") != state["corpus"]["id"]]
+    same = [(line, run) for line, run in earlier
+            if run.get("corpus") == state["corpus"]["id"] and run_key(run) not in done]
+    adopted = {run_key(run) for _, run in same} | set(done)
+    other = sorted({run_key(run) for _, run in earlier if run_key(run) not in adopted})
     with open(os.path.join(args.work_dir, RESULTS), "a", encoding="utf-8") as handle:
-        handle.writelines(line if line.endswith("\n") else line + "\n" for line, run in earlier
-                          if run_key(run) not in other)
+        handle.writelines(line if line.endswith("\n") else line + "\n" for line, _ in same)
     if other:
-        print(f"not resumed ({len(other)} runs of another corpus than {state['corpus']['id']}): {other}",
+        print(f"not resumed ({len(other)} runs only of another corpus than {state['corpus']['id']}): {other}",
               file=sys.stderr)
     return other
 

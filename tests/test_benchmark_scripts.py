@@ -163,6 +163,20 @@ def test_lr_sweep_workers_share_the_runs_and_a_second_invocation_resumes(tmp_pat
     assert [lr_sweep.run_key(r) for r in rerun["runs"]] == planned
     assert {r["corpus"] for r in rerun["runs"]} == {results["corpus"]["id"]}
 
+    # The same run made on both texts: this text's is adopted (before 2026-12-04 both were left out and it ran again).
+    twice = lines + [json.dumps({**json.loads(lines[1]), "corpus": "python-0.0.0/pydoc_data-000000000000",
+                                 "seconds": -1.0})]
+    (tmp_path / "twice.jsonl").write_text("".join(line + "\n" for line in twice))
+    both = lr_sweep.main([*argv[:-2], "--work-dir", str(tmp_path / "fourth"), "--resume-from",
+                          str(tmp_path / "twice.jsonl"), "--out", str(tmp_path / "fourth.json")])
+    assert both["runs"] == results["runs"]
+
+    # A sweep told which text to expect stops before loading anything when the running Python has another.
+    with pytest.raises(SystemExit, match="python-0.0.0/pydoc_data-000000000000"):
+        lr_sweep.main([*argv[:-2], "--work-dir", str(tmp_path / "never"), "--require-corpus",
+                       "python-0.0.0/pydoc_data-000000000000", "--out", str(tmp_path / "never.json")])
+    assert not (tmp_path / "never").exists()
+
 
 def test_lr_sweep_generates_the_self_samples_a_later_invocation_adds_into_the_given_cache(tmp_path):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
