@@ -30,7 +30,7 @@ The issue's benchmark (H200, 256 x 1024 tokens, 10 epochs):
     PYTHONPATH; on 2026-12-04 that did not reach the sweep (it read the image's own) and the runs copied the file over
     the image's pydoc_data/topics.py instead. --require-corpus stops a sweep on the wrong text before it loads
     anything)
-A CPU run at the demo's budget (what docs/benchmarks.md quotes):
+A CPU run at the demo's former budget, 32 x 256 tokens (what docs/benchmarks.md quotes):
     OMP_NUM_THREADS=2 python benchmarks/lr_sweep.py --device cpu --samples 32 --seq-len 256 --epochs 4 \\
         --recipes br+gp --out benchmarks/results/lr_sweep_cpu.json
 """
