@@ -35,7 +35,8 @@ __all__ = ["AUTO_LR_GRID", "AUTO_EXTRA_COST", "FALLBACK_LR", "HeldoutError", "Pa
 AUTO_LR_GRID = (2e-4, 5e-4, 1e-3, 2e-3)
 #: The learning rate ``"auto"`` falls back to when there is no held-out row to judge by. Not the paper's 2e-4: in
 #: every setting measured (SmolLM2; 50 % and 2:4, BR + GP and BR + GP + CR on an H200 at the paper's budget, and the
-#: demo's budget on a CPU) 1e-3 beat 2e-4 on both held-out sources, and 2e-3 was not better everywhere.
+#: demo's former budget, 32 x 256 tokens, on a CPU) 1e-3 beat 2e-4 on both held-out sources, and 2e-3 was not better
+#: everywhere.
 FALLBACK_LR = 1e-3
 #: What the learning-rate probe may add to a window's training time, as a fraction of its planned training.
 AUTO_EXTRA_COST = 0.5
