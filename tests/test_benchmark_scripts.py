@@ -376,3 +376,27 @@ def test_br_step_profile_times_the_steps_of_one_window(tmp_path):
     names = {op["name"] for op in run["top_host_ops"]}
     assert "aten::mm" in names or "aten::addmm" in names  # the block's linears ran under the profiler
     assert (tmp_path / "steps.md").read_text().startswith("# BR step profile")
+
+
+def test_sparsity_profiles_runs_uniform_and_owl_side_by_side_at_the_same_mean(tmp_path):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tiny_assets import save_tiny_llama
+
+    script = _benchmark("sparsity_profiles")
+    out = tmp_path / "profiles.json"
+    results = script.main(["--model", save_tiny_llama(tmp_path / "tiny"), "--runs", "wanda:mask,sparsegpt:lr",
+                           "--sparsities", "0.5", "--owl-lambdas", "0.1", "--num-samples", "4", "--seq-len", "16",
+                           "--eval-seq-len", "16", "--eval-windows", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert (tmp_path / "profiles.md").is_file()
+    assert [(r["method"], r["recipe"], r["profile"]) for r in results["runs"]] == [
+        ("wanda", "mask", "uniform"), ("wanda", "mask", "owl"), ("sparsegpt", "lr", "uniform"),
+        ("sparsegpt", "lr", "owl")]
+    for run in results["runs"]:
+        targets = run["block_target_sparsity"]
+        assert sum(targets) / len(targets) == pytest.approx(0.5)  # OWL moves blocks, not the mean
+        assert run["mean_sparsity_of_pruned_weights"] == pytest.approx(0.5, abs=0.01)
+        assert set(run["perplexity"]) == set(results["dense"])
+        # min-max normalised ratios: the least and most outlier-rich blocks sit lambda below and above the mean
+        spread = 2 * 0.1 if run["profile"] == "owl" else 0.0
+        assert max(targets) - min(targets) == pytest.approx(spread)
