@@ -189,7 +189,7 @@ def _check_sizes(model: nn.Module, config: Any, rows: int, length: int, given: b
         f"{fields} ask for {rows} windows of {length} tokens: one activation stream of them is "
         f"{stream / GiB:,.1f} GiB ({rows} x {length} x hidden_size {hidden} x {dtype}), more than this machine's "
         f"memory and free disk together ({capacity / GiB:,.1f} GiB); allowed: sizes whose streams fit, e.g. "
-        "num_samples=128 and seq_len=2048 (the paper's)."
+        "num_samples=256 and seq_len=1024 (the paper's)."
     )
 
 
