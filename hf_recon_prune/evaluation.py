@@ -321,28 +321,46 @@ def _perplexity_entry(model, tokenizer, source, *, split, seq_len, batch_size, m
     return {"source": described, "split": split, "seq_len": seq_len, "windows": int(windows.shape[0]), "value": value}
 
 
-def model_sparsity(model: Any) -> dict[str, Any]:
+def model_sparsity(model: Any, config: Any = None) -> dict[str, Any]:
     """Fraction of zero weights in the prunable weights of the decoder blocks (``prunable.prunable_weights``:
     linear layers, fused experts parameters, Conv1D; routers, embeddings and the LM head are skipped).
 
+    ``config`` (a PruningConfig, e.g. the one a saved folder stores) makes the count follow the run's choices: its
+    ``include_modules`` / ``exclude_modules`` filter the weights, and weights its ``sparsity_overrides`` set to 0
+    count as left dense, as the run's report counts them.
+
     Returns ``{"overall": zeros / weights over all those layers, "zeros": int, "total": int,
     "layers": {"model.layers.0.self_attn.q_proj": fraction, ...}, "by_type": {"self_attn.q_proj": fraction, ...},
-    "skipped": [names of layers whose weights are not materialised (meta device)]}``. Works on any supported model,
-    including one loaded back with plain ``AutoModelForCausalLM.from_pretrained``.
+    "skipped": [names of layers whose weights are not materialised (meta device)], "block_parameters": int,
+    "left_dense": {why: parameters}, "left_dense_names": {why: [names inside a block]}}``. Works on any supported
+    model, including one loaded back with plain ``AutoModelForCausalLM.from_pretrained``.
     """
     from .architectures import resolve_layout
-    from .prunable import prunable_weights
+    from .prunable import prunable_weights, unprunable_parameters
+    from .sparsity_profile import weight_sparsity
 
+    include = getattr(config, "include_modules", None)
+    exclude = getattr(config, "exclude_modules", None)
+    overrides = getattr(config, "sparsity_overrides", None)
     layout = resolve_layout(model)
     layers: dict[str, float] = {}
     by_type: dict[str, list[int]] = {}
     skipped: list[str] = []
-    zeros_total = weights_total = 0
+    left_dense: dict[str, int] = {}
+    left_dense_names: dict[str, set[str]] = {}
+    zeros_total = weights_total = block_parameters = 0
     with torch.no_grad():
         for index, block in enumerate(layout.blocks):
-            for name, prunable in prunable_weights(block, family_config=model.config.get_text_config()).items():
-                full_name = f"{layout.blocks_path}.{index}.{name}"
+            block_parameters += sum(p.numel() for p in block.parameters())
+            weights = prunable_weights(block, include, exclude, model.config.get_text_config())
+            dense = {name: (reason, block.get_parameter(name).numel())
+                     for name, reason in unprunable_parameters(block, weights).items()}
+            for name, prunable in weights.items():
                 weight = prunable.weight
+                if overrides and weight_sparsity(name, 1.0, overrides) == 0.0:
+                    dense[prunable.parameter_name] = ("sparsity override 0", weight.numel())
+                    continue
+                full_name = f"{layout.blocks_path}.{index}.{name}"
                 if weight.device.type == "meta":
                     skipped.append(full_name)
                     continue
@@ -353,6 +371,9 @@ def model_sparsity(model: Any) -> dict[str, Any]:
                 counts[1] += numel
                 zeros_total += zeros
                 weights_total += numel
+            for name, (reason, numel) in dense.items():
+                left_dense[reason] = left_dense.get(reason, 0) + numel
+                left_dense_names.setdefault(reason, set()).add(name)
     return {
         "overall": zeros_total / weights_total if weights_total else 0.0,
         "zeros": zeros_total,
@@ -360,6 +381,9 @@ def model_sparsity(model: Any) -> dict[str, Any]:
         "layers": layers,
         "by_type": {name: z / n if n else 0.0 for name, (z, n) in by_type.items()},
         "skipped": skipped,
+        "block_parameters": block_parameters,
+        "left_dense": left_dense,
+        "left_dense_names": {reason: sorted(names) for reason, names in left_dense_names.items()},
     }
 
 

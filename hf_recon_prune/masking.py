@@ -152,31 +152,41 @@ class MaskSelection:
         zeros = int(existing.sum())
         self.state.existing_zeros[0] += zeros
         self.state.existing_zeros[1] += existing.numel()
-        block_sparsity = self.state.report.blocks[index].target_sparsity
-        sparsity = weight_sparsity(name, cfg.sparsity if block_sparsity is None else block_sparsity,
-                                   cfg.sparsity_overrides)
         request = PruneRequest(
-            sparsity, cfg.nm, stats, self.state.plan.layer_wise, cfg.sparsegpt_block_size, cfg.sparsegpt_dampening,
+            self._target_sparsity(self.state.report.blocks[index], name), cfg.nm, stats, self.state.plan.layer_wise, cfg.sparsegpt_block_size, cfg.sparsegpt_dampening,
             name=f"block {index} {name}", factor=factor, keep_zeros=existing if cfg.keep_existing_zeros and zeros else None,
         )
         return prune_linear(layer, cfg.method, request)
 
+    def _target_sparsity(self, block_report: BlockReport, name: str) -> float:
+        """The sparsity weight ``name`` of the block is pruned to: the block's (OWL) or the config's, unless an
+        override names it."""
+        block_sparsity = block_report.target_sparsity
+        return weight_sparsity(name, self.config.sparsity if block_sparsity is None else block_sparsity,
+                               self.config.sparsity_overrides)
+
     def _count_parameters(self, block: nn.Module, block_report: BlockReport) -> None:
-        """The block's sparsity as the report and the card give it: per weight, and over what was eligible."""
+        """The block's sparsity as the report and the card give it: per weight, and over what was eligible. A weight
+        an override sets to sparsity 0 was left dense on purpose, so it counts as dense, not as eligible."""
         weights = self.prunable_weights(block)
-        sparsity, zeros_total = {}, 0
+        left = unprunable_parameters(block, weights)
+        sizes = {name: block.get_parameter(name).numel() for name in left}
+        sparsity, zeros_total, eligible = {}, 0, 0
         for name, weight in weights.items():
             zeros = int((weight.weight == 0).sum())
             sparsity[name] = zeros / max(weight.weight.numel(), 1)
+            if self._target_sparsity(block_report, name) == 0.0:
+                left[weight.parameter_name] = "sparsity override 0"
+                sizes[weight.parameter_name] = weight.weight.numel()
+                continue
             zeros_total += zeros
+            eligible += weight.weight.numel()
         block_report.layer_sparsity = sparsity
-        counts = {"block": sum(p.numel() for p in block.parameters()),
-                  "eligible": sum(w.weight.numel() for w in weights.values()), "pruned": zeros_total}
-        left = unprunable_parameters(block, weights)
+        counts = {"block": sum(p.numel() for p in block.parameters()), "eligible": eligible, "pruned": zeros_total}
         block_report.left_dense = left
         for name, reason in left.items():
             key = f"dense:{reason}"
-            counts[key] = counts.get(key, 0) + block.get_parameter(name).numel()
+            counts[key] = counts.get(key, 0) + sizes[name]
         block_report.parameters = counts
         unsupported = sorted(name for name, reason in left.items() if reason == "unsupported")
         if unsupported:

@@ -92,6 +92,12 @@ class PrunableWeight:
         return getattr(self.module, self.param_name)
 
     @property
+    def parameter_name(self) -> str:
+        """The parameter's name inside the block ("self_attn.q_proj.weight", "mlp.experts.gate_up_proj"), as
+        ``unprunable_parameters`` names the parameters left dense."""
+        return self.name if self.name.rpartition(".")[2] == self.param_name else f"{self.name}.{self.param_name}"
+
+    @property
     def key(self) -> Union[nn.Module, "PrunableWeight"]:
         """What masks are keyed by: the ``nn.Linear`` itself (peft's LoRA adapts it), else this object."""
         return self.module if self.kind == "linear" else self

@@ -19,7 +19,7 @@ from .distributed import DataParallelError
 from .engine import BlockEngine
 from .preflight import PreflightError, preflight
 from .propagation import NonFiniteActivationsError
-from .report import PruneReport
+from .report import USER_TOKEN_IDS, PruneReport
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ class Pruner:
                 is_self_generated=torch.zeros(data.shape[0], dtype=torch.bool),
                 heldout_ids=data.new_zeros((0, data.shape[1])).long(),
                 statistics_mask=torch.ones(data.shape[0], dtype=torch.bool),
-                description={"source": "user-provided token ids", "num_samples": int(data.shape[0])},
+                # the config's calibration fields were not used: the card says so instead of quoting them
+                description={"source": USER_TOKEN_IDS, "num_samples": int(data.shape[0]),
+                             "seq_len": int(data.shape[1]), "split": None},
             )
         return data
 

@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional
 
 ROLES = ("dense", "pruned")
+#: ``PruneReport.calibration["source"]`` of a run given token ids (``Pruner(calibration_data=ids)``): the config's
+#: calibration fields were not used.
+USER_TOKEN_IDS = "user-provided token ids"
 
 
 @dataclass

@@ -84,7 +84,9 @@ def describe(config: Any) -> Optional[str]:
     """One line for the card and the report on a non-uniform profile, or None for uniform sparsity."""
     parts = []
     if getattr(config, "sparsity_profile", None) == "owl":
-        parts.append(f"OWL (outlier threshold M={config.owl_threshold:g}, lambda={config.owl_lambda:g})")
+        parts.append(f"OWL (outlier threshold M={config.owl_threshold:g}, lambda={config.owl_lambda:g}): each "
+                     "block's sparsity from its outliers, the mean over blocks kept at the target")
     if getattr(config, "sparsity_overrides", None):
-        parts.append("overrides " + ", ".join(f"{p!r}: {v:g}" for p, v in config.sparsity_overrides.items()))
+        parts.append("overrides " + ", ".join(f"{p!r}: {v:g}" for p, v in config.sparsity_overrides.items())
+                     + ": the weights they name take that sparsity instead of their block's, so the mean moves")
     return "; ".join(parts) or None

@@ -52,11 +52,14 @@ class Criterion:
             the calibration tokens) or ``"hessian"`` (``statistics.hessian``, ``X^T X / tokens``).
         label: the short name the model card uses (default: the registered name).
         description: one line the model card says about the criterion (default: the first line of the docstring).
+        unstructured_group: where an unstructured mask prunes the same fraction, for the model card (``{block_size}``
+            stands for ``PruningConfig.sparsegpt_block_size``); scores-based criteria compare within a row.
     """
 
     statistics: str = "none"
     label: Optional[str] = None
     description: Optional[str] = None
+    unstructured_group: str = "every output row"
     name: str = ""  # set by register_criterion
 
     def validate(self, config: Any) -> None:

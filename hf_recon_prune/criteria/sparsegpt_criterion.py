@@ -17,6 +17,7 @@ class SparseGPTCriterion(Criterion):
 
     statistics = "hessian"
     label = "SparseGPT"
+    unstructured_group = "every block of {block_size} input columns, over all its rows (rows differ)"
 
     def validate(self, config: Any) -> None:
         nm = config.nm

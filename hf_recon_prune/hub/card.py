@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional
 
 from .._version import __version__
 from ..config import RECONSTRUCTIONS, TECHNIQUES, PruningConfig, parse_nm
+from ..report import USER_TOKEN_IDS
 from ..sanitise import parse_texts_marker, sanitise_config_dict
 from .formatting import _cell, _percent
 from .model_index import PRESET_DATASETS, _evaluation
@@ -107,7 +108,7 @@ def build_model_card(
     model_name = repo_id.split("/")[-1]
 
     eval_results, perplexity_rows, zero_shot_rows = _evaluation(report, redactor)
-    sparsity = None if report is not None else model_sparsity(model)
+    sparsity = None if report is not None else model_sparsity(model, config)
 
     tags = ["pruned", "sparse"]
     if config is not None:
@@ -158,7 +159,7 @@ def _card_context(model, config, report, *, base, model_name, repo_id, has_token
         config_json = json.dumps(redactor.value(sanitise_config_dict(config.to_dict())), indent=2, sort_keys=True)
     base_note = None
     if not base:
-        base_note = ("The Hub id of the base model is not recorded (it was loaded from a local folder); pass "
+        base_note = ("The Hub id of the base model is not recorded (it was not loaded from the Hub by its id); pass "
                      "`base_model=` when saving to link it.")
 
     total_seconds = getattr(report, "total_seconds", 0.0) if report is not None else 0.0
@@ -185,7 +186,7 @@ def _card_context(model, config, report, *, base, model_name, repo_id, has_token
         "uses_lr": "lr" in used,
         "sparsity_rows": sparsity_rows,
         "sparsity_source": sparsity_source,
-        **_coverage_context(report),
+        **_coverage_context(report, sparsity),
         "sparsity_profile": _profile(config),
         "block_table": report.to_markdown() if report is not None and report.blocks else None,
         "plot_file": plot_file,
@@ -215,7 +216,11 @@ def _summary(config: Optional[PruningConfig], report: Any, base: Optional[str], 
         return None, "unknown", "unknown", summary
     nm = parse_nm(config.pattern)
     target = _percent(config.sparsity)
-    pattern_label = ("unstructured (the same fraction pruned in every output row)" if nm is None else
+    criterion = _criterion(config.method)
+    group = getattr(criterion, "unstructured_group", None)
+    group = group.format(block_size=config.sparsegpt_block_size) if group else None
+    pattern_label = (f"unstructured (the same fraction pruned in {group})" if nm is None and group else
+                     "unstructured" if nm is None else
                      f"{config.pattern} semi-structured ({nm[0]} of every {nm[1]} consecutive input weights kept)")
     short_pattern = "unstructured" if nm is None else config.pattern
     names = [TECHNIQUES[t][0].split(" (")[0].lower() for t in used]
@@ -223,8 +228,28 @@ def _summary(config: Optional[PruningConfig], report: Any, base: Optional[str], 
         f", {', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else
         f" and {names[0]}" if names else " and no reconstruction")
     summary = (f"This model is {base_link} pruned to {target} {short_pattern} sparsity in the prunable weights of "
-               f"its decoder blocks (linear layers and routed experts), with {how}, by hf-recon-prune.")
+               f"its decoder blocks (linear layers and routed experts), with {how}, by hf-recon-prune."
+               + _left_dense_sentence(report, sparsity))
     return nm, target, pattern_label, summary
+
+
+#: Reasons for leaving a weight dense that a reader of the summary would not assume (norms, biases and routers
+#: are dense in every pruned model).
+_NOTABLE_DENSE = ("excluded", "sparsity override 0", "unsupported")
+
+
+def _left_dense_sentence(report: Any, sparsity: Optional[dict[str, Any]]) -> str:
+    if report is not None and getattr(report, "blocks", None):
+        counts, total = report.left_dense(), (report.parameter_counts() or {}).get("block")
+    elif sparsity is not None:
+        counts, total = sparsity.get("left_dense", {}), sparsity.get("block_parameters")
+    else:
+        return ""
+    notable = {reason: counts[reason] for reason in _NOTABLE_DENSE if counts.get(reason)}
+    if not notable or not total:
+        return ""
+    return (f" Not every matrix was pruned: {_percent(sum(notable.values()) / total, 2)} of the decoder blocks' "
+            f"parameters were left dense ({', '.join(notable)}; see *What was left dense*).")
 
 
 def _achieved_sparsity(report: Any, sparsity: Optional[dict[str, Any]]) -> Optional[str]:
@@ -252,19 +277,25 @@ def _profile(config: Optional[PruningConfig]) -> Optional[str]:
     return describe(config) if config is not None else None
 
 
-def _coverage_context(report: Any) -> dict[str, Any]:
+def _coverage_context(report: Any, sparsity: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """What the pruned weights cover: zeros over all block parameters, what was left dense and why, and how many
-    calibration tokens reached each routed expert (mixture-of-experts models)."""
+    calibration tokens reached each routed expert (mixture-of-experts models). Without a report (a model saved
+    again), the first two come from the weights (``sparsity``, ``model_sparsity``'s result)."""
     if report is None or not getattr(report, "blocks", None):
-        return {"block_sparsity": None, "dense_rows": [], "expert_rows": []}
+        if not sparsity or not sparsity.get("block_parameters"):
+            return {"block_sparsity": None, "dense_rows": [], "expert_rows": []}
+        total = sparsity["block_parameters"]
+        return {"block_sparsity": _percent(sparsity["zeros"] / total, 2), "expert_rows": [],
+                "dense_rows": _dense_rows(sparsity["left_dense"], sparsity["left_dense_names"], total)}
     block_sparsity = getattr(report, "block_sparsity", None)
     counts = report.parameter_counts() if hasattr(report, "parameter_counts") else None
     dense_rows = []
     if counts:
-        for reason, count in sorted(report.left_dense().items(), key=lambda item: -item[1]):
-            names = sorted({name for b in report.blocks for name, why in b.left_dense.items() if why == reason})
-            shown = ", ".join(f"`{n}`" for n in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-            dense_rows.append((reason, f"{count:,}", _percent(count / counts["block"], 2), shown))
+        names = {}
+        for b in report.blocks:
+            for name, why in b.left_dense.items():
+                names.setdefault(why, set()).add(name)
+        dense_rows = _dense_rows(report.left_dense(), {why: sorted(n) for why, n in names.items()}, counts["block"])
     expert_rows = []
     for b in report.blocks:
         for module, tokens in (getattr(b, "expert_tokens", None) or {}).items():
@@ -276,6 +307,16 @@ def _coverage_context(report: Any) -> dict[str, Any]:
                                 ", ".join(map(str, fallback)) or "none"))
     return {"block_sparsity": _percent(block_sparsity, 2) if block_sparsity is not None else None,
             "dense_rows": dense_rows, "expert_rows": expert_rows}
+
+
+def _dense_rows(counts: dict[str, int], names: dict[str, list[str]], block_parameters: int) -> list[tuple]:
+    """The rows of "What was left dense": why, how many parameters, their share, which (the first six names)."""
+    rows = []
+    for reason, count in sorted(counts.items(), key=lambda item: -item[1]):
+        listed = names.get(reason, [])
+        shown = ", ".join(f"`{n}`" for n in listed[:6]) + (f" and {len(listed) - 6} more" if len(listed) > 6 else "")
+        rows.append((reason, f"{count:,}", _percent(count / block_parameters, 2), shown))
+    return rows
 
 
 def _card_warnings(report: Any, redactor: "_Redactor") -> list[str]:
@@ -329,12 +370,17 @@ def _reconstruction_mode(config: PruningConfig, report: Any = None) -> str:
     if config.reconstruction_mode == "auto" and mode != "auto":
         chosen = ' (chosen by `reconstruction_mode="auto"` from the memory estimate and the device budget)'
     return (f"`{mode}` mode{chosen}, {what}; Adam, {_learning_rate(config, report)}, batch size "
-            f"{config.br_batch_size}, up to {config.br_epochs} epochs{kept}")
+            f"{config.br_batch_size}, up to {config.br_epochs} epoch{'s' * (config.br_epochs != 1)}{kept}")
 
 
 def _calibration_rows(config: PruningConfig, report: Any, redactor: "_Redactor") -> list[tuple[str, str]]:
     desc = dict(getattr(report, "calibration", None) or {}) if report is not None else {}
     source = desc.get("source", config.calibration)
+    if source == USER_TOKEN_IDS:
+        return [("calibration data", "token ids handed to the Pruner (`calibration_data`); the configuration's "
+                                     "`calibration`, `num_samples` and `seq_len` were not used"),
+                ("calibration samples", f"{desc.get('num_samples', '?')} windows of {desc.get('seq_len', '?')} tokens"),
+                ("held-out samples (error measurement only)", "none")]
     split = desc.get("split", None if config.calibration == "self" else (config.calibration_split or "train"))
     version = f" ({desc['source_version']})" if desc.get("source_version") else ""
     rows = [("calibration data", redactor(_describe_source(source, split)) + version)]
@@ -344,7 +390,7 @@ def _calibration_rows(config: PruningConfig, report: Any, redactor: "_Redactor")
     num_self = desc.get("num_self_generated", config.num_samples * self_only + config.num_self_samples)
     if "num_real" in desc or "num_self_generated" in desc or report is None:
         rows.append(("calibration samples", f"{num_real} real + {num_self} self-generated windows of {seq_len} tokens"))
-    else:  # e.g. token ids handed to the Pruner directly
+    else:  # e.g. a CalibrationSet handed to the Pruner directly
         rows.append(("calibration samples", redactor(f"{desc.get('num_samples', '?')} windows of {seq_len} tokens")))
     if num_self:
         generation = desc.get("self_generation") or {}
