@@ -395,6 +395,101 @@ def test_failed_push_names_the_intact_local_copy(saved, hub, monkeypatch, failin
     assert hub.token_leaks(TOKEN) == []
 
 
+def serve_the_file_listing(hub, monkeypatch) -> None:
+    """The file listing of a revision (``HfApi.list_repo_files``, which ``upload_folder(delete_patterns=...)``
+    reads; the stand-in serves no tree endpoint) answered from the stand-in's own files."""
+    from huggingface_hub import HfApi
+
+    def list_repo_files(self, repo_id, *, revision=None, **kwargs):
+        return sorted(hub.repos[repo_id].branches[revision or "main"])
+
+    monkeypatch.setattr(HfApi, "list_repo_files", list_repo_files)
+
+
+def test_a_second_push_leaves_no_stale_file_in_the_repo(saved, hub, monkeypatch):
+    """The repo mirrors the folder: what the new folder does not hold (the old report and plot, a weight shard of
+    the previous model) is deleted in the same commit that uploads the new files; .gitattributes stays."""
+    use_plain_commit(monkeypatch)
+    serve_the_file_listing(hub, monkeypatch)
+    folder, model = saved[0], saved[1]
+    push_folder_to_hub(folder, "tester/mirror", token=TOKEN)
+    repo = hub.repos["tester/mirror"]
+    assert {"prune_report.json", "reconstruction_error.png", "tokenizer.json"} <= set(repo.files)
+    repo.files[".gitattributes"] = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"  # what the Hub adds
+    repo.files["model-00002-of-00002.safetensors"] = b"a shard of an earlier, larger upload"
+
+    # Saved again without a report or a tokenizer, then pushed to the same repo.
+    save_pruned_model(model, folder, tiny_config(method="magnitude", reconstruction=[], num_self_samples=0))
+    local = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder) if name != MARKER_FILE}
+    assert "prune_report.json" not in local and "tokenizer.json" not in local
+    push_folder_to_hub(folder, "tester/mirror", token=TOKEN)
+    assert repo.files == {**local, ".gitattributes": repo.files[".gitattributes"]}
+    assert len(repo.commits) == 2
+    second = set(repo.commits[1]["paths"])
+    assert {"prune_report.json", "reconstruction_error.png", "tokenizer.json", "model-00002-of-00002.safetensors",
+            "config.json"} <= second and ".gitattributes" not in second
+    assert json.loads(repo.files["config.json"])["pruning_config"]["method"] == "magnitude"
+
+    # Nothing stale: no deletion asked for (no listing of the repo's files needed).
+    monkeypatch.setattr("huggingface_hub.HfApi.list_repo_files", lambda *a, **k: pytest.fail("listed"))
+    push_folder_to_hub(folder, "tester/mirror", token=TOKEN)
+    assert repo.files == {**local, ".gitattributes": repo.files[".gitattributes"]}
+    assert hub.token_leaks(TOKEN) == []
+
+
+@pytest.mark.parametrize("given", ["token", "saved-token"])
+def test_the_token_is_in_no_message_exception_chain_or_logged_traceback(saved, hub, monkeypatch, given):
+    """An error whose text holds the token (a proxy or a library echoing it): the HubUploadError's message has it
+    replaced, and no chained exception keeps the original, so logger.exception cannot print it either."""
+    import io
+    import logging
+    import traceback
+
+    from huggingface_hub import HfApi
+
+    def create_repo(self, *args, **kwargs):
+        try:
+            raise ConnectionError(f"proxy refused Authorization: Bearer {TOKEN}")
+        except ConnectionError as inner:
+            raise ValueError(f"401 Client Error: invalid credentials {TOKEN}") from inner
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    if given == "saved-token":  # token=True: huggingface_hub's saved token (here from HF_TOKEN)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("test_hub.user_code")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(HubUploadError) as caught:
+            push_folder_to_hub(saved[0], "tester/leaky", token=TOKEN if given == "token" else True)
+        try:
+            raise caught.value
+        except HubUploadError:
+            logger.exception("push failed")
+    finally:
+        logger.removeHandler(handler)
+    error = caught.value
+    assert "ValueError: 401 Client Error: invalid credentials <token>" in str(error)
+    assert error.__cause__ is None and error.__context__ is None
+    logged = stream.getvalue()
+    assert "push failed" in logged and "HubUploadError" in logged and "invalid credentials <token>" in logged
+    for text in (str(error), repr(error), "".join(traceback.format_exception(error)), logged):
+        assert TOKEN not in text
+
+
+def test_token_true_reports_the_real_upload_error(saved, hub, monkeypatch):
+    use_plain_commit(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub.fail = {"commit": 500}
+    with pytest.raises(HubUploadError) as caught:
+        push_folder_to_hub(saved[0], "tester/saved-token", token=True)
+    message = str(caught.value)
+    assert "commit fails with 500 on purpose" in message and TOKEN not in message
+    assert f"complete local copy is at {saved[0]}" in message
+    assert hub.token_leaks(TOKEN) == []
+
+
 def test_private_push_refuses_an_existing_public_repo(saved, hub, monkeypatch):
     use_plain_commit(monkeypatch)
     push_folder_to_hub(saved[0], "tester/public", private=False, token=TOKEN)

@@ -19,10 +19,12 @@ from hf_recon_prune.criteria import sparsegpt as sparsegpt_module
 from hf_recon_prune.criteria.masks import prune_lowest
 from hf_recon_prune.hub import MARKER_FILE, push_folder_to_hub, save_pruned_model
 from hf_recon_prune.pruner import PreflightError, Pruner
+from hf_recon_prune.hub import check_publishable
 from hf_recon_prune.sanitise import (
     parse_texts_marker,
     sanitise_config_dict,
     sanitise_report_dict,
+    strip_paths,
     texts_digest,
     texts_marker,
 )
@@ -130,6 +132,127 @@ def test_the_sanitiser_is_idempotent_and_keeps_what_is_not_private():
     assert sanitise_report_dict(clean_report) == clean_report
 
 
+def test_relative_paths_keep_only_their_last_component_and_hub_ids_stay(tmp_path, monkeypatch):
+    """A relative path (given from the working directory) names local folders as much as an absolute one; a
+    preset, a Hub id ("owner/name") or a bare name does not."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpora" / "shards").mkdir(parents=True)  # an existing folder that is shaped like a Hub id
+    cut = {
+        "../../home/alice/private/corpus.txt": "corpus.txt",
+        "./secret/dir/x.jsonl": "x.jsonl",
+        "secret_alice_dir/corpora/private_corpus.jsonl": "private_corpus.jsonl",
+        "alice/notes.jsonl": "notes.jsonl",  # one separator, but a data file's suffix
+        "data\\sub\\eval.txt": "eval.txt",
+        "corpora/shards": "shards",  # exists on disk
+        "models/my-tok/": "my-tok",
+    }
+    kept = ["allenai/c4", "wikitext", "c4", "wikitext2", "default", "Salesforce/wikitext", "EleutherAI/gpt-neo-1.3B",
+            "self", texts_marker(["a"])]
+    for value, last in cut.items():
+        clean = sanitise_config_dict({"calibration": value, "heldout_source": value})
+        assert clean == {"calibration": last, "heldout_source": last}, value
+    for value in kept:
+        assert sanitise_config_dict({"calibration": value, "heldout_source": value}) == \
+            {"calibration": value, "heldout_source": value}, value
+
+    report = {
+        "model_name": "checkpoints/runs/llama-local",
+        "calibration": {"source": "secret_alice_dir/corpora/private_corpus.jsonl", "tokenizer": "models/my-tok/",
+                        "heldout": {"source": "../held/out/part.jsonl", "split": "heldout"}},
+        "perplexity": {"evals/private/wiki.txt": {"pruned": 1.0}, "wikitext2": {"pruned": 2.0},
+                       "allenai/c4": {"pruned": 3.0}},
+        "zero_shot": {"tasks": {"arc": {"dataset": {"path": "/srv/alice/tasks/arc", "name": "ARC-Easy"}},
+                                "piqa": {"dataset": {"path": "ybisk/piqa", "name": None}}}},
+        "warnings": ["could not read secret_alice_dir/corpora/other.jsonl, skipped"],
+        "config": {"calibration": "secret_alice_dir/corpora/private_corpus.jsonl", "include_modules": ["mlp/.*_proj"]},
+    }
+    clean = sanitise_report_dict(report)
+    assert clean["model_name"] == "llama-local"
+    assert clean["calibration"] == {"source": "private_corpus.jsonl", "tokenizer": "my-tok",
+                                    "heldout": {"source": "part.jsonl", "split": "heldout"}}
+    assert list(clean["perplexity"]) == ["wiki.txt", "wikitext2", "allenai/c4"]
+    assert clean["zero_shot"]["tasks"]["arc"]["dataset"]["path"] == "arc"
+    assert clean["zero_shot"]["tasks"]["piqa"]["dataset"]["path"] == "ybisk/piqa"
+    assert clean["warnings"] == ["could not read other.jsonl, skipped"]  # the source's folders, wherever they appear
+    assert clean["config"] == {"calibration": "private_corpus.jsonl", "include_modules": ["mlp/.*_proj"]}
+    assert sanitise_report_dict(clean) == clean
+    for token in ("secret_alice_dir", "corpora", "evals", "checkpoints", "alice", "models/", "../"):
+        assert token not in json.dumps(clean), token
+
+    # With a tokenizer or a model named by a Hub id, nothing changes.
+    hub_named = {"model_name": "meta-llama/Llama-2-7b-hf", "calibration": {"source": "c4",
+                                                                          "tokenizer": "meta-llama/Llama-2-7b-hf"}}
+    assert sanitise_report_dict(hub_named) == hub_named
+
+
+def test_a_relative_calibration_path_is_not_published(tmp_path, monkeypatch):
+    """The reviewer's case: calibration and held-out texts in a file given relative to the working directory."""
+    monkeypatch.chdir(tmp_path)
+    relative = "secret_alice_dir/corpora/private_corpus.jsonl"
+    (tmp_path / "secret_alice_dir" / "corpora").mkdir(parents=True)
+    (tmp_path / relative).write_text('{"text": "w1 w2"}\n')
+    config = tiny_config(calibration=relative, heldout_source=relative)
+    report = tiny_report(config, model_name="secret_alice_dir/models/llama-local")
+    report.calibration.update(source=relative, tokenizer="secret_alice_dir/models/llama-local",
+                              heldout={"num": 1, "source": relative, "split": "heldout"})
+    folder = save_pruned_model(tiny_llama(), tmp_path / "out", config, tokenizer=tiny_tokenizer(), report=report)
+    published = _all_bytes({name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)})
+    assert b"secret_alice_dir" not in published and b"corpora" not in published
+    stored = json.loads(open(os.path.join(folder, "config.json"), encoding="utf-8").read())["pruning_config"]
+    assert stored["calibration"] == stored["heldout_source"] == "private_corpus.jsonl"
+    saved_report = json.loads(open(os.path.join(folder, "prune_report.json"), encoding="utf-8").read())
+    assert saved_report["calibration"]["source"] == saved_report["calibration"]["heldout"]["source"] == \
+        "private_corpus.jsonl"
+    assert "`private_corpus.jsonl`, split `train`" in open(os.path.join(folder, "README.md"), encoding="utf-8").read()
+    check_publishable(folder)
+
+    # A folder that still holds the relative path (saved by an older version) is refused before upload.
+    saved_report["calibration"]["source"] = relative
+    with open(os.path.join(folder, "prune_report.json"), "w", encoding="utf-8") as handle:
+        json.dump(saved_report, handle)
+    with pytest.raises(ValueError, match=r"refusing to upload .*prune_report\.json: calibration\.source"):
+        check_publishable(folder)
+
+
+def test_a_path_with_spaces_in_its_folders_loses_all_of_them(tmp_path):
+    private = tmp_path / "Alice Private" / "medical records"
+    private.mkdir(parents=True)
+    notes = str(private / "notes.txt")
+    with open(notes, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(_secret_texts(60, seed=3)))
+    # A lone path, in a known path field or in any string: the whole of it is one path.
+    assert strip_paths("/data/My Drive/secret/corpus.txt") == "corpus.txt"
+    assert strip_paths("C:\\Users\\Alice Smith\\data\\corpus.txt") == "corpus.txt"
+    assert strip_paths("/data/x is missing") == "x is missing"  # free text that starts with a path: as before
+    # In free text: a quoted path, and an unquoted one whose folders exist.
+    assert strip_paths("could not read '/data/My Drive/secret/corpus.txt', skipped") == \
+        "could not read 'corpus.txt', skipped"
+    assert strip_paths(f"skipped {notes} (empty), see https://a.org/b/c") == \
+        "skipped notes.txt (empty), see https://a.org/b/c"
+
+    report = {"calibration": {"source": "/media/Alice Private/medical records/notes.txt",
+                              "heldout": {"source": "/media/Alice Private/medical records/notes.txt"}},
+              "warnings": ["/media/Alice Private/medical records/notes.txt: 3 short lines dropped"],
+              "config": {"calibration": "/media/Alice Private/medical records/notes.txt"}}
+    clean = sanitise_report_dict(report)
+    assert clean["calibration"] == {"source": "notes.txt", "heldout": {"source": "notes.txt"}}
+    assert clean["config"] == {"calibration": "notes.txt"}
+    assert clean["warnings"] == ["notes.txt: 3 short lines dropped"]  # the source's folders, also in free text
+    assert sanitise_report_dict(clean) == clean
+
+    # Saved: neither the report, nor the card (settings, model-index), nor config.json name a folder.
+    config = tiny_config(calibration=notes, reconstruction=[], num_self_samples=0)
+    saved = tiny_report(config)
+    saved.calibration.update(source=notes, heldout={"num": 1, "source": notes, "split": "train"})
+    folder = save_pruned_model(tiny_llama(), tmp_path / "out", config, report=saved)
+    for name in os.listdir(folder):
+        content = open(os.path.join(folder, name), "rb").read()
+        for word in (b"Alice", b"Private", b"medical", b"records"):
+            assert word not in content, (name, word)
+    assert json.loads(open(os.path.join(folder, "prune_report.json")).read())["calibration"]["source"] == "notes.txt"
+    check_publishable(folder)
+
+
 # ---------------------------------------------------------------------------------------------------- overwriting
 @pytest.fixture
 def saved_folder(tmp_path):
@@ -157,20 +280,42 @@ def test_save_refuses_a_model_folder_it_did_not_write(tmp_path):
     tiny_llama(seed=1).save_pretrained(other)
     before = snapshot(other)
     with pytest.raises(FileExistsError, match=rf"refusing to replace {other}: it holds a model that hf-recon-prune "
-                                              rf"did not save \(no {MARKER_FILE}\).*overwrite=True"):
+                                              rf"did not save \(no {MARKER_FILE}: .*overwrite=True"):
         save_pruned_model(tiny_llama(), other, tiny_config())
     assert snapshot(other) == before and sorted(os.listdir(tmp_path)) == ["someone-elses-model"]
     save_pruned_model(tiny_llama(), other, tiny_config(), overwrite=True)
     assert MARKER_FILE in os.listdir(other)
 
 
-def test_save_replaces_its_own_folders_and_those_saved_before_the_marker(saved_folder):
-    os.remove(os.path.join(saved_folder, MARKER_FILE))  # as an older version saved it: report + pruning_config
-    save_pruned_model(tiny_llama(seed=2), saved_folder, tiny_config(method="magnitude"))  # no overwrite needed
+def test_save_replaces_its_own_folders_without_overwrite(saved_folder):
+    save_pruned_model(tiny_llama(seed=2), saved_folder, tiny_config(method="magnitude"))  # the marker says: ours
     assert PruningConfig.from_pretrained(saved_folder).method == "magnitude"
     assert MARKER_FILE in os.listdir(saved_folder) and "prune_report.json" not in os.listdir(saved_folder)
-    save_pruned_model(tiny_llama(seed=3), saved_folder, tiny_config(method="wanda"))  # the marker says: ours
+    save_pruned_model(tiny_llama(seed=3), saved_folder, tiny_config(method="wanda"))
     assert PruningConfig.from_pretrained(saved_folder).method == "wanda"
+
+
+def test_save_refuses_a_downloaded_copy_of_a_pushed_model(saved_folder, tmp_path):
+    """What snapshot_download or a git clone of a pushed repo gives: every file but the marker (never uploaded),
+    so prune_report.json and a pruning_config prove nothing about who wrote the folder."""
+    import shutil
+
+    download = tmp_path / "someones-model"
+    shutil.copytree(saved_folder, download, ignore=shutil.ignore_patterns(MARKER_FILE))
+    (download / "MY_FINETUNE_NOTES.md").write_text("my notes")
+    assert {"prune_report.json", "config.json"} <= set(os.listdir(download))
+    before = snapshot(download)
+    with pytest.raises(FileExistsError) as caught:
+        save_pruned_model(tiny_llama(seed=7), download, tiny_config(method="magnitude"))
+    message = str(caught.value)
+    assert message.startswith(f"refusing to replace {download}: it holds a model that hf-recon-prune did not save "
+                              f"(no {MARKER_FILE}")
+    assert "downloaded from the Hub" in message and "would delete every file in it" in message
+    assert message.endswith("choose another save_directory, or pass overwrite=True (--overwrite) to replace it")
+    assert snapshot(download) == before and (download / "MY_FINETUNE_NOTES.md").read_text() == "my notes"
+    save_pruned_model(tiny_llama(seed=7), download, tiny_config(method="magnitude"), overwrite=True)
+    assert PruningConfig.from_pretrained(download).method == "magnitude" and MARKER_FILE in os.listdir(download)
+    assert "MY_FINETUNE_NOTES.md" not in os.listdir(download)
 
 
 def test_a_non_model_folder_is_refused_even_with_overwrite(tmp_path):

@@ -158,7 +158,8 @@ def check_save_target(save_directory: Union[str, os.PathLike], model: Any = None
 
     Always refused: a file, a non-empty folder without a config.json (it holds no model) and the working directory.
     Refused unless ``overwrite``: the folder ``model`` was loaded from (or one that contains it), a folder inside the
-    Hugging Face cache, and a model folder without ``MARKER_FILE`` (written by something other than this package).
+    Hugging Face cache, and a model folder without ``MARKER_FILE`` (written by something other than this package,
+    or downloaded from the Hub).
     """
     final = _absolute(save_directory)
     if os.path.exists(final) and not os.path.isdir(final):
@@ -185,20 +186,23 @@ def check_save_target(save_directory: Union[str, os.PathLike], model: Any = None
             "save_directory or empty it first."
         )
     if entries and not overwrite and not written_by_this_package(final):
-        raise FileExistsError(f"refusing to replace {final}: it holds a model that hf-recon-prune did not save (no "
-                              f"{MARKER_FILE}); {way_out}")
+        raise FileExistsError(
+            f"refusing to replace {final}: it holds a model that hf-recon-prune did not save (no {MARKER_FILE}: a "
+            "model downloaded from the Hub, pushed by hf-recon-prune or not, or written by another tool has none), "
+            f"and saving would delete every file in it; {way_out}"
+        )
     return final
 
 
 def written_by_this_package(folder: str) -> bool:
-    """Whether ``folder`` was saved by this package: its ``MARKER_FILE`` says so (folders saved before the marker
-    existed: a ``prune_report.json`` next to a config.json with a ``pruning_config``)."""
+    """Whether ``folder`` was saved by this package: its ``MARKER_FILE`` says so.
+
+    Nothing else does: a ``prune_report.json`` next to a ``pruning_config`` is also what every repo this package
+    pushed holds once downloaded (the marker is never uploaded), so a folder saved before the marker existed needs
+    ``overwrite=True`` once.
+    """
     marker = _read_json_dict(os.path.join(folder, MARKER_FILE))
-    if marker is not None:
-        return marker.get("written_by") == "hf-recon-prune"
-    if not os.path.isfile(os.path.join(folder, REPORT_FILE)):
-        return False
-    return CONFIG_KEY in (_read_json_dict(os.path.join(folder, "config.json")) or {})
+    return marker is not None and marker.get("written_by") == "hf-recon-prune"
 
 
 def _read_json_dict(path: str) -> Optional[dict]:
