@@ -85,7 +85,7 @@ def compare(models: Union[Mapping[str, Any], Sequence[Any]], *, include_dense: U
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique in a comparison, got {names}")
     if dense is not None and (include_dense is True or (include_dense == "auto" and "dense" not in names)):
-        rows.insert(0, ("dense", dense))
+        rows.insert(0, ("dense" if "dense" not in names else "dense (baseline)", dense))
 
     columns: list[dict[str, str]] = [{"key": "sparsity", "header": "sparsity (%)", "kind": "percent"}]
     if any(r.reconstruction for _, r in rows):
@@ -100,7 +100,7 @@ def compare(models: Union[Mapping[str, Any], Sequence[Any]], *, include_dense: U
     for label, seen in protocols.items():
         for protocol in sorted(seen, key=str):
             key = f"ppl:{label}" if len(seen) == 1 else f"ppl:{label}:{protocol[0]}:{protocol[1]}:{protocol[2]}"
-            header = f"ppl {_short_label(label)}" + ("" if len(seen) == 1 else f" ({protocol[0]}, {protocol[1]})")
+            header = f"ppl {_short_label(label)}" + ("" if len(seen) == 1 else f" ({_protocol_label(protocol)})")
             ppl_keys[(label, protocol)] = key
             columns.append({"key": key, "header": header, "kind": "perplexity"})
         if len(seen) > 1:
@@ -145,6 +145,12 @@ def compare(models: Union[Mapping[str, Any], Sequence[Any]], *, include_dense: U
             values["zs:mean"] = sum(scores) / len(scores) if scores and None not in scores else None
         table_rows.append({"name": name, "values": {c["key"]: values.get(c["key"]) for c in columns}})
     return Comparison(columns=columns, rows=table_rows, notes=notes)
+
+
+def _protocol_label(protocol: tuple) -> str:
+    """"test, 2048" or "test, 2048, first 32 windows": every part in which two columns of one dataset can differ."""
+    split, seq_len, windows = protocol
+    return f"{split}, {seq_len}" + (f", first {windows} windows" if windows is not None else "")
 
 
 def _as_results(item: Any) -> tuple[EvalResults, Any]:

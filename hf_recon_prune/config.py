@@ -166,7 +166,8 @@ class PruningConfig:
     moe_min_tokens: Optional[int] = None
     # Non-uniform sparsity (sparsity_profile.py). "owl": each block's sparsity from its share of outlier Wanda scores
     # (above owl_threshold times the block's mean), within +-owl_lambda of `sparsity` and with `sparsity` as the
-    # mean over blocks. sparsity_overrides: {regex on a weight's name inside its block: its sparsity}.
+    # mean over blocks. sparsity_overrides: {regex on a weight's name inside its block: its sparsity}, the first
+    # matching pattern winning (to_dict keeps that order as [[pattern, sparsity], ...]).
     sparsity_profile: str = "uniform"
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
@@ -222,7 +223,18 @@ class PruningConfig:
     def __post_init__(self) -> None:
         if isinstance(self.reconstruction, str):
             self.reconstruction = [self.reconstruction]
+        if isinstance(self.sparsity_overrides, list):  # how to_dict writes them: [[pattern, sparsity], ...]
+            self.sparsity_overrides = _overrides_from_pairs(self.sparsity_overrides)
         self.validate()
+
+    def __eq__(self, other: object) -> bool:
+        # to_dict, not the dataclass' field tuple: the order of sparsity_overrides matters (the first match wins),
+        # and dicts compare equal in any order
+        if not isinstance(other, PruningConfig):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable, like the dataclass it replaces
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -268,6 +280,9 @@ class PruningConfig:
             raise _bad("self_samples_use", self.self_samples_use, ", ".join(map(repr, SELF_SAMPLE_USES)))
         if self.reconstruction_mode not in RECONSTRUCTION_MODES:
             raise _bad("reconstruction_mode", self.reconstruction_mode, ", ".join(map(repr, RECONSTRUCTION_MODES)))
+        if self.device is not None and not _DEVICE_RE.match(self.device):
+            raise _bad("device", self.device, "None (a GPU when there is one, else the CPU), 'cpu', 'cuda', 'cuda:N' "
+                       "or another torch device such as 'mps' or 'xpu:0'")
         if self.stream_location not in STREAM_LOCATIONS:
             raise _bad("stream_location", self.stream_location, ", ".join(map(repr, STREAM_LOCATIONS)))
         if self.stream_folder is not None and not self.stream_folder.strip():
@@ -366,7 +381,12 @@ class PruningConfig:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data. ``sparsity_overrides`` become ``[[pattern, sparsity], ...]``: their order decides
+        (the first matching pattern wins), and JSON writers that sort keys (``to_json_string``, transformers'
+        ``config.json``) would reorder a dict."""
         data = dataclasses.asdict(self)
+        if self.sparsity_overrides is not None:
+            data["sparsity_overrides"] = [[pattern, value] for pattern, value in self.sparsity_overrides.items()]
         data["hf_recon_prune_version"] = __version__
         return data
 
@@ -438,6 +458,21 @@ class PruningConfig:
         return f"PruningConfig({inner})"
 
 
+def _overrides_from_pairs(pairs: list) -> dict[str, float]:
+    """``[[pattern, sparsity], ...]`` (``to_dict``'s form of ``sparsity_overrides``) -> the dict, in order."""
+    overrides: dict[str, float] = {}
+    for pair in pairs:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise TypeError(f"PruningConfig.sparsity_overrides={_short_repr(pairs)} has an item {_short_repr(pair)}; "
+                            "expected {pattern: sparsity} or [[pattern, sparsity], ...] with string patterns.")
+        if pair[0] in overrides:
+            raise _bad("sparsity_overrides", pairs, f"each pattern once (pattern {pair[0]!r} is given twice)")
+        overrides[pair[0]] = pair[1]
+    return overrides
+
+
+#: Device strings torch accepts (whether the device exists is checked when pruning starts: preflight).
+_DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu|npu|hpu|mtia)(:\d+)?$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

@@ -11,7 +11,10 @@ instead of hours later (or, worse, silently produces a broken model).
   models extrapolate silently and learned positions crash);
 - sizes are possible: the activation streams that ``num_samples`` x ``seq_len`` tokens need fit this machine's memory
   and free disk together (``num_samples=10**12`` is refused here, not after the tokenizer has tried);
-- the calibration source is not the marker a saved config carries instead of the user's texts.
+- the calibration source is not the marker a saved config carries instead of the user's texts;
+- the requested ``device`` exists here;
+- ``include_modules`` / ``exclude_modules`` leave some weight to prune, and every ``sparsity_overrides`` pattern
+  names some weight (a typo would otherwise give a dense "pruned" model, or an override silently not applied).
 
 ``check_resources`` runs in ``BlockEngine.setup`` once the memory plan is made (still before any block is touched):
 the streams the plan keeps in host memory against the available RAM, those it keeps on disk and the checkpoints
@@ -23,6 +26,7 @@ Every failure raises ``PreflightError`` (a ``ValueError``) naming the field or t
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Optional
@@ -50,8 +54,10 @@ def preflight(model: nn.Module, layout: Any, config: Any, calibration_data: Any 
     """Raise ``PreflightError`` when pruning ``model`` with ``config`` cannot succeed (see the module docstring)."""
     _check_incomplete(model, config, resume)
     _check_quantization(model)
+    _check_device(config)
     for index, block in enumerate(layout.blocks):
         _check_block(index, block)
+    _check_selection(model, layout, config)
     rows, length = _calibration_shape(config, calibration_data)
     _check_positions(model, config, length, calibration_data is not None)
     _check_marker(config, calibration_data)
@@ -88,6 +94,45 @@ def _check_quantization(model: nn.Module) -> None:
         "torch.bfloat16); a model loaded from a GGUF file must be rebuilt without its quantizer (from_config, then "
         "load_state_dict, as hf_recon_prune.models.load_default_model does)."
     )
+
+
+def _check_device(config: Any) -> None:
+    if config.device is None:
+        return
+    device = torch.device(config.device)
+    module = getattr(torch, device.type, None)
+    available = getattr(module, "is_available", None)
+    if device.type != "cpu" and (available is None or not available()):
+        raise PreflightError(f"PruningConfig.device={config.device!r}: this machine has no {device.type} device "
+                             f"available to torch {torch.__version__}; allowed here: 'cpu'"
+                             + (" (or None, which picks it)" if device.type == "cuda" else "") + ".")
+    count = getattr(module, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise PreflightError(f"PruningConfig.device={config.device!r}: this machine has {count()} {device.type} "
+                             f"device(s), numbered from 0.")
+
+
+def _check_selection(model: nn.Module, layout: Any, config: Any) -> None:
+    """Some weight is left to prune, and every override pattern names a weight of some block."""
+    from .prunable import prunable_weights
+
+    family = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    selected: set[str] = set()
+    for block in layout.blocks:
+        selected.update(prunable_weights(block, config.include_modules, config.exclude_modules, family))
+    filters = {name: getattr(config, name) for name in ("include_modules", "exclude_modules") if getattr(config, name)}
+    if not selected and layout.blocks:
+        candidates = sorted(prunable_weights(layout.blocks[0], family_config=family))
+        raise PreflightError(
+            "no weight is left to prune: " + " and ".join(f"{k}={v!r}" for k, v in filters.items())
+            + f" select none of the decoder blocks' weights (block 0 has {', '.join(candidates) or 'none'}); "
+            "the patterns are regular expressions searched in those names.")
+    unmatched = [p for p in (config.sparsity_overrides or {}) if not any(re.search(p, name) for name in selected)]
+    if unmatched:
+        raise PreflightError(
+            f"PruningConfig.sparsity_overrides: {', '.join(map(repr, unmatched))} match no weight that is pruned; "
+            f"allowed: regular expressions searched in the weights' names inside a block ({', '.join(sorted(selected))})"
+            ".")
 
 
 def _quant_method(quantization: Any) -> Optional[str]:

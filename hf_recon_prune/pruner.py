@@ -146,11 +146,14 @@ class Pruner:
         self.report = report
         return report
 
-    def record_perplexity(self, dataset: str, split: str, seq_len: int, dense: Optional[float], pruned: float) -> None:
-        """Store measured perplexities in the report (and so in the model card's model-index)."""
-        self._require_report().perplexity[str(dataset)] = {
-            "split": split, "seq_len": seq_len, "dense": dense, "pruned": pruned,
-        }
+    def record_perplexity(self, dataset: str, split: str, seq_len: int, dense: Optional[float], pruned: float,
+                          windows: Optional[int] = None) -> None:
+        """Store measured perplexities in the report (and so in the model card's model-index). ``windows``: how many
+        windows of ``seq_len`` tokens were scored, when not the whole split (``max_windows``)."""
+        entry = {"split": split, "seq_len": seq_len, "dense": dense, "pruned": pruned}
+        if windows is not None:
+            entry["windows"] = int(windows)
+        self._require_report().perplexity[str(dataset)] = entry
 
     def save_pretrained(self, save_directory: str, overwrite: bool = False, **kwargs: Any) -> str:
         """Save the pruned model (dense safetensors), tokenizer, PruningConfig in config.json, report and model card.

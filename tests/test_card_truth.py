@@ -100,3 +100,49 @@ def test_the_card_names_where_an_unstructured_mask_prunes_the_same_fraction(meth
                            device="cpu")
     text = build_model_card(make_tiny_model("llama"), config, None, model_name="tiny").text
     assert f"unstructured (the same fraction pruned in {group}" in _row(text, "sparsity pattern")
+
+
+def test_perplexity_on_the_first_windows_only_says_so_in_the_card_and_the_comparison():
+    from hf_recon_prune.comparison import compare
+
+    config = PruningConfig(method="wanda", sparsity=0.5, reconstruction=[], num_samples=4, seq_len=16,
+                           heldout_fraction=0.0, device="cpu")
+    model, pruner, report = _prune(config, random_ids(4, 16))
+    pruner.record_perplexity("wikitext2", "test", 16, 20.0, 25.0, windows=3)
+    pruner.record_perplexity("my_corpus.jsonl", "test", 16, 30.0, 33.0)
+    card = build_model_card(model, config, report, model_name="tiny")
+    assert "| WikiText-2 (raw) | test | 16 | first 3 | 20 | 25 |" in card.text.replace(".000", "").replace(".0 ", " ")
+    assert "| my_corpus.jsonl | test | 16 | all |" in card.text
+    results = {r.dataset_name: r for r in card.data.eval_results if r.metric_type == "perplexity"}
+    assert results["WikiText-2 (raw)"].metric_args == {"seq_len": 16, "windows": 3}
+    # a local file's name is no Hub dataset type
+    assert (results["my_corpus.jsonl"].dataset_type, results["my_corpus.jsonl"].metric_args) == ("custom", {"seq_len": 16})
+
+    other = _with_wikitext2_windows(report, windows=None)
+    table = compare({"first 3 windows": report, "whole split": other})
+    headers = [c["header"] for c in table.columns if c["key"].startswith("ppl:wikitext2")]
+    assert sorted(headers) == ["ppl wikitext2 (test, 16)", "ppl wikitext2 (test, 16, first 3 windows)"]
+
+
+def test_a_model_named_dense_keeps_its_row_next_to_the_baseline():
+    from hf_recon_prune.comparison import compare
+
+    config = PruningConfig(method="wanda", sparsity=0.5, reconstruction=[], num_samples=4, seq_len=16,
+                           heldout_fraction=0.0, device="cpu")
+    _, pruner, report = _prune(config, random_ids(4, 16))
+    pruner.record_perplexity("wikitext2", "test", 16, 20.0, 25.0)
+    table = compare({"dense": report}, include_dense=True)
+    assert [row["name"] for row in table.rows] == ["dense (baseline)", "dense"]
+
+
+def _with_wikitext2_windows(report, windows):
+    """A copy of ``report`` whose wikitext2 perplexity was measured on the whole split (``windows`` None)."""
+    import copy
+
+    other = copy.deepcopy(report)
+    entry = dict(other.perplexity["wikitext2"])
+    entry.pop("windows", None)
+    if windows is not None:
+        entry["windows"] = windows
+    other.perplexity = {"wikitext2": entry}
+    return other

@@ -27,6 +27,8 @@ from hf_recon_prune import PruningConfig
         (dict(reconstruction_mode="qlora"), "reconstruction_mode='qlora'", "'full', 'lora'"),
         (dict(br_lr=0.0), "br_lr=0.0", "finite number > 0"),
         (dict(include_modules=["(unclosed"]), "include_modules='\\(unclosed'", "regular expressions"),
+        (dict(device="gpu"), "device='gpu'", "'cpu', 'cuda', 'cuda:N'"),
+        (dict(device="cuda:x"), "device='cuda:x'", "'cuda:N'"),
     ],
 )
 def test_bad_values_raise_naming_field_value_and_allowed(kwargs, field, allowed):
@@ -95,3 +97,26 @@ def test_sparsegpt_block_size_must_hold_whole_nm_groups():
         PruningConfig(method="sparsegpt", pattern="2:4", sparsity=0.5, sparsegpt_block_size=126)
     PruningConfig(method="wanda", pattern="2:4", sparsity=0.5, sparsegpt_block_size=126)  # Wanda's groups are its own
     PruningConfig(method="sparsegpt", pattern="4:8", sparsity=0.5, sparsegpt_block_size=64)
+
+
+def test_the_order_of_sparsity_overrides_survives_json_and_counts_for_equality(tmp_path):
+    # the first matching pattern wins, so {"q": 0.2, "proj": 0.7} and {"proj": 0.7, "q": 0.2} are different runs
+    config = PruningConfig(sparsity_overrides={r"self_attn\.q_proj": 0.2, "proj": 0.7})
+    path = tmp_path / "config.json"
+    config.to_json_file(path)
+    for again in (PruningConfig.from_json_file(path), PruningConfig.from_dict(json.loads(config.to_json_string()))):
+        assert list(again.sparsity_overrides) == [r"self_attn\.q_proj", "proj"]
+        assert again == config
+    assert config.to_dict()["sparsity_overrides"] == [[r"self_attn\.q_proj", 0.2], ["proj", 0.7]]
+    assert PruningConfig(sparsity_overrides={"proj": 0.7, r"self_attn\.q_proj": 0.2}) != config
+    # configs saved before the pairs (a dict) still load
+    assert PruningConfig.from_dict({"sparsity_overrides": {"proj": 0.7}}).sparsity_overrides == {"proj": 0.7}
+
+
+@pytest.mark.parametrize("pairs, error, match", [
+    ([["proj", 0.7], ["proj", 0.2]], ValueError, "pattern 'proj' is given twice"),
+    ([["proj"]], TypeError, r"\[\[pattern, sparsity\], \.\.\.\]"),
+])
+def test_override_pairs_are_checked(pairs, error, match):
+    with pytest.raises(error, match=match):
+        PruningConfig(sparsity_overrides=pairs)

@@ -195,6 +195,7 @@ def nothing_imported_or_opened(monkeypatch):
     {"stream_location": "evil_module_xyz"},
     {"autocast_dtype": "torch.load"},
     {"pattern": "{0.__class__.__mro__}"},
+    {"device": "%s%n"},
 ])
 def test_a_config_naming_a_module_is_rejected_without_importing_it(nothing_imported_or_opened, data):
     with pytest.raises(ValueError, match="PruningConfig"):
@@ -209,7 +210,7 @@ def test_a_config_naming_a_module_is_rejected_without_importing_it(nothing_impor
     {"calibration": "../../etc/passwd"},
     {"calibration": "/etc/passwd", "heldout_source": "~/.ssh/id_rsa"},
     {"self_gen_cache_dir": "/etc", "stream_folder": "../../", "checkpoint_dir": "/proc/self"},
-    {"self_gen_language": "{0.__class__.__mro__}", "device": "%s%n", "include_modules": ["os.system"]},
+    {"self_gen_language": "{0.__class__.__mro__}", "include_modules": ["os.system"]},
 ])
 def test_names_and_paths_in_fields_stay_data(nothing_imported_or_opened, data):
     config = PruningConfig.from_dict(data)

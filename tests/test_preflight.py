@@ -146,6 +146,31 @@ def test_a_saved_configs_calibration_marker_is_refused():
     _refused(model, _config(calibration="default", heldout_source=marker), r"PruningConfig\.heldout_source is")
 
 
+def test_module_filters_that_select_no_weight_are_refused_naming_the_weights():
+    model = make_tiny_model("llama")
+    _refused(model, _config(include_modules=["q_prj"]),
+             r"no weight is left to prune: include_modules=\['q_prj'\] select none.*self_attn\.q_proj", _calibration())
+    _refused(model, _config(exclude_modules=["proj"]), r"exclude_modules=\['proj'\] select none", _calibration())
+
+
+def test_an_override_that_names_no_pruned_weight_is_refused():
+    model = make_tiny_model("llama")
+    _refused(model, _config(sparsity_overrides={r"self_attn\.q_proj": 0.3, "q_prj": 0.2}),
+             r"sparsity_overrides: 'q_prj' match no weight that is pruned", _calibration())
+    # a weight the module filters left out is no target for an override either
+    _refused(model, _config(exclude_modules=["down_proj"], sparsity_overrides={"down_proj": 0.2}),
+             r"'down_proj' match no weight that is pruned", _calibration())
+
+
+def test_a_device_this_machine_lacks_is_refused_before_anything(monkeypatch):
+    model = make_tiny_model("llama")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _refused(model, _config(device="cuda"), r"device='cuda': this machine has no cuda device", _calibration())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    _refused(model, _config(device="cuda:2"), r"device='cuda:2': this machine has 2 cuda device\(s\)", _calibration())
+
+
 # ---------------------------------------------------------------------------------------------------- resources
 def test_host_memory_below_the_plan_is_refused_before_any_block(monkeypatch):
     model = make_tiny_model("llama")

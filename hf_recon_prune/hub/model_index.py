@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .formatting import _cell, _finite, _fmt_number
+from ..sanitise import names_local_path
 from .provenance import _FILE_SUFFIXES, _looks_like_hub_id, _Redactor
 
 #: Calibration / evaluation presets of ``calibration/sources.py``: (Hub dataset id or None, pretty name, config).
@@ -50,15 +51,21 @@ def _perplexity_results(report: Any, redactor: "_Redactor") -> tuple[list[Any], 
         pruned, dense = _finite(entry.get("pruned")), _finite(entry.get("dense"))
         split = entry.get("split")
         seq_len = entry.get("seq_len")
+        windows = entry.get("windows")  # None: the whole split
         hub_id, pretty, dataset_config = PRESET_DATASETS.get(key, (None, None, None))
         label = redactor(key)
-        dataset_type = hub_id or ("pydoc_data" if key == "default" else label)
+        # a local file's name is no dataset type a reader could look up on the Hub
+        local = key not in PRESET_DATASETS and (names_local_path(key) or not _looks_like_hub_id(key)
+                                                or key.lower().endswith(_FILE_SUFFIXES))
+        dataset_type = hub_id or ("pydoc_data" if key == "default" else "custom" if local else label)
         dataset_name = pretty or label
+        metric_args = {"seq_len": int(seq_len)} if isinstance(seq_len, int) else {}
+        if isinstance(windows, int):
+            metric_args["windows"] = windows
         common = dict(
             task_type="text-generation", task_name="Text Generation", dataset_type=dataset_type,
             dataset_name=dataset_name, dataset_config=dataset_config,
-            dataset_split=str(split) if split is not None else None,
-            metric_args={"seq_len": int(seq_len)} if isinstance(seq_len, int) else None,
+            dataset_split=str(split) if split is not None else None, metric_args=metric_args or None,
         )
         if pruned is not None:
             results.append(EvalResult(metric_type="perplexity", metric_name="Perplexity", metric_value=round(pruned, 4),
@@ -72,6 +79,7 @@ def _perplexity_results(report: Any, redactor: "_Redactor") -> tuple[list[Any], 
         rows.append({
             "dataset": _cell(dataset_name), "split": str(split) if split is not None else "–",
             "seq_len": str(seq_len) if seq_len is not None else "–",
+            "windows": f"first {windows}" if isinstance(windows, int) else "all",
             "dense": _fmt_number(entry.get("dense")), "pruned": _fmt_number(entry.get("pruned")), "change": change,
         })
     return results, rows
