@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from conftest_calibration_helpers import make_bpe_tokenizer, make_position_tokenizer, position_texts
+from conftest_calibration_helpers import make_bpe_tokenizer, make_position_tokenizer, make_tiny_llama, position_texts
 from hf_recon_prune import PruningConfig
 from hf_recon_prune.calibration import (
     SourceLoadError,
@@ -42,13 +42,33 @@ def test_default_corpus_is_real_english_and_splits_are_disjoint():
 
     train, test = load_texts("default"), load_texts("default", "test")
     assert len(train) > 50 and len(test) > 5
-    assert len(train) + len(test) == len(topics)
+    assert len(train) == len(topics) - len(topics) // 8 and len(train) + len(test) <= len(topics)
     assert not set(train) & set(test)
     assert load_texts("default", "validation") == test == load_texts("default", "heldout")
     assert load_texts("default", None) == train
     words = re.findall(r"[a-z]+", " ".join(train).lower())
     for common in ("the", "of", "and", "is", "to", "which"):
         assert words.count(common) > 100, common
+
+
+def test_default_heldout_part_repeats_no_train_paragraph():
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)  # the rule the calibration windows of every recorded run were drawn with
+    assert load_texts("default") == [topics[k] for i, k in enumerate(keys) if i % 8 != 7]
+    train, heldout = "\n\n".join(load_texts("default")), load_texts("default", "heldout")
+    train_paragraphs = {p.strip() for p in train.split("\n\n")}
+    for text in heldout:
+        assert text.strip() and not {p.strip() for p in text.split("\n\n")} & train_paragraphs
+        # Nothing of substance is copied either: what is left in the train text is at most a short phrase.
+        assert all(len(p.strip()) < 20 or p.strip() not in train for p in text.split("\n\n"))
+    # The three topics that are subsections repeated in train topics keep their title only.
+    for key, copied_from in (("augassign", "assignment"), ("exceptions", "execmodel"), ("id-classes", "identifiers")):
+        assert keys.index(key) % 8 == 7 and keys.index(copied_from) % 8 != 7
+        title = topics[key].split("\n\n")[0]
+        assert title in heldout and not any(topics[key][len(title):].strip()[:200] in t for t in heldout)
+    unaffected = [topics[k] for i, k in enumerate(keys) if i % 8 == 7 and k in ("booleans", "power", "lists")]
+    assert len(unaffected) == 3 and all(t in heldout for t in unaffected)
 
 
 def test_list_source_is_returned_for_every_split_and_validated():
@@ -263,6 +283,50 @@ def test_stream_windows_for_eval_are_consecutive(small_texts):
         stream_windows_for_eval(small_texts, tokenizer, 100_000)
 
 
+def _reference_windows(ids: list[int], seq_len: int) -> torch.Tensor:
+    count = len(ids) // seq_len
+    return torch.tensor(ids[: count * seq_len]).view(count, seq_len)
+
+
+def test_perplexity_streams_of_the_presets_follow_the_reference_code(monkeypatch):
+    import datasets
+
+    from hf_recon_prune.evaluation import perplexity, perplexity_of_ids
+
+    sentences = [f"the company said it expects {i} new orders in the quarter" for i in range(300)]
+    documents = [f"Document {i} of the shard." + " More words follow here." * (i % 4) for i in range(1300)]
+    articles = [line for i in range(30) for line in (f" = Article {i} = ", "", f" The article number {i} is here . ")]
+
+    def fake_load_dataset(name, *args, **kwargs):
+        if name == "ptb_text_only":
+            return datasets.Dataset.from_dict({"sentence": sentences})
+        if name == "allenai/c4":
+            assert kwargs["split"] == "validation" and "c4-validation" in kwargs["data_files"]["validation"]
+            return datasets.Dataset.from_dict({"text": documents})
+        assert name == "wikitext"
+        return datasets.Dataset.from_dict({"text": articles})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    tokenizer = make_bpe_tokenizer(add_bos=True)
+    # SparseGPT's datautils.py (Wanda's is the same): tokenizer(" ".join(test["sentence"])) for PTB;
+    # tokenizer(" ".join(validation[:1100]["text"])).input_ids[:, :256 * seq_len] for C4; "\n\n" for wikitext2.
+    ptb = _reference_windows(tokenizer(" ".join(sentences))["input_ids"], 64)
+    assert torch.equal(stream_windows_for_eval(load_texts("ptb", "test"), tokenizer, 64), ptb)
+    c4 = _reference_windows(tokenizer(" ".join(documents[:1100]))["input_ids"][: 256 * 16], 16)
+    assert c4.shape == (256, 16)
+    assert torch.equal(stream_windows_for_eval(load_texts("c4", "validation"), tokenizer, 16), c4)
+    assert torch.equal(stream_windows_for_eval(load_texts("c4", "test"), tokenizer, 16, max_windows=3), c4[:3])
+    wikitext = _reference_windows(tokenizer("\n\n".join(articles))["input_ids"], 32)
+    assert torch.equal(stream_windows_for_eval(load_texts("wikitext2", "test"), tokenizer, 32), wikitext)
+
+    model = make_tiny_llama(len(tokenizer))
+    assert perplexity(model, tokenizer, "ptb", seq_len=64, max_windows=4) == pytest.approx(perplexity_of_ids(model, ptb[:4]))
+    # Calibration windows (and held-out windows of a calibration set) are cut from the "\n\n" join of every source.
+    joined = tokenizer("\n\n".join(sentences))["input_ids"]
+    assert tokenize_stream(load_texts("ptb", "train"), tokenizer).tolist() == joined
+    assert tokenize_stream(load_texts("c4", "validation"), tokenizer).tolist() == tokenizer("\n\n".join(documents))["input_ids"]
+
+
 # ---------------------------------------------------------------------------------------------------------- builder
 def _config(**overrides):
     values = dict(calibration=position_texts(3000, 100), num_samples=8, seq_len=32, heldout_fraction=0.3, seed=3)
@@ -339,3 +403,126 @@ def test_the_default_corpus_is_described_with_the_python_whose_pydoc_data_it_is(
 
     assert source_version("default") == f"pydoc_data of Python {platform.python_version()}"
     assert source_version("c4") is None and source_version(["a text"]) is None
+
+
+# ---------------------------------------------------------------------------------------------------------- local files
+def test_jsonl_lines_are_split_at_newlines_only(tmp_path):
+    from hf_recon_prune.calibration.generation_cache import sample_line
+
+    # JSON strings may hold U+2028, U+2029 and U+0085 raw; str.splitlines would split inside them.
+    texts = [f"sample {i}: one\u2028two\u2029three\x85four" if i % 3 == 0 else f"sample {i}" for i in range(20)]
+    path = tmp_path / "self.jsonl"
+    path.write_text("".join(sample_line(torch.tensor([1, 2]), t) + "\n" for t in texts), encoding="utf-8")
+    assert load_texts(path) == [t for i, t in enumerate(texts) if i % 10 != 9]
+    assert load_texts(path, "heldout") == [texts[9], texts[19]]
+    crlf = tmp_path / "windows.jsonl"
+    crlf.write_bytes("".join(json.dumps({"text": t}) + "\r\n" for t in texts).encode("utf-8"))
+    assert load_texts(crlf, "test") == [texts[9], texts[19]]
+
+
+def test_a_utf8_byte_order_mark_is_not_text(tmp_path):
+    jsonl = tmp_path / "notepad.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(20)), encoding="utf-8-sig")
+    assert jsonl.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert load_texts(jsonl)[:2] == ["document 0", "document 1"]
+    txt = tmp_path / "notepad.txt"
+    txt.write_text("hello world\n" * 20, encoding="utf-8-sig")
+    (train,), (test,) = load_texts(txt), load_texts(txt, "test")
+    assert train + test == "hello world\n" * 20
+
+
+def _write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+
+
+def test_folder_of_data_files_has_a_heldout_split(tmp_path):
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for name in ("train", "test"):
+        _write_jsonl(splits / f"{name}.jsonl", [f"{name} document {i}" for i in range(12)])
+    assert load_texts(splits) == [f"train document {i}" for i in range(12)]
+    assert load_texts(splits, "test") == load_texts(splits, "heldout") == [f"test document {i}" for i in range(12)]
+    with pytest.raises(ValueError, match=r"split='validation' is not available in .*splits'; available splits: \['train', 'test'\]"):
+        load_texts(splits, "validation")
+    _write_jsonl(splits / "validation.jsonl", ["validation document"])
+    assert load_texts(splits, "heldout") == ["validation document"]  # validation first, as for Hub datasets
+
+    # Only training files: rows are split like a single file's, so every held-out split is the same remainder.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _write_jsonl(plain / "part-a.jsonl", [f"a {i}" for i in range(10)])
+    _write_jsonl(plain / "part-b.jsonl", [f"b {i}" for i in range(10)])
+    rows = [f"a {i}" for i in range(10)] + [f"b {i}" for i in range(10)]
+    assert sorted(load_texts(plain) + load_texts(plain, "test")) == sorted(rows)
+    held = load_texts(plain, "heldout")
+    assert len(held) == 2 and not set(held) & set(load_texts(plain))
+    assert load_texts(plain, "test") == load_texts(plain, "validation") == held
+    import datasets  # a saved DatasetDict of one split is the same
+
+    datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": rows})).save_to_disk(str(tmp_path / "saved"))
+    assert load_texts(tmp_path / "saved", "heldout") == ["a 9", "b 9"]
+    assert load_texts(tmp_path / "saved") == [t for i, t in enumerate(rows) if i % 10 != 9]
+
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    (empty / "notes.md").write_text("not a data file", encoding="utf-8")
+    with pytest.raises(SourceLoadError, match=r"nothing': no data files .*\['notes.md'\]"):
+        load_texts(empty, "heldout")
+
+
+def test_folder_of_data_files_as_calibration_and_heldout_source(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", position_texts(2000, 100))
+    _write_jsonl(folder / "test.jsonl", [" ".join(f"w{i}" for i in range(2000, 3000))])
+    config = _config(calibration=str(folder), heldout_source=str(folder), num_samples=4)
+    result = build_calibration_set(config, make_position_tokenizer(3000))
+    assert result.heldout_ids.shape == (2, 32)
+    assert all(min(_positions(w)) >= 2000 for w in result.heldout_ids)
+    assert all(max(_positions(w)) < 2000 for w in result.input_ids)
+
+
+def test_local_file_errors_name_the_file_and_its_problem(tmp_path):
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes(b"text\n" + "caf\u00e9 au lait\n".encode("latin-1") * 20)
+    with pytest.raises(SourceLoadError, match=r"latin1\.csv.* not UTF-8.*byte 8\b") as info:
+        load_texts(latin)
+    assert "Hub" not in str(info.value) and "network" not in str(info.value)
+    header = tmp_path / "header.csv"
+    header.write_text("text\n", encoding="utf-8")
+    with pytest.raises(SourceLoadError, match=r"header\.csv.* no rows") as info:
+        load_texts(header)
+    assert "Hub" not in str(info.value) and "network" not in str(info.value)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(SourceLoadError, match=r"broken\.parquet.* could not be read") as info:
+        load_texts(broken)
+    assert "Hub" not in str(info.value) and "network" not in str(info.value)
+    for name, content in (("array.json", b'[{"text": "caf\xe9"}]'), ("lines.json", b'{"text": "caf\xe9"}\n' * 20)):
+        # pyarrow refuses the first in its own words; it keeps the bytes of the second and fails when they are read
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SourceLoadError, match=name.replace(".", r"\.") + r".* not UTF-8.*byte 1[34]\b"):
+            load_texts(tmp_path / name)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "data.csv").write_bytes(latin.read_bytes())
+    with pytest.raises(SourceLoadError, match=r"data\.csv.* not UTF-8.*byte 8\b") as info:
+        load_texts(folder)
+    assert "Hub" not in str(info.value)
+    txt = tmp_path / "latin.txt"
+    txt.write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.txt.* not UTF-8.*byte 3\b"):
+        load_texts(txt)
+
+
+def test_a_missing_evaluation_source_is_named_as_one(tmp_path, monkeypatch):
+    from conftest import make_tiny_model
+
+    from hf_recon_prune.evaluation import evaluate, perplexity
+
+    monkeypatch.chdir(tmp_path)
+    model = make_tiny_model("llama")
+    for call in (lambda: perplexity(model, object(), "nosuch/corpus.txt"),
+                 lambda: evaluate(model, object(), perplexity={"x": "nosuch/corpus.txt"})):
+        with pytest.raises(FileNotFoundError, match=r"^evaluation source 'nosuch/corpus.txt' looks like a local path"):
+            call()

@@ -1,14 +1,18 @@
 """Where calibration text comes from: an offline default corpus, the reference benchmark datasets, any Hugging Face
 dataset, local files, or a list of strings.
 
-Every source is returned as a list of documents (strings); `windows.tokenize_windows` joins them with ``"\\n\\n"`` and
-cuts token windows out of the joined stream, the protocol of the SparseGPT and Wanda reference code.
+Every source is returned as a list of documents (strings). Calibration (`windows.tokenize_windows`) joins them with
+``"\\n\\n"``; perplexity (`windows.stream_windows_for_eval`) joins a preset's documents, which carry its name
+(`windows.Documents`), as the SparseGPT/Wanda reference code does for that dataset (`windows.EVAL_PROTOCOLS`).
 
 Split names. ``"train"`` is the calibration split. ``"test"``, ``"validation"`` and ``"heldout"`` name the part that
-calibration does not see; for sources without real splits (the default corpus, local files) all three are the same
-deterministic, disjoint remainder of the source. For Hugging Face datasets the split is passed to ``load_dataset``
-(slices such as ``"train[:10%]"`` work), with ``"heldout"`` mapped to ``"validation"`` (or ``"test"`` when a dataset
-has no validation split) so that measuring overfitting never touches a test set that is not needed for it.
+calibration does not see; for sources without real splits (the default corpus, local files, folders whose files all
+fall in one split) all three are the same deterministic, disjoint remainder: the last tenth of a ``.txt`` file, every
+tenth record of other files, one topic in eight of the default corpus less the paragraphs it repeats from the train
+topics. Folders with several splits (``train.jsonl`` and ``test.jsonl``, or a saved ``DatasetDict``) and Hugging Face
+datasets are read by split name (for the Hub, any split ``load_dataset`` accepts, such as ``"train[:10%]"``), with
+``"heldout"`` taking ``"validation"``, else ``"test"``, so that measuring overfitting never touches a test set that is
+not needed for it.
 
 Nothing named by a source string is imported or evaluated: strings are matched against the preset names, then against
 existing paths, and anything else is handed to ``datasets.load_dataset`` as a dataset id, always with
@@ -21,6 +25,7 @@ with a ValueError that says so: the texts were never saved.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -30,6 +35,7 @@ import re
 from typing import Any, Optional, Sequence, Union
 
 from ..sanitise import parse_texts_marker
+from .windows import Documents
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,8 @@ _HELDOUT_SPLITS = ("test", "validation", "heldout")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 #: Other single files handed to a `datasets` builder; they have no splits, so rows are split like JSONL lines.
 _BUILDER_SUFFIXES = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+#: Text files of a data folder that `datasets` decodes as UTF-8: where a decoding error is looked for.
+_TEXT_DATA_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl", ".ndjson")
 #: One row in every `_ROW_SPLIT_MODULUS` (the last of each group) belongs to the held-out part of a split-less file.
 _ROW_SPLIT_MODULUS = 10
 #: Topics of the default corpus: one in every `_TOPIC_SPLIT_MODULUS` (sorted by name) is held out.
@@ -60,12 +68,13 @@ _C4_FILES = {
 
 
 class SourceLoadError(RuntimeError):
-    """A dataset could not be loaded (typically: no network, or the Hub id does not exist)."""
+    """A dataset could not be loaded (no network, a Hub id that does not exist, a local file `datasets` cannot read)."""
 
 
 # ---------------------------------------------------------------------------------------------------------- public
 def load_texts(source: Source, split: Optional[str] = "train", text_column: Optional[str] = None) -> list[str]:
-    """Return the documents of a calibration source as a list of strings.
+    """Return the documents of a calibration source as a list of strings (for a preset, a `windows.Documents`: a
+    list that names the preset, so that `stream_windows_for_eval` builds its reference perplexity stream).
 
     Args:
         source: ``"default"`` (the Python reference documentation shipped with CPython, offline), ``"docstrings"``
@@ -114,7 +123,7 @@ def load_texts(source: Source, split: Optional[str] = "train", text_column: Opti
         texts = stdlib_docstrings()
         return [t for i, t in enumerate(texts) if (i % _TOPIC_SPLIT_MODULUS == _TOPIC_SPLIT_MODULUS - 1) == heldout]
     if source in PRESETS:
-        return _load_preset(source, split, text_column)
+        return Documents(_load_preset(source, split, text_column), preset=source)
     path = os.path.expanduser(source)
     if os.path.exists(path):
         return _load_local(path, split, text_column)
@@ -169,6 +178,9 @@ def _split_part(split: str, source_desc: str) -> bool:
 
 
 def _default_corpus(split: str) -> list[str]:
+    """The pydoc topics sorted by name, one in every `_TOPIC_SPLIT_MODULUS` held out. A held-out topic loses every
+    paragraph (between blank lines, compared stripped) that is also a train paragraph, and is dropped if nothing is
+    left, so that no held-out text is a copy of calibration text; the train topics are returned unchanged."""
     # The pydoc topics are real English prose (the Python Language Reference) written by the CPython documentation
     # team, present wherever the stdlib is, so the default works offline and is not text we wrote ourselves.
     try:
@@ -180,8 +192,19 @@ def _default_corpus(split: str) -> list[str]:
         ) from err
     heldout = _split_part(split, "the 'default' corpus")
     keys = sorted(topics)
-    keep = [k for i, k in enumerate(keys) if (i % _TOPIC_SPLIT_MODULUS == _TOPIC_SPLIT_MODULUS - 1) == heldout]
-    return [topics[k] for k in keep]
+    is_held = [i % _TOPIC_SPLIT_MODULUS == _TOPIC_SPLIT_MODULUS - 1 for i in range(len(keys))]
+    train = [topics[k] for k, held in zip(keys, is_held) if not held]
+    if not heldout:
+        return train
+    # Some topics are subsections repeated in others (augassign in assignment, exceptions in execmodel, id-classes in
+    # identifiers). Only the held-out side is filtered: recorded results depend on the calibration windows.
+    seen = {paragraph.strip() for text in train for paragraph in text.split("\n\n")}
+    texts = []
+    for key in (k for k, held in zip(keys, is_held) if held):
+        text = "\n\n".join(p for p in topics[key].split("\n\n") if p.strip() not in seen)
+        if text.strip():
+            texts.append(text)
+    return texts
 
 
 def stdlib_docstrings(min_chars: int = 200) -> list[str]:
@@ -253,18 +276,18 @@ class _UnknownSplit(Exception):
     pass
 
 
-def _call_load_dataset(desc: str, *args: Any, _unknown_split_ok: bool = False, **kwargs: Any) -> Any:
+def _call_load_dataset(desc: str, *args: Any, _unknown_split_ok: bool = False, _local: Optional[str] = None,
+                       **kwargs: Any) -> Any:
     import datasets
 
     try:
         # Explicit, so that HF_DATASETS_TRUST_REMOTE_CODE=1 cannot make datasets 3.x run a loading script.
         return datasets.load_dataset(*args, trust_remote_code=False, **kwargs)
-    except ValueError as err:
-        if _unknown_split_ok and "split" in str(err).lower():
-            raise _UnknownSplit(str(err)) from err
-        raise _load_error(desc, err) from err
     except Exception as err:  # network, missing repo, missing file, corrupt cache: all mean "this source is unusable"
-        raise _load_error(desc, err) from err
+        if _unknown_split_ok and isinstance(err, ValueError) and "split" in str(err).lower():
+            raise _UnknownSplit(str(err)) from err
+        # A local file or folder (_local) has a problem of its own: no network was involved.
+        raise (_load_error(desc, err) if _local is None else _local_load_error(desc, _local, err)) from err
 
 
 def _load_error(desc: str, err: Exception) -> SourceLoadError:
@@ -295,8 +318,8 @@ def _load_local(path: str, split: str, text_column: Optional[str]) -> list[str]:
         if os.path.getsize(path) == 0:
             raise ValueError(f"calibration file {path!r} is empty; it needs at least one record with text.")
         desc = f"file {path!r}"
-        dataset = _call_load_dataset(desc, _BUILDER_SUFFIXES[suffix], data_files=path, split="train")
-        texts = _column_texts(dataset, text_column or "text", desc)
+        dataset = _call_load_dataset(desc, _BUILDER_SUFFIXES[suffix], data_files=path, split="train", _local=path)
+        texts = _column_texts(dataset, text_column or "text", desc, local=path)
         return _rows_of_part(texts, heldout, path, split)
     raise ValueError(
         f"calibration file {path!r} has suffix {suffix or '(none)'!r}; allowed: .txt, "
@@ -309,36 +332,73 @@ def _load_local_dir(path: str, split: str, text_column: Optional[str]) -> list[s
 
     desc = f"folder {path!r}"
     column = text_column or "text"
-    saved_dataset = os.path.isfile(os.path.join(path, "state.json"))
-    saved_dict = os.path.isfile(os.path.join(path, "dataset_dict.json"))
-    if saved_dataset or saved_dict:
+    if any(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json")):
         try:
             loaded = datasets.load_from_disk(path)
         except Exception as err:
-            raise _load_error(desc, err) from err
-        if isinstance(loaded, datasets.DatasetDict):
-            names = list(loaded.keys())
-            wanted = split if split in names else None
-            if wanted is None and split == "heldout":
-                wanted = next((s for s in ("validation", "test") if s in names), None)
-            if wanted is None:
-                raise ValueError(f"split={split!r} is not in the saved dataset {path!r}; available splits: {names}.")
-            return _column_texts(loaded[wanted], column, f"{desc}, split {wanted!r}")
-        # A single saved Dataset has no splits: hold out rows like a JSONL file.
-        heldout = _split_part(split, desc)
-        return _rows_of_part(_column_texts(loaded, column, desc), heldout, path, split)
-    # A folder of data files: datasets infers the builder and the splits from file names.
-    dataset_split = "validation" if split == "heldout" else split
-    dataset = _call_load_dataset(f"{desc}, split {dataset_split!r}", path, split=dataset_split)
-    return _column_texts(dataset, column, desc)
+            raise _local_load_error(desc, path, err) from err
+    else:  # data files: datasets infers the builder and the splits from their names (and prepares every split anyway)
+        loaded = _call_load_dataset(desc, path, _local=path)
+    if isinstance(loaded, datasets.DatasetDict) and len(loaded) > 1:
+        # Splits of its own: the one asked for; "heldout" takes validation, else test (as for Hub datasets).
+        wanted = next((s for s in (("validation", "test") if split == "heldout" else (split,)) if s in loaded), None)
+        if wanted is None:
+            raise ValueError(f"split={split!r} is not available in {desc}; available splits: {list(loaded)} "
+                             "('heldout' takes 'validation', else 'test').")
+        return _column_texts(loaded[wanted], column, f"{desc}, split {wanted!r}", local=path)
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = next(iter(loaded.values()))
+    # No splits of its own (a saved Dataset, or files that all fall in one split): hold out rows like a JSONL file.
+    heldout = _split_part(split, desc)
+    return _rows_of_part(_column_texts(loaded, column, desc, local=path), heldout, path, split)
+
+
+def _local_load_error(desc: str, path: str, err: BaseException) -> SourceLoadError:
+    """The real problem of a local file or folder `datasets` failed on (nothing was fetched: no network advice)."""
+    chain = [err]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    names = {type(e).__name__ for e in chain}
+    if "EmptyDataError" in names or any("corresponds to no data" in str(e) for e in chain):
+        problem = "no rows (empty, or a header only)"
+    elif "DataFilesNotFoundError" in names and os.path.isdir(path):
+        problem = f"no data files (.csv, .json, .jsonl, .parquet, ...), only {sorted(os.listdir(path))[:9]}"
+    else:
+        # pandas raises UnicodeDecodeError; pyarrow's readers say "invalid UTF8" in their own words.
+        utf8 = "UnicodeDecodeError" in names or "utf8" in " ".join(map(str, chain)).lower().replace("-", "")
+        cause = chain[-1]
+        problem = (_utf8_problem(path) if utf8 else None) or f"could not be read ({type(cause).__name__}: {cause})"
+    return SourceLoadError(f"calibration {desc}: {problem}.")
+
+
+def _utf8_problem(path: str) -> Optional[str]:
+    """Which file (of a folder) is not UTF-8, and the offset of its first byte that is not (None: all are UTF-8)."""
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+        if os.path.splitext(name)[1].lower() in _TEXT_DATA_SUFFIXES
+    )
+    for file in files:
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                pending = len(decoder.getstate()[0])  # the start of a character the previous block cut
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as err:
+                    where = "" if file == path else f"its file {os.path.relpath(file, path)!r} is "
+                    byte = offset - pending + err.start
+                    return f"{where}not UTF-8 text (byte {byte}: {err.reason}); save it as UTF-8"
+                offset += len(block)
+    return None
 
 
 def _read_text_file(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as handle:
+        # utf-8-sig: a byte-order mark (Notepad, Excel and PowerShell write one) is not text.
+        with open(path, encoding="utf-8-sig") as handle:
             text = handle.read()
     except UnicodeDecodeError as err:
-        raise ValueError(f"calibration file {path!r} is not UTF-8 text ({err}).") from None
+        raise ValueError(f"calibration file {path!r}: {_utf8_problem(path) or f'not UTF-8 text ({err})'}.") from None
     if not text.strip():
         raise ValueError(f"calibration file {path!r} is empty (no non-whitespace text); it needs text to calibrate on.")
     return text
@@ -372,7 +432,9 @@ def _load_jsonl(path: str, split: str, column: str) -> list[str]:
     heldout = _split_part(split, f"file {path!r}")
     content = _read_text_file(path)
     texts = []
-    for line_number, line in enumerate(content.splitlines(), start=1):
+    # Only "\n" ends a record ("\r\n" arrives as "\n": the file is read in universal-newline mode). JSON strings may
+    # hold U+2028, U+2029 and U+0085 raw (sample_line writes them so), and str.splitlines would split inside them.
+    for line_number, line in enumerate(content.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -406,14 +468,19 @@ def _rows_of_part(texts: list[str], heldout: bool, path: str, split: str) -> lis
 
 
 # ---------------------------------------------------------------------------------------------------------- datasets
-def _column_texts(dataset: Any, column: str, desc: str) -> list[str]:
+def _column_texts(dataset: Any, column: str, desc: str, local: Optional[str] = None) -> list[str]:
     names = list(getattr(dataset, "column_names", None) or [])
     if column not in names:
         raise ValueError(
             f"{desc} has no column {column!r}; available columns: {names}. "
             "Set calibration_text_column (text_column=...) to the column holding the text."
         )
-    values = dataset[column]
+    try:
+        values = list(dataset[column])
+    except UnicodeDecodeError as err:  # the json builder stores invalid UTF-8 and fails only when the text is read
+        if local is None:
+            raise
+        raise _local_load_error(desc, local, err) from None
     texts = []
     for index, value in enumerate(values):
         if value is None:

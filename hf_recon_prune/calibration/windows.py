@@ -2,9 +2,11 @@
 
 The stream is the documents joined with ``"\\n\\n"`` and tokenized once, exactly what ``tokenizer(joined_text)``
 returns: the special tokens the tokenizer adds by default (a Llama BOS, say) appear once at the start (and end) of the
-stream, never inside it, so windows are contiguous slices of the same token sequence the reference SparseGPT/Wanda
-perplexity code evaluates. Calibration windows start at seeded random offsets (they may overlap each other, as in the
-reference code); held-out windows can be drawn so that they overlap none of them.
+stream, never inside it, so windows are contiguous slices of one token sequence. Calibration windows start at seeded
+random offsets (they may overlap each other, as in the reference code); held-out windows can be drawn so that they
+overlap none of them. Perplexity windows (`stream_windows_for_eval`) are consecutive windows of the stream the
+reference SparseGPT/Wanda perplexity code evaluates, which for the ptb and c4 presets is joined otherwise
+(`EVAL_PROTOCOLS`).
 
 Very long sources (over `_CHUNK_CHARS` characters) are tokenized in chunks of whole documents so that the Rust
 tokenizer can work on several chunks in parallel and no single multi-hundred-megabyte string is encoded; the only
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
@@ -34,9 +37,39 @@ class WindowOverlapWarning(UserWarning):
     """More window tokens were requested than the source has: windows will share many tokens."""
 
 
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How a perplexity stream is built: the documents joined with ``separator``, only the first ``max_documents``
+    of them, only the first ``max_windows`` windows (None: all)."""
+
+    separator: str = SEPARATOR
+    max_documents: Optional[int] = None
+    max_windows: Optional[int] = None
+
+
+#: The perplexity stream of each preset as SparseGPT's datautils.py (which Wanda's copies) builds it: wikitext2's
+#: test rows joined with "\n\n", PTB's test sentences with " ", and the first 1100 documents of C4's validation shard
+#: with " ", of which the first 256 * seq_len tokens count. Calibration joins every source with "\n\n".
+EVAL_PROTOCOLS = {
+    "wikitext2": EvalProtocol(),
+    "ptb": EvalProtocol(separator=" "),
+    "c4": EvalProtocol(separator=" ", max_documents=1100, max_windows=256),
+}
+
+
+class Documents(list):
+    """The documents of a preset (``load_texts`` returns them so): a list that knows its preset, so that
+    `stream_windows_for_eval` follows the preset's `EVAL_PROTOCOLS` entry. A list made from it (a slice, a filter)
+    is a plain list again, evaluated with the ``"\\n\\n"`` join."""
+
+    def __init__(self, texts: Iterable[str], preset: str) -> None:
+        super().__init__(texts)
+        self.preset = preset
+
+
 # ---------------------------------------------------------------------------------------------------------- stream
-def tokenize_stream(texts: Sequence[str], tokenizer: Any) -> torch.Tensor:
-    """The documents joined with ``"\\n\\n"`` and tokenized: a 1-D LongTensor, see the module docstring."""
+def tokenize_stream(texts: Sequence[str], tokenizer: Any, separator: str = SEPARATOR) -> torch.Tensor:
+    """The documents joined with ``separator`` and tokenized: a 1-D LongTensor, see the module docstring."""
     if isinstance(texts, str):
         raise TypeError("texts must be a list of documents, not a single string; wrap it as [text].")
     texts = list(texts)
@@ -44,7 +77,7 @@ def tokenize_stream(texts: Sequence[str], tokenizer: Any) -> torch.Tensor:
         raise ValueError(f"the calibration text is empty ({len(texts)} documents, no non-whitespace characters); it needs text to tokenize.")
     prefix, suffix = _default_special_tokens(tokenizer)
     pieces = [torch.tensor(prefix, dtype=torch.long)]
-    chunks = _chunk_documents(texts)
+    chunks = _chunk_documents(texts, separator)
     for start in range(0, len(chunks), _CHUNKS_PER_CALL):
         group = chunks[start:start + _CHUNKS_PER_CALL]
         encoded = tokenizer(group, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
@@ -53,18 +86,18 @@ def tokenize_stream(texts: Sequence[str], tokenizer: Any) -> torch.Tensor:
     return torch.cat(pieces)
 
 
-def _chunk_documents(texts: list[str]) -> list[str]:
+def _chunk_documents(texts: list[str], separator: str = SEPARATOR) -> list[str]:
     """Join documents into chunks of at most `_CHUNK_CHARS` characters (a longer document is a chunk of its own)."""
     chunks: list[str] = []
     current: list[str] = []
     size = 0
     for text in texts:
         if current and size + len(text) > _CHUNK_CHARS:
-            chunks.append(SEPARATOR.join(current) + SEPARATOR)
+            chunks.append(separator.join(current) + separator)
             current, size = [], 0
         current.append(text)
-        size += len(text) + len(SEPARATOR)
-    chunks.append(SEPARATOR.join(current))
+        size += len(text) + len(separator)
+    chunks.append(separator.join(current))
     return chunks
 
 
@@ -173,13 +206,19 @@ def stream_windows_for_eval(
 ) -> torch.Tensor:
     """Consecutive non-overlapping windows ``[W, seq_len]`` covering the stream, the incomplete tail dropped.
 
-    This is the standard perplexity protocol of the pruning literature (wikitext2 "test" joined with ``"\\n\\n"``);
-    ``max_windows`` keeps only the first windows.
+    This is the perplexity protocol of the pruning literature's reference code: the documents joined with
+    ``"\\n\\n"``, or for a preset's `Documents` (``load_texts("ptb", "test")``, say) as its `EVAL_PROTOCOLS` entry
+    says. ``max_windows`` keeps only the first windows.
     """
     _check_counts(1, seq_len, allow_zero_samples=False)
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows <= 0):
         raise ValueError(f"max_windows={max_windows!r} is not allowed; allowed: None (all windows) or an integer > 0.")
-    stream = tokenize_stream(texts, tokenizer)
+    protocol = EVAL_PROTOCOLS.get(getattr(texts, "preset", None), EvalProtocol())
+    if protocol.max_documents is not None:
+        texts = texts[: protocol.max_documents]
+    if protocol.max_windows is not None:
+        max_windows = min(max_windows or protocol.max_windows, protocol.max_windows)
+    stream = tokenize_stream(texts, tokenizer, protocol.separator)
     count = len(stream) // seq_len
     if count == 0:
         raise ValueError(
