@@ -84,11 +84,11 @@ def perplexity(
     if isinstance(source, torch.Tensor):
         windows = source
     else:
-        from .calibration import load_texts, stream_windows_for_eval
+        from .calibration import stream_windows_for_eval
 
         if tokenizer is None:
             raise ValueError("perplexity on text needs a tokenizer")
-        texts = load_texts(source, split=split, text_column=text_column)
+        texts = _evaluation_texts(source, split, text_column)
         windows = stream_windows_for_eval(texts, tokenizer, seq_len, max_windows=max_windows)
     if max_windows is not None:
         windows = windows[:max_windows]
@@ -310,15 +310,30 @@ def _perplexity_entry(model, tokenizer, source, *, split, seq_len, batch_size, m
     if isinstance(source, torch.Tensor):
         windows, described, split, seq_len = source, "token windows", None, int(source.shape[-1])
     else:
-        from .calibration import describe_source, load_texts, stream_windows_for_eval
+        from .calibration import describe_source, stream_windows_for_eval
 
-        texts = load_texts(source, split=split, text_column=text_column)
+        texts = _evaluation_texts(source, split, text_column)
         windows = stream_windows_for_eval(texts, tokenizer, seq_len, max_windows=max_windows)
         described = describe_source(source)
     if max_windows is not None:
         windows = windows[:max_windows]
     value = perplexity_of_ids(model, windows, batch_size=batch_size, show_progress=show_progress)
     return {"source": described, "split": split, "seq_len": seq_len, "windows": int(windows.shape[0]), "value": value}
+
+
+def _evaluation_texts(source: Any, split: Optional[str], text_column: Optional[str]) -> list[str]:
+    """``load_texts``, with its errors speaking of the evaluation source (they say "calibration" otherwise, which
+    sent a user with a mistyped ``--eval-source`` to look at ``--calibration``)."""
+    from .calibration import SourceLoadError, load_texts
+
+    try:
+        return load_texts(source, split=split, text_column=text_column)
+    except (ValueError, TypeError, OSError, SourceLoadError) as err:
+        message = str(err).replace("calibration source", "evaluation source").replace("calibration file",
+                                                                                    "evaluation file")
+        if message == str(err):
+            raise
+        raise type(err)(message) from err
 
 
 def model_sparsity(model: Any, config: Any = None) -> dict[str, Any]:
