@@ -351,7 +351,8 @@ def test_the_token_appears_in_no_message_traceback_or_log(tmp_path, capsys, capl
     assert "could not create the repo with token" in err  # the cause is still said
     assert "<redacted token>" in caplog.text  # the library's log line was kept, without the token
     if verbose:
-        assert "Traceback" in err and "connection reset" in err  # the chain is printed, redacted
+        assert "Traceback" in err
+    assert "caused by ConnectionError: connection reset" in err  # what the chain said, redacted, not the chain
     assert ("shows the token in the process list" in err) == (source == "flag")
     # Logging is back to normal after the command.
     logging.getLogger("after").warning("plain %s", LEAKED)
@@ -365,3 +366,219 @@ def test_token_file_problems_are_usage_errors(tmp_path, capsys, monkeypatch):
     (tmp_path / "two").write_text("a" * 20 + "\n" + "b" * 20)
     code, _, err = run(capsys, "push", folder, "tester/x", "--token-file", tmp_path / "two")
     assert code == cli.EXIT_USAGE and "alone, on one line" in err
+
+
+# ---------------------------------------------------------------------------------------------------- --config files
+def test_config_file_values_are_overridden_before_validation(tmp_path, capsys, no_model_loading):
+    (tmp_path / "nm.json").write_text(json.dumps({"sparsity": 0.7, "pattern": "2:4"}))
+    code, out, err = run(capsys, "prune", "-o", tmp_path / "out", "--config", tmp_path / "nm.json", "--sparsity",
+                         "0.5", "--print-config")
+    assert code == 0, err
+    config = PruningConfig.from_dict(json.loads(out))
+    assert (config.sparsity, config.pattern) == (0.5, "2:4")
+
+
+def test_a_bad_value_from_the_config_file_names_the_file_and_the_field(tmp_path, capsys, no_model_loading):
+    (tmp_path / "nm.json").write_text(json.dumps({"sparsity": 0.7, "pattern": "2:4"}))
+    code, _, err = run(capsys, "prune", "-o", tmp_path / "out", "--config", tmp_path / "nm.json")
+    assert code == cli.EXIT_USAGE
+    assert f"'sparsity', 'pattern' come from --config {tmp_path / 'nm.json'}: fix them there" in err
+    assert "(fix --sparsity)" not in err
+    # A flag that does not fix it is named as a flag, the file's value as the file's.
+    code, _, err = run(capsys, "prune", "-o", tmp_path / "out", "--config", tmp_path / "nm.json", "--pattern", "4:8")
+    assert code == cli.EXIT_USAGE
+    assert "fix --pattern; 'sparsity' comes from --config" in err and "override with --sparsity" in err
+    (tmp_path / "few.json").write_text(json.dumps({"num_samples": -1}))
+    code, _, err = run(capsys, "prune", "-o", tmp_path / "out", "--config", tmp_path / "few.json")
+    assert code == cli.EXIT_USAGE and f"'num_samples' comes from --config {tmp_path / 'few.json'}" in err
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"\xff\xfe{", "not UTF-8 text"),
+    (b"{sparsity: 0.5}", "not valid JSON"),
+    (b"[0.5]", "holds a JSON list, not an object of PruningConfig fields"),
+    (b'{"pruning_config": "wanda"}', "its 'pruning_config' is a JSON str"),
+])
+def test_an_unreadable_config_file_is_named(content, says, tmp_path, capsys, no_model_loading):
+    (tmp_path / "bad.json").write_bytes(content)
+    code, _, err = run(capsys, "prune", "-o", tmp_path / "out", "--config", tmp_path / "bad.json")
+    assert code == cli.EXIT_USAGE
+    assert err.startswith(f"hf-recon-prune prune: error: --config {tmp_path / 'bad.json'}: {says}")
+
+
+def test_a_model_config_without_pruning_config_is_refused(assets, capsys, no_model_loading):
+    for source in (os.path.join(assets["model"], "config.json"), assets["model"]):
+        code, out, err = run(capsys, "prune", "-o", "unused", "--config", source, "--print-config")
+        assert code == cli.EXIT_USAGE and out == ""
+        assert f"--config {source}" in err and "a model's config.json without 'pruning_config'" in err
+
+
+# ---------------------------------------------------------------------------------------------------- output folders
+@pytest.mark.parametrize("flag", ["--checkpoint-dir", "--stream-folder", "--self-gen-cache-dir"])
+@pytest.mark.parametrize("where", ["same", "output inside", "inside output"])
+def test_output_apart_from_the_runs_own_folders_is_checked_before_loading(flag, where, tmp_path, capsys,
+                                                                         no_model_loading):
+    output, folder = {"same": ("run", "run"), "output inside": ("run/model", "run"),
+                      "inside output": ("run", "run/work")}[where]
+    code, _, err = run(capsys, "prune", "-o", tmp_path / output, flag, tmp_path / folder, "--no-eval")
+    assert code == cli.EXIT_USAGE
+    assert f"--output {tmp_path / output} and {flag} {tmp_path / folder}: " in err
+    assert {"same": "they are the same folder", "output inside": f"--output lies inside {flag}",
+            "inside output": f"{flag} lies inside --output"}[where] in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_save_error_at_the_end_names_the_flags(assets, tmp_path, capsys, monkeypatch):
+    from hf_recon_prune.pruner import Pruner
+
+    def refuse(self, save_directory, **kwargs):
+        raise FileExistsError(f"refusing to replace {save_directory}: it changed meanwhile; choose another "
+                              "save_directory, or pass overwrite=True (--overwrite) to replace it")
+
+    monkeypatch.setattr(Pruner, "save_pretrained", refuse)
+    code, _, err = run(capsys, "prune", "--model", assets["model"], "-o", tmp_path / "out", "--no-eval", "--method",
+                       "magnitude", "--reconstruction", "none", "--calibration", assets["text"], "--num-samples", "2",
+                       "--seq-len", "16", "--device", "cpu")
+    assert code == cli.EXIT_USAGE
+    assert "choose another --output, or pass --overwrite to replace it" in err and "save_directory" not in err
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+def _saved_report(folder, error: float):
+    folder.mkdir(parents=True)
+    PruneReport(model_name="m", family="llama", config=PruningConfig().to_dict(), blocks=[
+        BlockReport(index=0, layer_sparsity={"a": 0.5}, error_before={"calibration": 2 * error},
+                    error_after={"calibration": error}),
+    ], total_seconds=1.0).to_json_file(folder / "prune_report.json")
+    return folder
+
+
+def test_eval_compare_keeps_every_row_when_names_collide(assets, tmp_path, capsys):
+    a, b = _saved_report(tmp_path / "a" / "m", 0.25), _saved_report(tmp_path / "b" / "m", 0.5)
+    protocol = ["--eval-source", assets["text"], "--eval-seq-len", "16", "--eval-windows", "2"]
+    code, out, err = run(capsys, "eval", "--model", assets["model"], *protocol, "--compare", a, b,
+                         "--json", tmp_path / "tiny-llama.json")
+    assert code == 0, err
+    rows = {row["name"]: row["values"] for row in json.loads(out)["comparison"]["rows"]}
+    assert list(rows) == ["tiny-llama", "a/m", "b/m"]
+    assert rows["a/m"]["error_calibration"] == 0.25 and rows["b/m"]["error_calibration"] == 0.5
+
+    # The model again, against its own earlier result of the same name: both rows, the fresh one first.
+    code, out, err = run(capsys, "eval", "--model", assets["model"], *protocol[:-1], "1", "--compare",
+                         tmp_path / "tiny-llama.json", b, b, "--markdown", tmp_path / "table.md")
+    assert code == 0, err
+    parent, here = os.path.basename(os.path.dirname(assets["model"])), tmp_path.name
+    names = [row["name"] for row in json.loads(out)["comparison"]["rows"]]
+    assert names == [f"{parent}/tiny-llama", f"{here}/tiny-llama", "m", "m (2)"]
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"| {name} |" in table for name in names)
+
+
+@pytest.fixture
+def tiny_task_folder(tmp_path):
+    pytest.importorskip("lm_eval")
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "tiny_task.yaml").write_text(
+        "task: tiny_task\ndataset_path: json\ndataset_kwargs:\n  data_files: tiny.jsonl\noutput_type: "
+        "multiple_choice\ntest_split: train\ndoc_to_text: '{{q}}'\ndoc_to_target: 0\ndoc_to_choice: ['a', 'b']\n")
+    return folder
+
+
+def test_an_unknown_task_is_refused_before_loading(tiny_task_folder, capsys, no_model_loading):
+    code, _, err = run(capsys, "eval", "--tasks", "tiny_task,tiny_tsak", "--no-perplexity", "--include-path",
+                       tiny_task_folder, "--no-default-tasks")
+    assert code == cli.EXIT_USAGE
+    assert "--tasks: unknown task 'tiny_tsak'" in err and "did you mean 'tiny_task'?" in err
+    assert f"lm-eval ls tasks --include_path {tiny_task_folder}" in err
+
+
+# ---------------------------------------------------------------------------------------------------- prune's eval
+def test_prune_records_a_limited_number_of_evaluation_windows(assets, tmp_path, capsys):
+    code, out, err = run(capsys, "prune", "--model", assets["model"], "-o", tmp_path / "out", "--method", "magnitude",
+                         "--reconstruction", "none", "--calibration", assets["text"], "--num-samples", "2",
+                         "--seq-len", "16", "--device", "cpu", "--eval-source", assets["text"], "--eval-seq-len",
+                         "16", "--eval-windows", "3")
+    assert code == 0, err
+    assert re.search(r"perplexity measured on\s+\S*corpus\.txt \(test, seq_len 16, first 3 windows\)\n", out)
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    assert report["perplexity"]["corpus.txt"]["windows"] == 3
+
+
+def test_the_eval_label_says_first_windows_only_when_the_limit_cut_the_split():
+    from argparse import Namespace
+
+    from hf_recon_prune.cli.commands import _eval_label, _limited_windows
+
+    args = Namespace(eval_source="wikitext2", eval_split="test", eval_seq_len=2048, eval_windows=32)
+    assert _limited_windows(args, 32) == 32 and _limited_windows(args, 20) is None  # 20: the whole split
+    assert _limited_windows(Namespace(eval_windows=None), 140) is None
+    assert _eval_label(args, 32) == "wikitext2 (test, seq_len 2048, first 32 windows)"
+    assert _eval_label(args, 1) == "wikitext2 (test, seq_len 2048, first window)"
+    assert _eval_label(args, None) == "wikitext2 (test, seq_len 2048)"
+
+
+# ---------------------------------------------------------------------------------------------------- generate
+def test_generate_calibration_refuses_a_folder_as_output(tmp_path, capsys, no_model_loading):
+    code, _, err = run(capsys, "generate-calibration", "--output", tmp_path, "--num-samples", "2", "--seq-len", "8")
+    assert code == cli.EXIT_USAGE
+    assert f"--output {tmp_path}: is a folder; give the JSONL file to write" in err
+
+
+def test_generate_calibration_takes_the_static_cache_setting(tmp_path, capsys, monkeypatch):
+    import hf_recon_prune.calibration
+    import hf_recon_prune.models
+
+    seen = {}
+
+    def generate(model, tokenizer, num_samples, seq_len, **kwargs):
+        seen.update(kwargs)
+        from types import SimpleNamespace
+
+        return SimpleNamespace(texts=["w1"] * num_samples, from_cache=False)
+
+    monkeypatch.setattr(hf_recon_prune.models, "load_model", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(hf_recon_prune.calibration, "generate_self_calibration", generate)
+    monkeypatch.setattr(hf_recon_prune.calibration, "save_texts_jsonl", lambda data, path: None)
+    for flag, value, expected in (("--self-gen-static-cache", "false", False), ("--static-cache", "true", True),
+                                  (None, None, "auto")):
+        seen.clear()
+        argv = [flag, value] if flag else []
+        code, _, err = run(capsys, "generate-calibration", "-o", tmp_path / "g.jsonl", "--num-samples", "2", *argv)
+        assert code == 0, err
+        assert repr(seen["static_cache"]) == repr(expected)
+    code, _, err = run(capsys, "generate-calibration", "-o", tmp_path / "g.jsonl", "--self-gen-static-cache", "maybe")
+    assert code == cli.EXIT_USAGE and "--self-gen-static-cache maybe: give true, false or auto" in err
+
+
+def test_prune_reads_the_samples_generate_calibration_cached(assets, tmp_path, capsys):
+    """What docs/how-to/self-generated-calibration.md shows: the same count, --seq-len and --seed share the cache."""
+    code, out, err = run(capsys, "generate-calibration", "--model", assets["model"], "--num-samples", "3",
+                         "--seq-len", "16", "--batch-size", "3", "--output", tmp_path / "self.jsonl", "--cache-dir",
+                         tmp_path / "cache")
+    assert code == 0 and "(read from the cache)" not in out, err
+    code, out, err = run(capsys, "prune", "--model", assets["model"], "-o", tmp_path / "out", "--no-eval",
+                         "--reconstruction", "lr,br", "--br-epochs", "1", "--calibration", assets["text"],
+                         "--num-samples", "2", "--seq-len", "16", "--num-self-samples", "3", "--self-gen-cache-dir",
+                         tmp_path / "cache", "--device", "cpu")
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    assert report["calibration"]["self_generation"]["from_cache"] is True
+
+
+# ---------------------------------------------------------------------------------------------------- push retry
+def test_the_retry_command_keeps_the_token_file_and_commit_message(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    hub = start_stand_in_hub(monkeypatch, tmp_path, fail={"commit": 500})
+    try:
+        code, _, err = run(capsys, "push", folder, "tester/broken", "--token-file", tmp_path / "token",
+                           "--commit-message", "first try, 50%")
+    finally:
+        hub.stop()
+    assert code == cli.EXIT_FAILURE
+    assert (f"Retry with: hf-recon-prune push {folder} tester/broken --token-file {tmp_path / 'token'} "
+            "--commit-message 'first try, 50%'") in err
+    assert TOKEN not in err

@@ -2,7 +2,8 @@
 
 Every PruningConfig field is a flag of ``prune`` with the same name (``--num-samples`` for ``num_samples``); lists
 are comma-separated (``--reconstruction lr,br,gp``) and ``none`` clears an optional value. ``--config FILE`` starts
-from a saved config (a saved model folder, its config.json, or a bare PruningConfig JSON); flags override it.
+from a saved config (a saved model folder, its config.json, or a bare PruningConfig JSON); flags override its values
+before validation, and an error in a value from the file names the file and the field.
 
 Exit codes: 0 success; 2 bad arguments or configuration (nothing was run, or the message names the flag to fix);
 1 a failure while running (the message says what failed and what to try); 130 interrupted.

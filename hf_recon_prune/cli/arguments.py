@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .. import config as _config_module
 from .._version import __version__
-from ..config import PruningConfig
+from ..config import CONFIG_KEY, PruningConfig
 from .errors import UsageError
 
 DEFAULT_EVAL_SEQ_LEN = 512
@@ -205,39 +205,76 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                    metavar=_METAVARS.get(parse.__name__, "VALUE"), help=text)
 
 
-def _load_config_file(path: str) -> PruningConfig:
+#: Keys of a transformers model config: a config.json holding these but no "pruning_config" is a model's, not ours.
+_MODEL_CONFIG_KEYS = ("model_type", "architectures", "transformers_version")
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    """The PruningConfig fields of ``--config``, not validated yet (the flags override them first).
+
+    A saved model folder, its config.json (the ``pruning_config`` entry) or a bare PruningConfig JSON object; every
+    other file is refused naming it: unreadable, not UTF-8, not JSON, or a model's config.json without our entry.
+    """
+    given = path
+    path = os.path.expanduser(path)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise UsageError(f"--config {path}: the folder has no config.json; give a saved model folder or a JSON file")
-        return PruningConfig.from_pretrained(path)
-    if not os.path.isfile(path):
-        raise UsageError(f"--config {path}: no such file (working directory: {os.getcwd()})")
+            raise UsageError(f"--config {given}: the folder has no config.json; give a saved model folder or a "
+                             "JSON file")
+        path = os.path.join(path, "config.json")
+    elif not os.path.isfile(path):
+        raise UsageError(f"--config {given}: no such file (working directory: {os.getcwd()})")
+    where = f"--config {given}" + ("" if path == os.path.expanduser(given) else f" ({path})")
     try:
-        return PruningConfig.from_json_file(path)
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{where}: not UTF-8 text (byte {err.start}: {err.reason}); give a JSON file") from None
     except json.JSONDecodeError as err:
-        raise UsageError(f"--config {path}: not valid JSON ({err})") from None
+        raise UsageError(f"{where}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: the JSON is nested too deeply to be a configuration") from None
+    except OSError as err:
+        raise UsageError(f"{where}: cannot be read ({err.strerror or err})") from None
+    if isinstance(data, dict) and CONFIG_KEY in data:
+        data = data[CONFIG_KEY]
+        if not isinstance(data, dict):
+            raise UsageError(f"{where}: its {CONFIG_KEY!r} is a JSON {type(data).__name__}, not an object of "
+                             "PruningConfig fields")
+    elif isinstance(data, dict) and any(key in data for key in _MODEL_CONFIG_KEYS):
+        raise UsageError(f"{where}: a model's config.json without {CONFIG_KEY!r}: that model was not pruned by "
+                         "hf-recon-prune, so it holds no PruningConfig. Give the folder (or config.json) of a model "
+                         "saved by hf-recon-prune, or a PruningConfig JSON file (prune --print-config writes one)")
+    elif not isinstance(data, dict):
+        raise UsageError(f"{where}: holds a JSON {type(data).__name__}, not an object of PruningConfig fields")
+    return data
 
 
 def _config_from_args(args: argparse.Namespace) -> PruningConfig:
-    """The config file (if any) overridden by every flag given; errors name the flag to fix."""
-    data: dict[str, Any] = {}
+    """The config file (if any) overridden by every flag given, then validated; an error names what to fix: the
+    flag, or the field of the --config file it came from."""
+    from_file = _read_config_file(args.config) if getattr(args, "config", None) else {}
+    given = vars(args)
+    flags = {f.name: given[f.name] for f in dataclasses.fields(PruningConfig) if f.name in given}
     try:
-        if getattr(args, "config", None):
-            data.update(_load_config_file(args.config).to_dict())
-        given = vars(args)
-        for f in dataclasses.fields(PruningConfig):
-            if f.name in given:
-                data[f.name] = given[f.name]
-        return PruningConfig.from_dict(data)
+        return PruningConfig.from_dict({**from_file, **flags})
     except (ValueError, TypeError) as err:
-        raise UsageError(_name_the_flag(str(err))) from None
+        raise UsageError(_name_the_source(str(err), flags, from_file, getattr(args, "config", None))) from None
 
 
-def _name_the_flag(message: str) -> str:
-    fields = list(dict.fromkeys(re.findall(r"PruningConfig\.(\w+)=", message)))
-    known = {f.name for f in dataclasses.fields(PruningConfig)}
-    flags = [_flag(name) for name in fields if name in known]
-    return message + (f" (fix {' / '.join(flags)})" if flags else "")
+def _name_the_source(message: str, flags: dict[str, Any], from_file: dict[str, Any], config: Optional[str]) -> str:
+    """``message`` with what to fix: the flags of the fields it names, or the --config file for a value from it."""
+    known = [f.name for f in dataclasses.fields(PruningConfig)]
+    fields = [name for name in dict.fromkeys(re.findall(r"\b(\w+)=", message)) if name in known]
+    in_file = [name for name in fields if name in from_file and name not in flags]
+    to_flag = [_flag(name) for name in fields if name not in in_file]
+    parts = [f"fix {' / '.join(to_flag)}"] if to_flag else []
+    if in_file:
+        names = ", ".join(repr(name) for name in in_file)
+        parts.append(f"{names} {'comes' if len(in_file) == 1 else 'come'} from --config {config}: fix "
+                     f"{'it' if len(in_file) == 1 else 'them'} there, or override with "
+                     f"{' / '.join(_flag(name) for name in in_file)}")
+    return message + (f" ({'; '.join(parts)})" if parts else "")
 
 
 # ============================================================================================== parser
@@ -258,7 +295,8 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-split", default="test", metavar="SPLIT", help="split of the evaluation source (default: test)")
     group.add_argument("--eval-seq-len", type=int, default=DEFAULT_EVAL_SEQ_LEN, metavar="N",
                        help=f"tokens per window (default: {DEFAULT_EVAL_SEQ_LEN}; the papers use 2048)")
-    group.add_argument("--eval-windows", type=int, default=None, metavar="N", help="score at most this many windows (default: all)")
+    group.add_argument("--eval-windows", type=int, default=None, metavar="N",
+                       help="score at most this many windows, the first ones (default: all); prune records the count")
     group.add_argument("--eval-batch-size", type=int, default=4, metavar="N", help="windows per forward pass (default: 4)")
 
 
@@ -298,10 +336,11 @@ def _add_prune_command(commands: "argparse._SubParsersAction") -> None:
     )
     prune.add_argument("--output", "-o", required=True, metavar="DIR",
                        help="folder to save the pruned model in (an existing one is replaced only if hf-recon-prune "
-                            "saved it, or with --overwrite)")
+                            "saved it, or with --overwrite); apart from --checkpoint-dir, --stream-folder and "
+                            "--self-gen-cache-dir")
     prune.add_argument("--config", metavar="FILE",
-                       help="start from a saved PruningConfig (saved model folder, config.json or bare JSON); "
-                            "flags given override it")
+                       help="start from a saved PruningConfig (saved model folder, its config.json or bare JSON); "
+                            "flags given override its values")
     prune.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
     prune.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from the latest checkpoint in --checkpoint-dir (same model, "
@@ -359,7 +398,8 @@ def _add_eval_command(commands: "argparse._SubParsersAction") -> None:
     output.add_argument("--json", dest="json_out", metavar="FILE", help="also write the result to this JSON file")
     output.add_argument("--compare", nargs="+", default=None, metavar="RESULT",
                         help="earlier results to put side by side with this model: eval --json files, saved "
-                             "folders or prune_report.json files (the JSON gets a 'comparison')")
+                             "folders or prune_report.json files (the JSON gets a 'comparison'); rows are named "
+                             "by file or folder, same names told apart by their paths")
     output.add_argument("--markdown", metavar="FILE",
                         help="also write the results (with --compare: the side-by-side table) as markdown")
 
@@ -400,6 +440,10 @@ def _add_generate_command(commands: "argparse._SubParsersAction") -> None:
     generate.add_argument("--stop-at-eos", "--self-gen-stop-at-eos", dest="stop_at_eos", type=_field_parser("bool"),
                           default=True, metavar="BOOL", help="end a sequence at EOS and replace those shorter than "
                                                              "--seq-len; false suppresses EOS (default: true)")
+    generate.add_argument("--static-cache", "--self-gen-static-cache", dest="static_cache",
+                          type=_field_parser("Union[bool,str]"), default="auto", metavar="BOOL",
+                          help="KV cache while sampling: auto (default; CUDA graphs on a GPU), true (static), false "
+                               "(dynamic)")
     generate.add_argument("--cache-dir", "--self-gen-cache-dir", dest="cache_dir", default=None,
                           metavar="DIR", help="cache folder: a rerun with the same settings reads the samples "
                                               "from it instead of generating them again")

@@ -5,8 +5,10 @@ Heavy imports (torch, transformers, the engine) happen inside the commands, so t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Optional
@@ -39,11 +41,26 @@ def _load(args):
     return load_model(model_id, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 
 
-def _perplexity(model, tokenizer, args) -> float:
-    from ..evaluation import perplexity
+def _perplexity(model, tokenizer, args) -> tuple[float, int]:
+    """The perplexity on --eval-source and how many windows were scored (``evaluate``'s protocol, as ``eval``)."""
+    from ..evaluation import evaluate
 
-    return perplexity(model, tokenizer, source=args.eval_source, split=args.eval_split, seq_len=args.eval_seq_len,
-                      batch_size=args.eval_batch_size, max_windows=args.eval_windows, show_progress=True)
+    results = evaluate(model, tokenizer, perplexity={args.eval_source: args.eval_source}, split=args.eval_split,
+                       seq_len=args.eval_seq_len, batch_size=args.eval_batch_size, max_windows=args.eval_windows,
+                       measure_sparsity=False, show_progress=True)
+    entry = results.perplexity[args.eval_source]
+    return entry["value"], int(entry["windows"])
+
+
+def _limited_windows(args, scored: int) -> Optional[int]:
+    """The windows scored when --eval-windows cut the split short; None when every window was scored (fewer than
+    the limit: the split, or a preset's standard protocol, had no more)."""
+    return scored if args.eval_windows is not None and scored >= args.eval_windows else None
+
+
+def _eval_label(args, windows: Optional[int]) -> str:
+    first = "" if windows is None else ", first window" if windows == 1 else f", first {windows} windows"
+    return f"{args.eval_source} ({args.eval_split}, seq_len {args.eval_seq_len}{first})"
 
 
 def _check_eval_flags(args) -> None:
@@ -53,20 +70,53 @@ def _check_eval_flags(args) -> None:
             raise UsageError(f"{_flag(name)} {value}: must be at least {2 if name == 'eval_seq_len' else 1}")
 
 
-def _check_output_folder(path: str, model: Optional[str] = None, overwrite: bool = False) -> None:
+#: The run's own folders (config fields) that --output must stay apart from, and what they hold.
+_RUN_FOLDERS = {"checkpoint_dir": "the checkpoints", "stream_folder": "the disk-backed streams",
+                "self_gen_cache_dir": "the cache of self-generated samples"}
+
+
+def _in_flag_names(message: str) -> str:
+    """A save error's message with the CLI's names for the API's arguments."""
+    return message.replace("overwrite=True (--overwrite)", "--overwrite").replace("save_directory", "--output")
+
+
+def _check_output_folder(path: str, model: Optional[str] = None, overwrite: bool = False,
+                         config: Optional[PruningConfig] = None) -> None:
     """Refuse before any work what saving would refuse at the end: a file, a folder that is not a saved model, the
-    model's own folder or a model folder hf-recon-prune did not save (the last two only without --overwrite)."""
+    model's own folder or a model folder hf-recon-prune did not save (the last two only without --overwrite), and
+    a folder that is, holds or lies inside one of the run's own folders (--checkpoint-dir, --stream-folder,
+    --self-gen-cache-dir)."""
     from types import SimpleNamespace
 
     from ..hub.save import check_save_target
 
+    if config is not None:
+        _check_output_apart(path, config)
     source = os.path.expanduser(model) if model and os.path.isdir(os.path.expanduser(model)) else ""
     try:
         check_save_target(path, SimpleNamespace(config=SimpleNamespace(_name_or_path=source)), overwrite=overwrite)
     except FileExistsError as error:
-        message = str(error).replace("overwrite=True (--overwrite)", "--overwrite")
-        message = message.replace("save_directory", "--output")
-        raise UsageError(f"--output {path}: {message}") from None
+        raise UsageError(f"--output {path}: {_in_flag_names(str(error))}") from None
+
+
+def _check_output_apart(path: str, config: PruningConfig) -> None:
+    output = os.path.realpath(os.path.expanduser(path))
+    for name, holds in _RUN_FOLDERS.items():
+        value = getattr(config, name, None)
+        if not value:
+            continue
+        folder = os.path.realpath(os.path.expanduser(value))
+        if folder == output:
+            why = "they are the same folder"
+        elif os.path.commonpath([output, folder]) == folder:
+            why = f"--output lies inside {_flag(name)}"
+        elif os.path.commonpath([output, folder]) == output:
+            why = f"{_flag(name)} lies inside --output"
+        else:
+            continue
+        raise UsageError(f"--output {path} and {_flag(name)} {value}: {why}. Saving replaces the whole --output "
+                         f"folder (and refuses one that holds anything but a saved model), so the saved model and "
+                         f"{holds} must not share a folder: give them separate folders, neither inside the other")
 
 
 def _cmd_prune(args) -> int:
@@ -75,7 +125,7 @@ def _cmd_prune(args) -> int:
         print(config.to_json_string(), end="")
         return EXIT_OK
     _check_eval_flags(args)
-    _check_output_folder(args.output, args.model, args.overwrite)
+    _check_output_folder(args.output, args.model, args.overwrite, config)
     if args.resume and not config.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir DIR: the folder the interrupted run wrote its checkpoints to")
     from ..pruner import Pruner
@@ -84,10 +134,11 @@ def _cmd_prune(args) -> int:
     model, tokenizer = _load(args)
     results: dict[str, Any] = {}
     eval_seconds = 0.0
+    windows = None
     if not args.no_eval:
         _status(f"perplexity of the dense model on {args.eval_source!r} ({args.eval_split}) ...")
         t0 = time.perf_counter()
-        results["dense"] = _perplexity(model, tokenizer, args)
+        results["dense"], _ = _perplexity(model, tokenizer, args)
         eval_seconds += time.perf_counter() - t0
         _status(f"dense perplexity: {results['dense']:.3f}")
     _status(f"pruning: {_describe_config(config)}")
@@ -96,19 +147,35 @@ def _cmd_prune(args) -> int:
     if not args.no_eval:
         _status("perplexity of the pruned model ...")
         t0 = time.perf_counter()
-        results["pruned"] = _perplexity(model, tokenizer, args)
+        results["pruned"], scored = _perplexity(model, tokenizer, args)
         eval_seconds += time.perf_counter() - t0
+        windows = _limited_windows(args, scored)
         pruner.record_perplexity(args.eval_source, args.eval_split, args.eval_seq_len, results["dense"],
-                                 results["pruned"])
-    path = pruner.save_pretrained(args.output, overwrite=args.overwrite, base_model=args.base_model,
-                                  license=args.license, repo_id=args.repo_id)
+                                 results["pruned"], windows=windows)
+    path = _save(pruner, args)
     timings = {"pruning": report.total_seconds, "evaluation": eval_seconds,
                "total": time.perf_counter() - started}
     print()
     print(summary_table(report, results, timings, model=args.model or DEFAULT_MODEL_LABEL, config=config,
-                        eval_label=f"{args.eval_source} ({args.eval_split}, seq_len {args.eval_seq_len})"))
+                        eval_label=_eval_label(args, windows)))
     print(f"\nsaved the pruned model with its model card to {os.path.abspath(path)}")
     return EXIT_OK
+
+
+def _save(pruner, args) -> str:
+    """``save_pretrained`` to --output; an error that names the API's arguments names the flags instead."""
+    try:
+        return pruner.save_pretrained(args.output, overwrite=args.overwrite, base_model=args.base_model,
+                                      license=args.license, repo_id=args.repo_id)
+    except Exception as error:
+        message = _in_flag_names(str(error))
+        renamed = None
+        if message != str(error):
+            with contextlib.suppress(Exception):  # an exception class that takes other arguments stays as it is
+                renamed = type(error)(message)
+        if renamed is None:
+            raise
+        raise renamed from error
 
 
 def _cmd_eval(args) -> int:
@@ -129,7 +196,12 @@ def _cmd_eval(args) -> int:
             raise RuntimeError(str(error)) from error
         _status("indexing lm-evaluation-harness tasks ...")
         manager = get_task_manager(args.include_path, include_defaults=not args.no_default_tasks)
-    compared = {_compare_label(path): path for path in args.compare or []}
+        _check_task_names(tasks, manager, args)
+    label = args.model or "smollm2"
+    # One row per input, in the order given (this model first); colliding names are told apart (_unique_labels).
+    inputs = [_labelled_path(label, this_model=True)] + [_labelled_path(path) for path in args.compare or []]
+    names = _unique_labels(inputs)
+    compared = dict(zip(names[1:], args.compare or []))
     report = None
     report_file = os.path.join(os.path.expanduser(args.model), "prune_report.json") if args.model else ""
     if report_file and os.path.isfile(report_file):
@@ -137,7 +209,6 @@ def _cmd_eval(args) -> int:
             report = PruneReport.from_dict(json.load(handle))
 
     model, tokenizer = _load(args)
-    label = args.model or "smollm2"
     results = evaluate(
         model, tokenizer, perplexity=None if args.no_perplexity else {args.eval_source: args.eval_source},
         split=args.eval_split, seq_len=args.eval_seq_len, batch_size=args.eval_batch_size,
@@ -157,7 +228,7 @@ def _cmd_eval(args) -> int:
     result["results"] = results.to_dict()
     table = None
     if compared or args.markdown:
-        table = compare({**{os.path.basename(label.rstrip("/")) or label: results}, **compared})
+        table = compare({names[0]: results, **compared})
         if compared:
             result["comparison"] = table.to_dict()
     print(json.dumps(result, indent=2))
@@ -198,14 +269,79 @@ def _zero_shot_args(args) -> Optional[list]:
     return list(dict.fromkeys(tasks))
 
 
-def _compare_label(path: str) -> str:
-    path = os.path.expanduser(path)
-    if not os.path.exists(path):
-        raise UsageError(f"--compare {path}: no such file or folder")
-    name = os.path.basename(path.rstrip("/\\"))
-    if name in ("prune_report.json",):
-        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return name[:-5] if name.endswith(".json") else name
+def _check_task_names(tasks: list, manager: Any, args) -> None:
+    """Refuse, before the model is loaded, a --tasks name the harness's index does not hold (nor a YAML file)."""
+    import difflib
+
+    known = getattr(manager, "all_tasks", None)
+    if not known:
+        return
+    known = set(known)
+    for name in tasks:
+        if name in known or os.path.isfile(os.path.expanduser(name)):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=3)
+        guess = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        where = " --include_path " + ":".join(args.include_path) if args.include_path else ""
+        indexed = ("only the --include-path tasks were indexed (--no-default-tasks); " if args.no_default_tasks
+                   else "")
+        raise UsageError(f"--tasks: unknown task {name!r}: not a task, group or tag of lm-evaluation-harness, nor a "
+                         f"YAML file{guess} ({indexed}list the names with: lm-eval ls tasks{where})")
+
+
+def _labelled_path(name: str, this_model: bool = False) -> tuple[str, list[str]]:
+    """(row name, the path's components) of an eval input: the evaluated model (a folder or a Hub id) or a --compare
+    path (an eval --json file, a saved folder or a prune_report.json, which names its folder)."""
+    path = os.path.expanduser(name)
+    if not this_model and not os.path.exists(path):
+        raise UsageError(f"--compare {name}: no such file or folder")
+    local = os.path.exists(path)
+    parts = [p for p in re.split(r"[/\\]", os.path.abspath(path) if local else name) if p]
+    if parts and parts[-1] == "prune_report.json" and len(parts) > 1:
+        parts = parts[:-1]
+    if not parts:
+        return name, [name]
+    last = parts[-1]
+    return (last[:-5] if last.endswith(".json") and len(last) > 5 else last), parts
+
+
+def _unique_labels(inputs: list[tuple[str, list[str]]]) -> list[str]:
+    """Row names for the inputs, every one kept: names that collide get the shortest path suffix that tells them
+    apart ("a/m", "b/m"), else their file names ("m", "m.json"); what is still the same (the same path twice) is
+    numbered ("m", "m (2)")."""
+    first = [name for name, _ in inputs]
+    names = list(first)
+
+    def suffix(i: int, k: int, exact: bool) -> str:
+        parts = inputs[i][1]
+        return "/".join(parts[-k:] if exact else parts[-k:-1] + [first[i]])
+
+    for name in dict.fromkeys(first):
+        group = [i for i, other in enumerate(first) if other == name]
+        if len(group) < 2:
+            continue
+        longest = max(len(inputs[i][1]) for i in group)
+        best = [name] * len(group)
+        for exact in (False, True):
+            target = len({suffix(i, longest, exact) for i in group})
+            if target <= len(set(best)):
+                continue
+            for k in range(1, longest + 1):
+                candidates = [suffix(i, k, exact) for i in group]
+                if len(set(candidates)) == target:
+                    best = candidates
+                    break
+        for i, candidate in zip(group, best):
+            names[i] = candidate
+    taken: set = set()
+    for i, name in enumerate(names):
+        number, unique = 1, name
+        while unique in taken:
+            number += 1
+            unique = f"{name} ({number})"
+        names[i] = unique
+        taken.add(unique)
+    return names
 
 
 def _cmd_generate(args) -> int:
@@ -217,7 +353,12 @@ def _cmd_generate(args) -> int:
             raise UsageError(f"{_flag(name)} {value}: must be at least 1" + (" or auto" if name == "batch_size" else ""))
     if args.max_length is not None and args.max_length < args.seq_len:
         raise UsageError(f"--max-length {args.max_length}: must be at least --seq-len ({args.seq_len})")
-    folder = os.path.dirname(os.path.abspath(args.output))
+    if args.static_cache not in (True, False, "auto"):
+        raise UsageError(f"--self-gen-static-cache {args.static_cache}: give true, false or auto")
+    if os.path.isdir(os.path.expanduser(args.output)):
+        raise UsageError(f"--output {args.output}: is a folder; give the JSONL file to write, e.g. --output "
+                         f"{os.path.join(args.output, 'self.jsonl')}")
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(args.output)))
     if not os.path.isdir(folder):
         raise UsageError(f"--output {args.output}: the folder {folder} does not exist")
     model, tokenizer = _load(args)
@@ -225,9 +366,10 @@ def _cmd_generate(args) -> int:
         model, tokenizer, args.num_samples, args.seq_len, seed=args.seed, greedy_tokens=args.greedy_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         language=None if args.language.lower() == "none" else args.language, batch_size=args.batch_size,
-        max_length=args.max_length, stop_at_eos=args.stop_at_eos, cache_dir=args.cache_dir,
+        max_length=args.max_length, stop_at_eos=args.stop_at_eos, static_cache=args.static_cache,
+        cache_dir=args.cache_dir,
     )
-    save_texts_jsonl(data, args.output)
+    save_texts_jsonl(data, os.path.expanduser(args.output))
     origin = " (read from the cache)" if data.from_cache else ""
     print(f"wrote {len(data.texts)} self-generated samples of {args.seq_len} tokens to {os.path.abspath(args.output)}"
           f"{origin}\nuse them with: hf-recon-prune prune --calibration {args.output} ...")
@@ -237,7 +379,7 @@ def _cmd_generate(args) -> int:
 def _cmd_push(args) -> int:
     from huggingface_hub import constants
 
-    from ..hub import push_folder_to_hub
+    from ..hub import HubUploadError, push_folder_to_hub
 
     if not os.path.isdir(args.folder):
         raise UsageError(f"{args.folder} is not a folder; give the folder written by `hf-recon-prune prune --output`")
@@ -247,10 +389,31 @@ def _cmd_push(args) -> int:
         raise UsageError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it (e.g. HF_HUB_OFFLINE=0 "
                          f"hf-recon-prune push {args.folder} {args.repo_id})")
     token = push_token(args)
-    url = push_folder_to_hub(args.folder, args.repo_id, private=args.private or None, token=token,
-                             commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr)
+    try:
+        url = push_folder_to_hub(args.folder, args.repo_id, private=args.private or None, token=token,
+                                 commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr)
+    except HubUploadError as error:
+        raise HubUploadError(_with_retry_flags(str(error), args), folder=error.folder, repo_id=error.repo_id) from None
     print(f"pushed {os.path.abspath(args.folder)} to {url}")
     return EXIT_OK
+
+
+def _with_retry_flags(message: str, args) -> str:
+    """The upload error's "Retry with: ..." command completed with the flags of this command it leaves out:
+    --token-file and --commit-message (never a token: one given with --token is to be given again)."""
+    import shlex
+
+    head, marker, retry = message.partition("Retry with: ")
+    if not marker:
+        return message
+    extra = []
+    if args.token_file and "--token-file" not in retry:
+        extra += ["--token-file", shlex.quote(os.path.abspath(os.path.expanduser(args.token_file)))]
+    if args.commit_message is not None and "--commit-message" not in retry:
+        extra += ["--commit-message", shlex.quote(args.commit_message)]
+    if args.token:
+        head += "The token given with --token is not repeated here: give it again (better: HF_TOKEN or --token-file). "
+    return head + marker + " ".join([retry.rstrip(), *extra])
 
 
 def _cmd_info(args) -> int:
