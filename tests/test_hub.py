@@ -206,7 +206,7 @@ def test_model_card_metadata_and_content(saved, tmp_path):
         assert technique in text
     assert "Cross-block" not in text
     assert "| `mlp.down_proj` | 50.00% |" in text
-    assert "| WikiText-2 (raw) | test | 8 | 20.000 | 24.500 | +22.5% |" in text
+    assert "| WikiText-2 (raw) | test | 8 | all | 20.000 | 24.500 | +22.5% |" in text
     raw = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
     assert str(tmp_path) not in raw  # neither the folder nor the config's absolute cache path
     assert "selfgen-cache" not in raw  # ... which only said where the run kept things: dropped

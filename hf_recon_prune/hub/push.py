@@ -141,6 +141,12 @@ def _upload_failure_message(folder: str, repo_id: str, err: BaseException, token
     why = str(err).strip() or type(err).__name__
     if not isinstance(err, _Refused):
         why = f"{type(err).__name__}: {why}"
+    # The error is raised without its chain (which may hold the token): what the chain said goes into the message.
+    cause, seen = err.__cause__ or err.__context__, {id(err)}
+    while cause is not None and id(cause) not in seen and len(seen) < 5:
+        seen.add(id(cause))
+        why += f"; caused by {type(cause).__name__}: {str(cause).strip()}"
+        cause = cause.__cause__ or cause.__context__
     for secret in _tokens_in_use(token):
         why = why.replace(secret, "<token>")
     why = " ".join(why.split())
