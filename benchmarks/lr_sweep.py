@@ -22,8 +22,8 @@ The issue's benchmark (H200, 256 x 1024 tokens, 10 epochs):
     python benchmarks/lr_sweep.py --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --samples 256 --seq-len 1024 \\
         --epochs 10 --patterns unstructured,2:4 --recipes br+gp+cr,br+gp --self-samples 0,256 \\
         --lrs auto,2e-4,1e-3,2e-3,5e-4 --workers 8 --work-dir /tmp/sweep --deadline 540 \\
-        --resume-from benchmarks/results/lr_sweep_h200.jsonl --out benchmarks/results/lr_sweep_h200.json
-        --require-corpus python-3.12.3/pydoc_data-abaa56a64551
+        --resume-from benchmarks/results/lr_sweep_h200.jsonl --out benchmarks/results/lr_sweep_h200.json \\
+        --require-corpus python-3.12.3/pydoc_data-abaa56a64551 --default-heldout topics
     (then append the work dir's new results to benchmarks/results/lr_sweep_h200.jsonl: what the next one resumes;
     only runs of the same corpus resume, see corpus_fingerprint: carry the CPU machine's Python 3.11.7
     pydoc_data/topics.py onto the GPU and make it the one Python imports. The runs of 2026-12-01 put it first on
@@ -91,6 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="stop before any model is loaded unless the default corpus's fingerprint is ID (e.g. "
                              "python-3.12.3/pydoc_data-abaa56a64551, what benchmarks/results/lr_sweep_h200.jsonl "
                              "resumes): a carried pydoc_data that is not picked up costs a whole device call")
+    parser.add_argument("--default-heldout", default="package", choices=["package", "topics"],
+                        help="the default corpus's held-out text: the package's (its held-out topics less the "
+                             "paragraphs they repeat from the calibration topics, since 207153c) or topics (every "
+                             "eighth topic whole, the package's rule before; 15 %% of it repeats calibration text; "
+                             "what the H200 grid of benchmarks/results/lr_sweep_h200.jsonl measured, so its missing "
+                             "runs use it)")
     parser.add_argument("--out", default="benchmarks/results/lr_sweep.json")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
@@ -245,28 +251,47 @@ def _pydoc_data_file() -> str:
     return pydoc_data.topics.__file__
 
 
-def corpus_fingerprint() -> dict[str, str]:
+def corpus_fingerprint(default_heldout: str = "topics") -> dict[str, str]:
     """Which text the runs saw. The default corpus is the running Python's ``pydoc_data`` and the docstrings are its
     standard library's, so another Python version or another ``pydoc_data`` (carried onto a machine through
-    ``PYTHONPATH``) is another benchmark: on SmolLM2 the dense perplexity of the default corpus's held-out part is
-    11.96 with 3.11.7's ``pydoc_data`` and 12.13 with 3.12.1's. Results are resumed only from the same fingerprint."""
+    ``PYTHONPATH``) is another benchmark: on SmolLM2 the dense perplexity of the default corpus's held-out topics
+    (``--default-heldout topics``) is 11.96 with 3.11.7's ``pydoc_data`` and 12.13 with 3.12.1's. The held-out rule
+    is part of it (the ids of the topics rule are those of the runs made before the package's rule changed). Results
+    are resumed only from the same fingerprint."""
     with open(_pydoc_data_file(), "rb") as handle:
         topics = hashlib.sha256(handle.read()).hexdigest()[:12]
-    return {"python": platform.python_version(), "pydoc_data_sha256": topics,
-            "id": f"python-{platform.python_version()}/pydoc_data-{topics}"}
+    suffix = "" if default_heldout == "topics" else f"/heldout-{default_heldout}"
+    return {"python": platform.python_version(), "pydoc_data_sha256": topics, "default_heldout": default_heldout,
+            "id": f"python-{platform.python_version()}/pydoc_data-{topics}{suffix}"}
+
+
+def default_heldout_texts(rule: str) -> list[str]:
+    """The default corpus's held-out documents under ``rule`` (``--default-heldout``)."""
+    if rule == "package":
+        from hf_recon_prune.calibration import load_texts
+
+        return load_texts("default", split="test")
+    from pydoc_data.topics import topics  # the package's rule before 207153c: every eighth topic, sorted by name
+
+    return [topics[key] for index, key in enumerate(sorted(topics)) if index % 8 == 7]
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Once per work dir: the model saved as safetensors, the held-out ids and the dense perplexities; then, for every
     self-sample count the work dir has not generated yet (a later invocation may ask for new ones), the samples
     (timed, then cached for every run)."""
-    if args.require_corpus and corpus_fingerprint()["id"] != args.require_corpus:
-        raise SystemExit(f"the default corpus is {corpus_fingerprint()['id']}, not --require-corpus "
-                         f"{args.require_corpus}: pydoc_data comes from {_pydoc_data_file()}")
+    corpus = corpus_fingerprint(args.default_heldout)
+    if args.require_corpus and corpus["id"] != args.require_corpus:
+        raise SystemExit(f"the default corpus is {corpus['id']}, not --require-corpus {args.require_corpus}: "
+                         f"pydoc_data comes from {_pydoc_data_file()}, the held-out rule is --default-heldout "
+                         f"{args.default_heldout}")
     state_path = os.path.join(args.work_dir, "state.json")
     if os.path.isfile(state_path):
         with open(state_path, encoding="utf-8") as handle:
             state = json.load(handle)
+        if state["corpus"]["id"] != corpus["id"]:
+            raise SystemExit(f"{args.work_dir} holds held-out windows of {state['corpus']['id']}, not of "
+                             f"{corpus['id']}: use another --work-dir")
     else:
         state = _prepare_model_and_held_out(args)
     missing = sorted({n for n in args.self_samples if n > 0} - {int(n) for n in state["self_generation"]})
@@ -295,7 +320,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _prepare_model_and_held_out(args: argparse.Namespace) -> dict[str, Any]:
-    from hf_recon_prune.calibration import load_texts, stream_windows_for_eval
+    from hf_recon_prune.calibration import stream_windows_for_eval
     from hf_recon_prune.calibration.sources import stdlib_docstrings
     from hf_recon_prune.models import load_model
 
@@ -311,15 +336,15 @@ def _prepare_model_and_held_out(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer.save_pretrained(model_path)
     dense, tokenizer = load_model(model_path, dtype=torch.float32)  # the name every run's model has
     held_out = {
-        "default_heldout": stream_windows_for_eval(load_texts("default", split="test"), tokenizer, args.eval_seq_len,
-                                                   max_windows=args.eval_windows),
+        "default_heldout": stream_windows_for_eval(default_heldout_texts(args.default_heldout), tokenizer,
+                                                   args.eval_seq_len, max_windows=args.eval_windows),
         "stdlib_docstrings": stream_windows_for_eval(stdlib_docstrings(), tokenizer, args.eval_seq_len,
                                                      max_windows=args.eval_windows),
     }
     torch.save(held_out, os.path.join(args.work_dir, "held_out.pt"))
     dense.to(args.device)
     return {"dense": {n: perplexity_of_ids(dense, ids.to(args.device)) for n, ids in held_out.items()},
-            "corpus": corpus_fingerprint(), "self_generation": {}}
+            "corpus": corpus_fingerprint(args.default_heldout), "self_generation": {}}
 
 
 def collect(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:

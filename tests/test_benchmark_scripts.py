@@ -400,3 +400,29 @@ def test_sparsity_profiles_runs_uniform_and_owl_side_by_side_at_the_same_mean(tm
         # min-max normalised ratios: the least and most outlier-rich blocks sit lambda below and above the mean
         spread = 2 * 0.1 if run["profile"] == "owl" else 0.0
         assert max(targets) - min(targets) == pytest.approx(spread)
+
+
+def test_lr_sweep_keeps_the_grids_held_out_topics_apart_from_the_packages_text(tmp_path):
+    from pydoc_data.topics import topics
+
+    lr_sweep = _benchmark("lr_sweep")
+    keys = sorted(topics)
+    legacy = lr_sweep.default_heldout_texts("topics")
+    assert legacy == [topics[k] for k in keys[7::8]]  # the rule the H200 grid measured with, every eighth topic whole
+    train = {p.strip() for k in keys if keys.index(k) % 8 != 7 for p in topics[k].split("\n\n")}
+    repeats = lambda texts: sum(len(p) for t in texts for p in t.split("\n\n") if p.strip() and p.strip() in train)
+    assert repeats(legacy) > 0.1 * sum(map(len, legacy))  # why the package's rule changed
+    assert repeats(lr_sweep.default_heldout_texts("package")) == 0
+    topics_id, package_id = (lr_sweep.corpus_fingerprint(rule)["id"] for rule in ("topics", "package"))
+    assert package_id == topics_id + "/heldout-package"  # the grid's ids stay those of its earlier runs
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tiny_assets import save_tiny_llama
+
+    argv = ["--model", save_tiny_llama(tmp_path / "tiny"), "--device", "cpu", "--samples", "6", "--seq-len", "16",
+            "--epochs", "1", "--lrs", "1e-3", "--recipes", "br+gp", "--eval-seq-len", "16", "--eval-windows", "2",
+            "--work-dir", str(tmp_path / "work")]
+    results = lr_sweep.main([*argv, "--default-heldout", "topics", "--out", str(tmp_path / "a.json")])
+    assert results["corpus"]["id"] == topics_id and results["corpus"]["default_heldout"] == "topics"
+    with pytest.raises(SystemExit, match="holds held-out windows of .* not of .*/heldout-package"):
+        lr_sweep.main([*argv, "--out", str(tmp_path / "b.json")])  # the same work dir, the package's text
