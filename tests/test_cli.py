@@ -582,3 +582,14 @@ def test_the_retry_command_keeps_the_token_file_and_commit_message(tmp_path, cap
     assert (f"Retry with: hf-recon-prune push {folder} tester/broken --token-file {tmp_path / 'token'} "
             "--commit-message 'first try, 50%'") in err
     assert TOKEN not in err
+
+
+def test_preflight_refuses_before_the_dense_perplexity_is_measured(assets, tmp_path, capsys, monkeypatch):
+    import hf_recon_prune.cli.commands as commands
+
+    measured = []
+    monkeypatch.setattr(commands, "_perplexity", lambda *a, **k: measured.append(1) or (1.0, 1))
+    code, _, err = run(capsys, "prune", "--model", assets["model"], "--calibration", assets["text"],
+                       "--include-modules", "q_prj", "--output", tmp_path / "out")
+    assert code == cli.EXIT_USAGE and "no weight is left to prune" in err and "include_modules=['q_prj']" in err
+    assert measured == [] and not (tmp_path / "out").exists()

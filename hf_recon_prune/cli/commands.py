@@ -132,6 +132,11 @@ def _cmd_prune(args) -> int:
 
     started = time.perf_counter()
     model, tokenizer = _load(args)
+    from ..architectures import resolve_layout
+    from ..preflight import preflight
+
+    # what prune() checks first, checked before the dense model's perplexity is measured (minutes on a large model)
+    preflight(model, resolve_layout(model), config, resume=args.resume)
     results: dict[str, Any] = {}
     eval_seconds = 0.0
     windows = None
