@@ -146,3 +146,19 @@ def _with_wikitext2_windows(report, windows):
         entry["windows"] = windows
     other.perplexity = {"wikitext2": entry}
     return other
+
+
+def test_held_out_windows_from_the_calibration_split_say_how_they_are_apart():
+    from hf_recon_prune.report import PruneReport
+
+    config = PruningConfig(method="wanda", sparsity=0.5, reconstruction=[], calibration="default", device="cpu")
+    report = PruneReport(model_name="tiny", family="llama", config=config.to_dict())
+    same = {"num": 2, "source": "default", "split": "train", "disjoint_from_calibration": True}
+    report.calibration = {"source": "default", "split": "train", "num_real": 8, "num_self_generated": 0,
+                          "seq_len": 16, "heldout": same}
+    text = build_model_card(make_tiny_model("llama"), config, report, model_name="tiny").text
+    assert "split `train`, at token positions no calibration window covers" in _row(
+        text, "held-out samples (error measurement only)")
+    report.calibration["heldout"] = {**same, "split": "test"}  # the source's own held-out split: nothing to add
+    text = build_model_card(make_tiny_model("llama"), config, report, model_name="tiny").text
+    assert _row(text, "held-out samples (error measurement only)").endswith("split `test` |")

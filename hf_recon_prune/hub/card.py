@@ -411,6 +411,8 @@ def _calibration_rows(config: PruningConfig, report: Any, redactor: "_Redactor")
         heldout_source = heldout.get("source") if isinstance(heldout, dict) else None
         where = _describe_source(heldout_source, heldout.get("split")) if heldout_source is not None else \
             "the calibration source, disjoint from the calibration windows"
+        if heldout_source is not None and heldout_source == source and heldout.get("split") == split:
+            where += ", at token positions no calibration window covers"  # the same split, so say how it is apart
         rows.append(("held-out samples (error measurement only)",
                      redactor(f"{num_heldout} window{'s' * (num_heldout != 1)} from {where}")))
     elif report is not None:
