@@ -39,6 +39,10 @@ def perplexity_of_ids(model: nn.Module, windows: torch.Tensor, batch_size: int =
     """Perplexity of ``model`` over token windows [W, L]; each window is scored independently (no context carried)."""
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"perplexity needs at least one window of >= 2 tokens, got shape {tuple(windows.shape)}")
+    if windows.dtype.is_floating_point or windows.dtype == torch.bool:
+        raise TypeError(f"perplexity needs integer token ids, got windows of dtype {windows.dtype}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r} is not allowed; allowed: an integer > 0")
     was_training = model.training
     model.eval()
     device = _model_device(model)
@@ -50,11 +54,11 @@ def perplexity_of_ids(model: nn.Module, windows: torch.Tensor, batch_size: int =
         progress = tqdm(total=windows.shape[0], desc="perplexity", unit="window")
     try:
         for rows in batches(windows.shape[0], batch_size):
-            ids = windows[rows].to(device)
+            ids = windows[rows].to(device=device, dtype=torch.long)  # int32 ids would fail in cross_entropy
             logits = model(input_ids=ids, use_cache=False).logits
-            nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
-            )
+            # half-precision logits are summed in float32; a float64 model keeps its precision
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
             total_nll += float(nll)
             total_tokens += ids[:, 1:].numel()
             if progress is not None:

@@ -170,6 +170,23 @@ def test_perplexity_matches_float64_reference():
     assert perplexity(model, source=windows, batch_size=3) == pytest.approx(ours, rel=1e-6)
 
 
+def test_perplexity_takes_int32_ids_keeps_a_float64_model_exact_and_checks_its_batch_size():
+    model = make_tiny_model("qwen2").double()
+    windows = random_ids(3, 12, seed=4)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in windows:
+            log_probs = torch.log_softmax(model(row[None]).logits[0], dim=-1)  # float64 all the way
+            total -= float(log_probs[torch.arange(len(row) - 1), row[1:]].sum())
+            count += len(row) - 1
+    assert perplexity_of_ids(model, windows.int(), batch_size=2) == pytest.approx(math.exp(total / count), rel=1e-12)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=f"batch_size={bad!r} is not allowed"):
+            perplexity_of_ids(model, windows, batch_size=bad)
+    with pytest.raises(TypeError, match="integer token ids"):
+        perplexity_of_ids(model, windows.float())
+
+
 def test_bfloat16_model_prunes_with_exact_sparsity():
     model = make_tiny_model("llama", dtype=torch.bfloat16)
     _, report = _prune(model, _config(method="sparsegpt"))
