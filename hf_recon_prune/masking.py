@@ -152,8 +152,9 @@ class MaskSelection:
         zeros = int(existing.sum())
         self.state.existing_zeros[0] += zeros
         self.state.existing_zeros[1] += existing.numel()
+        sparsity = self._target_sparsity(self.state.report.blocks[index], name)
         request = PruneRequest(
-            self._target_sparsity(self.state.report.blocks[index], name), cfg.nm, stats, self.state.plan.layer_wise, cfg.sparsegpt_block_size, cfg.sparsegpt_dampening,
+            sparsity, cfg.nm, stats, self.state.plan.layer_wise, cfg.sparsegpt_block_size, cfg.sparsegpt_dampening,
             name=f"block {index} {name}", factor=factor, keep_zeros=existing if cfg.keep_existing_zeros and zeros else None,
         )
         return prune_linear(layer, cfg.method, request)
