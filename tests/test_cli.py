@@ -593,3 +593,13 @@ def test_preflight_refuses_before_the_dense_perplexity_is_measured(assets, tmp_p
                        "--include-modules", "q_prj", "--output", tmp_path / "out")
     assert code == cli.EXIT_USAGE and "no weight is left to prune" in err and "include_modules=['q_prj']" in err
     assert measured == [] and not (tmp_path / "out").exists()
+
+
+def test_list_flags_split_only_at_commas_outside_a_regexs_brackets():
+    from hf_recon_prune.cli.arguments import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["prune", "--include-modules", r"layers\.[0-9]{1,2},mlp", "--sparsity-overrides",
+                                      r"proj{1,2}=0.3,(q|k)_proj=0.2", "--output", "x"])
+    config = _config_from_args(args)
+    assert config.include_modules == [r"layers\.[0-9]{1,2}", "mlp"]
+    assert config.sparsity_overrides == {"proj{1,2}": 0.3, "(q|k)_proj": 0.2}

@@ -138,6 +138,30 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
 
 
 # ============================================================================================== flags <-> config
+def _split_commas(text: str) -> list[str]:
+    """``text`` split at its commas, except those inside a regular expression's braces, brackets or parentheses
+    (``layers\\.[0-9]{1,2}`` is one pattern) or escaped with a backslash."""
+    parts, current, depth, escaped = [], [], 0, False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+            continue
+        if char == "\\":
+            escaped = True
+        elif char in "{[(":
+            depth += 1
+        elif char in "}])" and depth:
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
 def _field_parser(annotation: str) -> Callable[[str], Any]:
     """Parse a flag's text by the PruningConfig field's annotation: lists are comma-separated, 'none' is None."""
     spec = str(annotation).replace(" ", "")
@@ -150,9 +174,9 @@ def _field_parser(annotation: str) -> Callable[[str], Any]:
         if inner == "list[str]":
             if text.lower() == "none":
                 return []
-            return [part.strip() for part in text.split(",") if part.strip()]
+            return [part.strip() for part in _split_commas(text) if part.strip()]
         if inner == "dict[str,float]":  # PATTERN=VALUE,PATTERN=VALUE
-            pairs = [part.rpartition("=") for part in text.split(",") if part.strip()]
+            pairs = [part.rpartition("=") for part in _split_commas(text) if part.strip()]
             if any(not sep or not key.strip() for key, sep, _ in pairs):
                 raise ValueError(text)
             return {key.strip(): float(value) for key, _, value in pairs}
