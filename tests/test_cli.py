@@ -603,3 +603,17 @@ def test_list_flags_split_only_at_commas_outside_a_regexs_brackets():
     config = _config_from_args(args)
     assert config.include_modules == [r"layers\.[0-9]{1,2}", "mlp"]
     assert config.sparsity_overrides == {"proj{1,2}": 0.3, "(q|k)_proj": 0.2}
+
+
+def test_info_shows_a_config_it_cannot_validate_and_names_unreadable_files(tmp_path, capsys):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    stored = {"method": "row-relative-magnitude", "sparsity": 0.5}  # a criterion registered only in the user's code
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "pruning_config": stored}))
+    code, out, _ = run(capsys, "info", folder)
+    assert code == cli.EXIT_OK and "not readable as a PruningConfig here" in out and '"row-relative-magnitude"' in out
+    (folder / "prune_report.json").write_text("{not json")
+    code, _, err = run(capsys, "info", folder)
+    assert code == cli.EXIT_USAGE and "prune_report.json cannot be read as JSON" in err
+    code, _, err = run(capsys, "info", tmp_path / "missing")
+    assert code == cli.EXIT_USAGE and "does not exist" in err

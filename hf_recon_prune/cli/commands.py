@@ -422,24 +422,37 @@ def _with_retry_flags(message: str, args) -> str:
 
 
 def _cmd_info(args) -> int:
+    if not os.path.isdir(args.folder):
+        raise UsageError(f"{args.folder} does not exist or is not a folder")
     config_file = os.path.join(args.folder, "config.json")
     if not os.path.isfile(config_file):
         raise UsageError(f"{args.folder} holds no config.json: it is not a saved model folder")
-    with open(config_file, encoding="utf-8") as handle:
-        stored = json.load(handle)
-    if CONFIG_KEY not in stored:
+    stored = _read_json_file(config_file)
+    if not isinstance(stored, dict) or CONFIG_KEY not in stored:
         raise UsageError(f"{config_file} has no {CONFIG_KEY!r}: this model was not pruned by hf-recon-prune")
-    config = PruningConfig.from_dict(stored[CONFIG_KEY])
     print(f"{os.path.abspath(args.folder)}: {stored.get('model_type', '?')} model")
-    print(f"pruning: {_describe_config(config)}")
-    print(f"config: {config!r}")
+    try:
+        config = PruningConfig.from_dict(stored[CONFIG_KEY])
+    except (TypeError, ValueError) as error:  # e.g. a custom criterion this process has not registered
+        print(f"pruning: not readable as a PruningConfig here ({error}); as stored:")
+        print(json.dumps(stored[CONFIG_KEY], indent=2, sort_keys=True))
+    else:
+        print(f"pruning: {_describe_config(config)}")
+        print(f"config: {config!r}")
     report_file = os.path.join(args.folder, "prune_report.json")
     if os.path.isfile(report_file):
         from ..report import PruneReport
 
-        with open(report_file, encoding="utf-8") as handle:
-            print(PruneReport.from_dict(json.load(handle)).summary())
+        print(PruneReport.from_dict(_read_json_file(report_file)).summary())
     return EXIT_OK
+
+
+def _read_json_file(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{path} cannot be read as JSON: {error}") from None
 
 
 COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "generate-calibration": _cmd_generate, "push": _cmd_push,
