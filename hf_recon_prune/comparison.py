@@ -148,9 +148,9 @@ def compare(models: Union[Mapping[str, Any], Sequence[Any]], *, include_dense: U
 
 
 def _protocol_label(protocol: tuple) -> str:
-    """"test, 2048" or "test, 2048, first 32 windows": every part in which two columns of one dataset can differ."""
+    """"test, 2048" or "test, 2048, 32 windows": every part in which two columns of one dataset can differ."""
     split, seq_len, windows = protocol
-    return f"{split}, {seq_len}" + (f", first {windows} windows" if windows is not None else "")
+    return f"{split}, {seq_len}" + (f", {windows} windows" if windows is not None else "")
 
 
 def _as_results(item: Any) -> tuple[EvalResults, Any]:

@@ -186,10 +186,17 @@ def _calibration_shape(config: Any, data: Any) -> tuple[int, int]:
     return ids.shape[0] + (heldout.shape[0] if isinstance(heldout, torch.Tensor) else 0), ids.shape[1]
 
 
-def _check_positions(model: nn.Module, config: Any, length: int, given: bool) -> None:
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+def position_limit(model: nn.Module) -> Optional[int]:
+    """The most tokens a window of ``model`` may have (``max_position_embeddings``), or None when it has no limit."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = getattr(text_config, "max_position_embeddings", None)
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0 or length <= limit:
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def _check_positions(model: nn.Module, config: Any, length: int, given: bool) -> None:
+    limit = position_limit(model)
+    if limit is None or length <= limit:
         return
     what = (f"the calibration_data windows have {length} tokens" if given else
             f"PruningConfig.seq_len={length} is not allowed")

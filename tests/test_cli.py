@@ -617,3 +617,13 @@ def test_info_shows_a_config_it_cannot_validate_and_names_unreadable_files(tmp_p
     assert code == cli.EXIT_USAGE and "prune_report.json cannot be read as JSON" in err
     code, _, err = run(capsys, "info", tmp_path / "missing")
     assert code == cli.EXIT_USAGE and "does not exist" in err
+
+
+def test_evaluation_windows_beyond_the_models_positions_are_refused(assets, tmp_path, capsys):
+    # the tiny model has max_position_embeddings=128
+    code, _, err = run(capsys, "eval", "--model", assets["model"], "--eval-source", assets["text"],
+                       "--eval-seq-len", "129")
+    assert code == cli.EXIT_USAGE and "--eval-seq-len 129" in err and "max_position_embeddings=128" in err
+    code, _, err = run(capsys, "prune", "--model", assets["model"], "--calibration", assets["text"],
+                       "--num-samples", "4", "--seq-len", "16", "--eval-seq-len", "200", "--output", tmp_path / "out")
+    assert code == cli.EXIT_USAGE and "--eval-seq-len 200" in err and not (tmp_path / "out").exists()

@@ -212,7 +212,7 @@ def test_results_flow_into_report_and_model_card(pruned_run, tmp_path):
         pruned.zero_shot.tasks[TASK].metrics["acc_norm"], abs=1e-4)
     ppl = results[("random-ids", "perplexity")]
     assert ppl.metric_value == pytest.approx(pruned.perplexity["random-ids"]["value"], rel=1e-4)
-    assert ppl.metric_args == {"seq_len": 16}
+    assert ppl.metric_args == {"seq_len": 16, "windows": pruned.perplexity["random-ids"]["windows"]}
     heldout_or_calibration = [r for r in card.data.eval_results if r.metric_type.startswith("reconstruction_error_")]
     assert heldout_or_calibration
     for r in heldout_or_calibration:

@@ -137,6 +137,8 @@ def _cmd_prune(args) -> int:
 
     # what prune() checks first, checked before the dense model's perplexity is measured (minutes on a large model)
     preflight(model, resolve_layout(model), config, resume=args.resume)
+    if not args.no_eval:
+        _check_window_length(model, "--eval-seq-len", args.eval_seq_len)
     results: dict[str, Any] = {}
     eval_seconds = 0.0
     windows = None
@@ -183,6 +185,17 @@ def _save(pruner, args) -> str:
         raise renamed from error
 
 
+def _check_window_length(model, flag: str, length: int) -> None:
+    """Windows longer than the model's positions are refused (``prune`` refuses them for calibration too)."""
+    from ..preflight import position_limit
+
+    limit = position_limit(model)
+    if limit is not None and length > limit:
+        raise UsageError(f"{flag} {length}: {type(model).__name__} has max_position_embeddings={limit}, and positions "
+                         f"beyond it are extrapolated silently (rotary models) or crash (learned positions); "
+                         f"allowed: at most {limit}")
+
+
 def _cmd_eval(args) -> int:
     _check_eval_flags(args)
     tasks = _zero_shot_args(args)
@@ -214,6 +227,8 @@ def _cmd_eval(args) -> int:
             report = PruneReport.from_dict(json.load(handle))
 
     model, tokenizer = _load(args)
+    if not args.no_perplexity:
+        _check_window_length(model, "--eval-seq-len", args.eval_seq_len)
     results = evaluate(
         model, tokenizer, perplexity=None if args.no_perplexity else {args.eval_source: args.eval_source},
         split=args.eval_split, seq_len=args.eval_seq_len, batch_size=args.eval_batch_size,
@@ -367,6 +382,7 @@ def _cmd_generate(args) -> int:
     if not os.path.isdir(folder):
         raise UsageError(f"--output {args.output}: the folder {folder} does not exist")
     model, tokenizer = _load(args)
+    _check_window_length(model, "--max-length" if args.max_length else "--seq-len", args.max_length or args.seq_len)
     data = generate_self_calibration(
         model, tokenizer, args.num_samples, args.seq_len, seed=args.seed, greedy_tokens=args.greedy_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

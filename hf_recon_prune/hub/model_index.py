@@ -79,7 +79,7 @@ def _perplexity_results(report: Any, redactor: "_Redactor") -> tuple[list[Any], 
         rows.append({
             "dataset": _cell(dataset_name), "split": str(split) if split is not None else "–",
             "seq_len": str(seq_len) if seq_len is not None else "–",
-            "windows": f"first {windows}" if isinstance(windows, int) else "all",
+            "windows": str(windows) if isinstance(windows, int) else "all",
             "dense": _fmt_number(entry.get("dense")), "pruned": _fmt_number(entry.get("pruned")), "change": change,
         })
     return results, rows
