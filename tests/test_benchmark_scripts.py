@@ -68,6 +68,12 @@ def test_sparsegpt_solver_benchmark_runs_and_its_solvers_agree(tmp_path):
     for row in rows:
         assert row["same_mask"] and row["max_weight_difference"] < 1e-4
         assert row["column_loop_seconds"] > 0 and row["batched_seconds"] > 0
+    # the CPU's grouped solve beside one solve a block, for unstructured masks only; the module is left as it was
+    assert rows[0]["group_columns"] == 32 and rows[0]["one_solve_a_block_seconds"] > 0
+    assert "one_solve_a_block_seconds" not in rows[1]
+    from hf_recon_prune.criteria import sparsegpt as sparsegpt_module
+
+    assert sparsegpt_module.SOLVE_GROUP_COLUMNS == {"cpu": 32}
 
 
 def test_gpu_check_runs_every_location_and_judges_by_the_lr_bar(tmp_path):

@@ -50,6 +50,32 @@ def test_batched_solve_matches_column_loop(case):
     assert _output_error(W, X, fast) == pytest.approx(_output_error(W, X, loop), rel=1e-4)
 
 
+@pytest.mark.parametrize("group_columns", [None, 1, 7, 32, 64, 500])
+@pytest.mark.parametrize("fixed", [False, True])
+def test_solve_in_column_groups_matches_column_loop(monkeypatch, group_columns, fixed):
+    """A column block solved in groups (7 leaves a partial last group; 1 is the loop's order; 500 and None are one
+    solve a block) gives the column loop's masks and weights."""
+    W, X, H = _problem(seed=5)
+    kwargs = {"block_size": 64}
+    if fixed:
+        kwargs["fixed_keep_mask"] = torch.rand(W.shape, generator=torch.Generator().manual_seed(6)) > 0.5
+    monkeypatch.setattr(sparsegpt_module, "SOLVE_GROUP_COLUMNS", {} if group_columns is None else {"cpu": group_columns})
+    calls = []
+    original = sparsegpt_module._obs_block_batched
+    monkeypatch.setattr(sparsegpt_module, "_obs_block_batched", lambda *a: calls.append(a[0].shape[1]) or original(*a))
+    loop = sparsegpt_prune(W, H, 0.5, batched=False, **kwargs)
+    assert not calls
+    grouped = sparsegpt_prune(W, H, 0.5, batched=True, **kwargs)
+    widths = [64, 64, 64, 8]  # 200 columns in blocks of 64
+    expected = [min(g, w) for w in widths for g in ([w] if group_columns is None or group_columns >= w else
+                                                    [group_columns] * (w // group_columns) + [w % group_columns])
+                if g]
+    assert calls == expected
+    assert torch.equal(loop.keep_mask, grouped.keep_mask)
+    torch.testing.assert_close(grouped.weight, loop.weight, rtol=1e-4, atol=1e-5)
+    assert (grouped.weight[~grouped.keep_mask] == 0).all()
+
+
 def test_batched_solve_chunks_rows(monkeypatch):
     W, X, H = _problem(out_features=40)
     whole = sparsegpt_prune(W, H, 0.5, block_size=32, batched=True)

@@ -29,6 +29,13 @@ MAX_DAMPENING_RETRIES = 6
 #: default of ``sparsegpt_prune(batched=None)``: benchmarks flip it to time the column loop against the batched solve
 BATCHED_SOLVE = True
 
+#: Columns per batched triangular solve inside a column block whose mask is fixed, by device type (absent: the whole
+#: block in one solve). A solve's ``[rows, w, w]`` system costs memory traffic in proportion to ``w``, so on the CPU
+#: groups of 32 columns with a rank-32 update between them beat one solve of 128 (2.4x over SmolLM2's seven layer
+#: shapes on a 2-core CPU: ``benchmarks/sparsegpt_solver.py``, docs/benchmarks.md). On a GPU one solve a block means
+#: fewer kernel launches; groups there are not measured, so the GPU keeps the whole block.
+SOLVE_GROUP_COLUMNS = {"cpu": 32}
+
 _SINGULAR_CALLBACK: contextvars.ContextVar[Optional[Callable[[str], None]]] = contextvars.ContextVar(
     "hf_recon_prune_singular_hessian", default=None)
 
@@ -179,10 +186,11 @@ def sparsegpt_prune(
     columns as the solver reaches it, with the already-updated weights.
 
     When a column block's mask is known before it is solved (unstructured masks, and any ``fixed_keep_mask``), its
-    OBS updates are one batched triangular solve over the rows (``_obs_block_batched``); N:M selection solves a group
-    of M columns at a time (``_obs_block_nm_groups``). ``batched=False`` forces the column loop everywhere (the reference the tests compare against);
-    ``None`` follows the module's ``BATCHED_SOLVE``. ``factor`` (from :func:`factor_hessian`) replaces ``hessian`` and
-    ``dampening``: the engine factors each distinct Hessian once for the layers that share it.
+    OBS updates are batched triangular solves over the rows (``_obs_block_batched``; on the CPU a group of
+    ``SOLVE_GROUP_COLUMNS`` columns at a time); N:M selection solves a group of M columns at a time
+    (``_obs_block_nm_groups``). ``batched=False`` forces the column loop everywhere (the reference the tests compare
+    against); ``None`` follows the module's ``BATCHED_SOLVE``. ``factor`` (from :func:`factor_hessian`) replaces
+    ``hessian`` and ``dampening``: the engine factors each distinct Hessian once for the layers that share it.
     """
     if batched is None:
         batched = BATCHED_SOLVE
@@ -215,8 +223,8 @@ def sparsegpt_prune(
             Q1, Err1 = _obs_block_sequential(W1, keep1, Hinv1, choose_nm, dead[start:end])
         elif fixed_keep_mask is None and nm is not None:  # masks chosen group by group as the solver reaches them
             Q1, Err1 = _obs_block_nm_groups(W1, keep1, Hinv1, nm, dead[start:end])
-        else:  # the block's mask is known before the block is solved: one batched triangular solve
-            Q1, Err1 = _obs_block_batched(W1, keep1, Hinv1)
+        else:  # the block's mask is known before the block is solved: batched triangular solves
+            Q1, Err1 = _obs_block_in_groups(W1, keep1, Hinv1, SOLVE_GROUP_COLUMNS.get(W.device.type, width))
 
         W[:, start:end] = Q1
         W[:, end:] -= Err1 @ Hinv[start:end, end:]
@@ -259,29 +267,49 @@ def _obs_block_batched(W1: torch.Tensor, keep1: torch.Tensor, Hinv1: torch.Tenso
     return Q1, Err1
 
 
+def _obs_block_in_groups(W1: torch.Tensor, keep1: torch.Tensor, Hinv1: torch.Tensor, group_width: int,
+                         choose_keep: Optional[Callable[[torch.Tensor, slice], torch.Tensor]] = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OBS updates of one column block, ``group_width`` columns at a time.
+
+    The column loop's updates of a group's columns depend only on the group's own columns and on the errors of the
+    columns before it. So each group is: (with ``choose_keep``) choose its mask from the current weights, solve its
+    columns with that mask fixed (``_obs_block_batched``), and apply its errors to the block's later columns in one
+    rank-``group_width`` update: the loop's result up to float rounding. ``choose_keep(W_group, columns)`` returns the
+    group's keep-mask; it is written into ``keep1`` (a view into the layer's mask).
+    """
+    width = W1.shape[1]
+    if choose_keep is None and group_width >= width:
+        return _obs_block_batched(W1, keep1, Hinv1)
+    W1 = W1.clone()
+    Q1 = torch.empty_like(W1)
+    Err1 = torch.empty_like(W1)
+    for first in range(0, width, group_width):
+        group = slice(first, min(first + group_width, width))
+        if choose_keep is not None:
+            keep1[:, group] = choose_keep(W1[:, group], group)
+        Q1[:, group], Err1[:, group] = _obs_block_batched(W1[:, group], keep1[:, group], Hinv1[group, group])
+        if group.stop < width:
+            W1[:, group.stop:] -= Err1[:, group] @ Hinv1[group, group.stop:]
+    return Q1, Err1
+
+
 def _obs_block_nm_groups(W1, keep1, Hinv1, nm, dead1) -> tuple[torch.Tensor, torch.Tensor]:
     """N:M selection with the OBS updates of one column block, a group of M columns at a time.
 
     The column loop chooses a group's mask at the group's first column, from weights that every earlier column has
-    updated, and the group's own columns only update each other after that choice. So each group is: choose its mask
-    from the current weights, solve its M columns with that mask fixed (``_obs_block_batched``), and apply its errors
-    to the block's later columns in one rank-M update: the loop's result up to float rounding, with M times fewer
-    steps. ``keep1`` is a view into the layer's mask and is written.
+    updated, and the group's own columns only update each other after that choice: so the groups of
+    ``_obs_block_in_groups`` with M columns each, the mask chosen per group, give the loop's result up to float
+    rounding with M times fewer steps.
     """
     n, m = nm
-    width = W1.shape[1]
-    W1 = W1.clone()
-    Q1 = torch.empty_like(W1)
-    Err1 = torch.empty_like(W1)
     d = torch.diagonal(Hinv1)
-    for first in range(0, width, m):
-        group = slice(first, first + m)
-        saliency = (W1[:, group].square() / d[group].square().unsqueeze(0)).masked_fill(dead1[group], 0.0)
-        keep1[:, group] = nm_mask(saliency, n, m)
-        Q1[:, group], Err1[:, group] = _obs_block_batched(W1[:, group], keep1[:, group], Hinv1[group, group])
-        if first + m < width:
-            W1[:, first + m:] -= Err1[:, group] @ Hinv1[group, first + m:]
-    return Q1, Err1
+
+    def choose_keep(weights: torch.Tensor, group: slice) -> torch.Tensor:
+        saliency = (weights.square() / d[group].square().unsqueeze(0)).masked_fill(dead1[group], 0.0)
+        return nm_mask(saliency, n, m)
+
+    return _obs_block_in_groups(W1, keep1, Hinv1, m, choose_keep)
 
 
 def _obs_block_sequential(W1, keep1, Hinv1, nm, dead1) -> tuple[torch.Tensor, torch.Tensor]:
