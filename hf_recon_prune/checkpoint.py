@@ -42,6 +42,7 @@ from .fingerprints import (  # noqa: F401  (re-exported: the fingerprints were d
     comparable_config,
     model_fingerprint,
     run_fingerprint,
+    state_weights_sample,
     tensor_fingerprint,
 )
 
@@ -350,22 +351,44 @@ class Checkpoint:
                 "ids have another fingerprint); resume with the same calibration source, samples and seed"
             )
 
-    def check_dense_blocks(self, samples: list[Optional[str]]) -> None:
+    def check_dense_blocks(self, samples: list[Optional[str]], blocks: Optional[list[torch.nn.Module]] = None) -> None:
         """The blocks this resume takes from the model (neither finalised nor pending in the checkpoint) must hold the
         dense weights the run started from: a reloaded or another model, or one a failed run left half-pruned, would
-        otherwise be mixed silently with the checkpoint's blocks."""
+        otherwise be mixed silently with the checkpoint's blocks.
+
+        A block the failed run had taken but not finished (modified in place in this process) is put back from the
+        copy of its dense weights the run wrote when it took it (runs with a dense stream write one), when that copy
+        is this run's and matches the weights the run started from; any other mismatch raises CheckpointError."""
         recorded = self.manifest.get("dense_block_samples")
         if not recorded or len(recorded) != len(samples):
             return
         covered = set(self.manifest.get("finalised", [])) | set(self.manifest.get("pending", []))
         differ = [i for i, (then, now) in enumerate(zip(recorded, samples))
                   if i not in covered and then is not None and now is not None and then != now]
+        differ = [i for i in differ if blocks is None or not self._restore_dense_block(i, blocks[i], recorded[i])]
         if differ:
             raise CheckpointError(
                 f"decoder blocks {differ} of this model do not hold the dense weights the checkpoint in {self.path} "
                 "started from (another model, or one a failed run already modified); load the original dense model "
                 "again and resume with it"
             )
+
+    def _restore_dense_block(self, index: int, block: torch.nn.Module, recorded_sample: str) -> bool:
+        """Load the run's own copy of block ``index``'s dense weights into ``block``; False (nothing changed) when
+        there is no such copy, it is another run's or unreadable, or it is not the weights the run started from."""
+        if not os.path.isfile(dense_block_file(self.folder, index)):
+            return False
+        try:
+            state = self.dense_block(index)
+        except CheckpointError:
+            return False
+        names = list(block.state_dict())
+        if sorted(names) != sorted(state) or state_weights_sample({n: state[n] for n in names}) != recorded_sample:
+            return False
+        block.load_state_dict(state, strict=True)
+        logger.info("decoder block %d was modified by the failed run before its checkpoint: its dense weights were "
+                    "restored from %s", index, dense_block_file(self.folder, index))
+        return True
 
     def state(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

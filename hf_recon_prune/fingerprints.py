@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
@@ -55,10 +55,15 @@ def block_weights_sample(block: torch.nn.Module, elements: int = 256) -> Optiona
 
     Cheap enough to take for every block at the start of a run, and it tells a dense block from a modified one or
     from another model's block of the same shape."""
+    return state_weights_sample(block.state_dict(), elements)
+
+
+def state_weights_sample(state: Mapping[str, torch.Tensor], elements: int = 256) -> Optional[str]:
+    """:func:`block_weights_sample` of a block whose state dict is ``state``."""
     digest = hashlib.sha256()
     seen = False
     with torch.no_grad():
-        for name, tensor in block.state_dict().items():
+        for name, tensor in state.items():
             if tensor.device.type == "meta" or tensor.numel() == 0:
                 continue
             flat = tensor.detach().reshape(-1)

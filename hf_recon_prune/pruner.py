@@ -100,7 +100,11 @@ class Pruner:
                 with the same configuration and calibration data (checked: a mismatch raises
                 ``checkpoint.CheckpointError``); the result is the model an uninterrupted run produces (bit for bit
                 on the CPU). Without a checkpoint in the folder the run starts from the first block. A model left
-                partially pruned by a failed run in this process may be resumed (its flag is cleared on success).
+                partially pruned by a failed run in this process may be resumed (its flag is cleared on success): a
+                block the failed run changed but did not finish is put back from the copy of its dense weights in
+                the checkpoint folder, which runs with a dense stream write (GP, or ``track_reconstruction_error``,
+                the default); without that copy the resume refuses, naming the block, and the dense model must be
+                loaded again.
             overwrite: let a fresh run replace a checkpoint of the same run in ``config.checkpoint_dir`` (refused
                 otherwise: pass ``resume=True`` to continue it).
 
@@ -238,6 +242,9 @@ class Pruner:
             f"{sorted(set(engine.modified))} of the model were ALREADY MODIFIED in place. The model is partially "
             "pruned: reload it before using it, or pass keep_backup=True to have it restored on failure."
         )
+        if self.config.checkpoint_dir:
+            message += (f" Its checkpoints in {self.config.checkpoint_dir} let prune(resume=True) (--resume) "
+                        "continue it.")
         logger.error(message)
         if isinstance(error, Exception):
             raise PruningFailedError(message) from error

@@ -85,7 +85,7 @@ class RunCheckpoints:
         elif resume:
             saved = Checkpoint(latest)
             saved.check_matches(config_dict, model_info, calibration)
-            saved.check_dense_blocks(current_samples)
+            saved.check_dense_blocks(current_samples, list(blocks))
             logger.info("resuming from %s (after block %s)", latest, saved.manifest.get("step"))
         elif latest is not None:
             _refuse_fresh_start(latest, run_fingerprint(config_dict, model_info, calibration), overwrite)

@@ -507,6 +507,68 @@ def test_save_after_an_in_process_resume_works(tmp_path):
     _assert_identical(reloaded.state_dict(), reference.state_dict())
 
 
+@pytest.mark.parametrize("dense_stream", [True, False])
+def test_in_process_resume_after_a_failure_inside_a_block(tmp_path, monkeypatch, dense_stream):
+    """A failure inside block 1, after its masks and LR changed it in place: resuming the same in-memory model puts
+    block 1 back from the dense copy the run wrote when it took it, and ends like the uninterrupted run. A run with
+    no dense stream writes no such copy, so the resume refuses, naming the block."""
+    from hf_recon_prune.engine import BlockEngine
+
+    overrides = {} if dense_stream else dict(reconstruction=["lr", "br"], track_reconstruction_error=False)
+    reference, _, _ = _pruned(_config(**overrides))
+    config = _config(tmp_path, **overrides)
+    model = make_tiny_model("llama", num_layers=NUM_BLOCKS)
+    taken = {k: v.clone() for k, v in model.model.layers[1].state_dict().items()}
+    real = BlockEngine._reconstruct
+
+    def fail_in_block_1(engine, window):
+        if window == (1,):
+            raise RuntimeError("out of memory in block 1")
+        return real(engine, window)
+
+    monkeypatch.setattr(BlockEngine, "_reconstruct", fail_in_block_1)
+    with pytest.raises(PruningFailedError, match=r"out of memory in block 1.* let prune\(resume=True\)"):
+        Pruner(model, config, calibration_data=_calibration(), show_progress=False).prune()
+    monkeypatch.setattr(BlockEngine, "_reconstruct", real)
+    modified = model.model.layers[1].state_dict()
+    assert any(not torch.equal(modified[k], v) for k, v in taken.items())  # LR changed block 1 before the failure
+    pruner = Pruner(model, config, calibration_data=_calibration(), show_progress=False)
+    if not dense_stream:
+        with pytest.raises(checkpoints.CheckpointError, match=r"decoder blocks \[1\] of this model do not hold"):
+            pruner.prune(resume=True)
+        return
+    pruner.prune(resume=True)
+    _assert_identical(model.state_dict(), reference.state_dict())
+    assert not getattr(model, "_hf_recon_prune_incomplete", False)
+
+
+def test_a_dense_copy_that_is_not_the_starting_weights_is_not_restored(tmp_path, monkeypatch):
+    """The dense copy of the failed block is used only when it is the weights the run started from: a copy whose
+    weights differ (written over by hand here) leaves the refusal in place and the model as it was."""
+    from hf_recon_prune.engine import BlockEngine
+
+    config = _config(tmp_path)
+    model = make_tiny_model("llama", num_layers=NUM_BLOCKS)
+    real = BlockEngine._reconstruct
+    monkeypatch.setattr(BlockEngine, "_reconstruct", lambda engine, window: (_ for _ in ()).throw(
+        RuntimeError("fails")) if window == (1,) else real(engine, window))
+    with pytest.raises(PruningFailedError):
+        Pruner(model, config, calibration_data=_calibration(), show_progress=False).prune()
+    monkeypatch.setattr(BlockEngine, "_reconstruct", real)
+    path = checkpoints.dense_block_file(str(tmp_path), 1)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    tensors = {k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, path, metadata=metadata)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(checkpoints.CheckpointError, match=r"decoder blocks \[1\]"):
+        Pruner(model, config, calibration_data=_calibration(), show_progress=False).prune(resume=True)
+    _assert_identical(model.state_dict(), before)
+
+
 def test_the_blocks_folder_is_fsynced_after_every_rename(tmp_path, monkeypatch):
     synced = []
     real = checkpoints._fsync_dir
