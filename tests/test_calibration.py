@@ -327,6 +327,75 @@ def test_perplexity_streams_of_the_presets_follow_the_reference_code(monkeypatch
     assert tokenize_stream(load_texts("c4", "validation"), tokenizer).tolist() == tokenizer("\n\n".join(documents))["input_ids"]
 
 
+def _documents_of(lengths: list[int]) -> list[str]:
+    """Documents of the position tokenizer's words, each its own run: document d holds the words after d-1's."""
+    documents, start = [], 0
+    for length in lengths:
+        documents.append(" ".join(f"w{i}" for i in range(start, start + length)))
+        start += length
+    return documents
+
+
+def _fake_c4(monkeypatch, documents: list[str]) -> None:
+    import datasets
+
+    def fake_load_dataset(name, *args, **kwargs):
+        assert name == "allenai/c4"
+        return datasets.Dataset.from_dict({"text": documents})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+
+
+def test_c4_calibration_windows_lie_inside_single_long_documents(monkeypatch):
+    """C4 as SparseGPT's datautils.py draws it: each window inside one document of more than seq_len tokens, at an
+    offset in [0, len - seq_len); the documents are visited in a seeded random order and the first long enough ones
+    are used, one window each, calibration first, then held-out (other documents)."""
+    lengths = [5, 40, 12, 80, 16, 17, 33, 9, 64, 20, 100, 16] * 3
+    documents = _documents_of(lengths)
+    _fake_c4(monkeypatch, documents)
+    bounds = torch.tensor([0] + lengths).cumsum(0).tolist()  # document d holds positions [bounds[d], bounds[d + 1])
+    tokenizer = make_position_tokenizer(sum(lengths))
+    config = PruningConfig(calibration="c4", num_samples=8, seq_len=16, heldout_fraction=0.25, seed=7)
+    calibration = build_calibration_set(config, tokenizer, show_progress=False)
+    assert calibration.input_ids.shape == (8, 16) and calibration.heldout_ids.shape == (2, 16)
+    used = []
+    for window in torch.cat([calibration.input_ids, calibration.heldout_ids]):
+        positions = (window - OFFSET).tolist()
+        assert positions == list(range(positions[0], positions[0] + 16))  # a contiguous run of one text
+        document = max(d for d in range(len(lengths)) if bounds[d] <= positions[0])
+        assert lengths[document] > 16 and positions[-1] < bounds[document + 1] - 1  # inside, never its last token
+        used.append(document)
+    order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(7)).tolist()
+    assert used == [d for d in order if lengths[d] > 16][:10]  # distinct documents, in the draw's order
+    assert calibration.description["source_documents"]["windows"] == "one per document, inside it"
+    heldout = calibration.description["heldout"]
+    assert heldout["disjoint_from_calibration"] is True and "other documents" in heldout["note"]
+
+
+def test_document_windows_are_seeded_and_a_group_does_not_depend_on_the_next():
+    from hf_recon_prune.calibration.windows import sample_document_windows
+
+    documents = _documents_of([30, 18, 50, 7, 22, 40, 19, 64] * 4)
+    tokenizer = make_position_tokenizer(sum([30, 18, 50, 7, 22, 40, 19, 64] * 4))
+    (alone, none), _ = sample_document_windows(documents, tokenizer, [6, 0], 16, seed=3)
+    (first, second), described = sample_document_windows(documents, tokenizer, [6, 4], 16, seed=3)
+    assert torch.equal(alone, first) and none.shape == (0, 16) and second.shape == (4, 16)
+    (again, _), _ = sample_document_windows(documents, tokenizer, [6, 4], 16, seed=3)
+    assert torch.equal(again, first)
+    (other, _), _ = sample_document_windows(documents, tokenizer, [6, 4], 16, seed=4)
+    assert not torch.equal(other, first)
+    assert described["documents"] == 32 and 10 <= described["documents_tokenized"] <= 32
+
+
+def test_too_few_long_documents_for_c4_windows_is_a_clear_error(monkeypatch):
+    documents = _documents_of([40, 10, 12, 50, 8])
+    _fake_c4(monkeypatch, documents)
+    config = PruningConfig(calibration="c4", num_samples=3, seq_len=16, heldout_fraction=0.0)
+    with pytest.raises(ValueError, match=r"3 windows of seq_len=16 tokens need 3 documents of more than 16 tokens.*"
+                                         r"only 2 of its 5 documents are that long; use a smaller seq_len"):
+        build_calibration_set(config, make_position_tokenizer(120), show_progress=False)
+
+
 # ---------------------------------------------------------------------------------------------------------- builder
 def _config(**overrides):
     values = dict(calibration=position_texts(3000, 100), num_samples=8, seq_len=32, heldout_fraction=0.3, seed=3)

@@ -3,10 +3,14 @@
 Rows: ``num_samples`` real windows first, then ``num_self_samples`` self-generated ones. With
 ``calibration="self"`` there is no real text and all ``num_samples + num_self_samples`` rows are self-generated.
 
+Real windows are cut from the documents joined into one stream, except for the presets whose reference code draws
+each window inside one document (C4: ``windows.DOCUMENT_WINDOW_PRESETS``).
+
 Held-out windows measure whether reconstruction overfits: ``ceil(heldout_fraction * num_samples)`` windows that neither
 mask selection nor the reconstruction optimiser sees. They come from the calibration stream, placed so that they share
-no token position with any calibration window; from ``heldout_source`` (its ``"heldout"`` split) when that is set; or,
-for ``calibration="self"``, from further self-generated samples.
+no token position with any calibration window (from other documents than the calibration windows', for C4); from
+``heldout_source`` (its ``"heldout"`` split) when that is set; or, for ``calibration="self"``, from further
+self-generated samples.
 
 The description (the report's ``calibration``) fingerprints the token windows (``windows_sha256``,
 ``heldout_windows_sha256``), since a source's name does not pin its text down: the default corpus is the running
@@ -26,7 +30,14 @@ import torch
 from ..fingerprints import tensor_fingerprint
 from .self_generation import _derive_seed, generate_self_calibration
 from .sources import describe_source, is_heldout_split, load_texts, source_version
-from .windows import gather_windows, sample_window_starts, tokenize_stream, window_ranges
+from .windows import (
+    DOCUMENT_WINDOW_PRESETS,
+    gather_windows,
+    sample_document_windows,
+    sample_window_starts,
+    tokenize_stream,
+    window_ranges,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +107,15 @@ def build_calibration_set(config: Any, tokenizer: Any, model: Any = None, *, sho
     real_ids = torch.empty(0, length, dtype=torch.long)
     heldout_ids: Optional[torch.Tensor] = None
     all_texts: list[str] = []
+    in_documents = _windows_in_documents(config.calibration)
     if self_only:
         num_real = 0
+    elif in_documents:  # the reference's rule for this preset: each window inside one document
+        all_texts = load_texts(config.calibration, split, column)
+        same_documents = num_heldout if config.heldout_source is None else 0
+        (real_ids, document_heldout), drawn = sample_document_windows(
+            all_texts, tokenizer, [num_real, same_documents], length, seed)
+        description.update(source_documents=drawn)
     else:
         all_texts = load_texts(config.calibration, split, column)
         texts, used = _limit_documents(all_texts, (num_real + num_heldout) * length, seed)
@@ -107,7 +125,11 @@ def build_calibration_set(config: Any, tokenizer: Any, model: Any = None, *, sho
         description.update(source_documents=used, source_tokens=len(stream))
     if num_heldout and config.heldout_source is not None:
         heldout_texts = load_texts(config.heldout_source, "heldout", column)
-        if not self_only and heldout_texts == all_texts:
+        if not self_only and heldout_texts == all_texts and in_documents:
+            # the same documents: the held-out windows come from documents after the calibration ones in the draw
+            (_, heldout_ids), _ = sample_document_windows(all_texts, tokenizer, [num_real, num_heldout], length, seed)
+            description["heldout"] = _other_documents_description(config.calibration, split, num_heldout)
+        elif not self_only and heldout_texts == all_texts:
             # The same text (e.g. the same list of strings, which has no held-out part): keep the windows apart.
             heldout_ids, description["heldout"] = _heldout_from_same_stream(
                 config, tokenizer, stream, starts, num_heldout, split, allow_fallback=False
@@ -116,6 +138,9 @@ def build_calibration_set(config: Any, tokenizer: Any, model: Any = None, *, sho
             heldout_ids, description["heldout"] = _heldout_from_texts(
                 heldout_texts, tokenizer, num_heldout, length, _derive_seed(seed, "heldout"), config.heldout_source
             )
+    elif num_heldout and not self_only and in_documents:
+        heldout_ids = document_heldout
+        description["heldout"] = _other_documents_description(config.calibration, split, num_heldout)
     elif num_heldout and not self_only:
         heldout_ids, description["heldout"] = _heldout_from_same_stream(
             config, tokenizer, stream, starts, num_heldout, split,
@@ -191,9 +216,25 @@ def _heldout_from_same_stream(
     }
 
 
+def _windows_in_documents(source: Any) -> bool:
+    return isinstance(source, str) and source in DOCUMENT_WINDOW_PRESETS
+
+
+def _other_documents_description(source: Any, split: str, count: int) -> dict[str, Any]:
+    return {"num": count, "source": describe_source(source), "split": split, "disjoint_from_calibration": True,
+            "note": "one window inside each of other documents of the same split than the calibration windows"}
+
+
 def _heldout_from_texts(
     texts: list[str], tokenizer: Any, count: int, length: int, seed: int, source: Any
 ) -> tuple[torch.Tensor, dict[str, Any]]:
+    if _windows_in_documents(source):
+        (windows,), _ = sample_document_windows(texts, tokenizer, [count], length, seed)
+        return windows, {
+            "num": count, "source": describe_source(source), "split": "heldout", "disjoint_from_calibration": None,
+            "note": "one window inside each of some documents of a separate split; overlap with the calibration "
+                    "text is not checked",
+        }
     texts, _ = _limit_documents(texts, count * length, seed)
     stream = tokenize_stream(texts, tokenizer)
     starts = sample_window_starts(len(stream), count, length, seed)

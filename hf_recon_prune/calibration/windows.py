@@ -4,7 +4,8 @@ The stream is the documents joined with ``"\\n\\n"`` and tokenized once, exactly
 returns: the special tokens the tokenizer adds by default (a Llama BOS, say) appear once at the start (and end) of the
 stream, never inside it, so windows are contiguous slices of one token sequence. Calibration windows start at seeded
 random offsets (they may overlap each other, as in the reference code); held-out windows can be drawn so that they
-overlap none of them. Perplexity windows (`stream_windows_for_eval`) are consecutive windows of the stream the
+overlap none of them. C4's calibration windows are drawn inside single documents instead, as its reference code does
+(`DOCUMENT_WINDOW_PRESETS`, `sample_document_windows`). Perplexity windows (`stream_windows_for_eval`) are consecutive windows of the stream the
 reference SparseGPT/Wanda perplexity code evaluates, which for the ptb and c4 presets is joined otherwise
 (`EVAL_PROTOCOLS`).
 
@@ -55,6 +56,15 @@ EVAL_PROTOCOLS = {
     "ptb": EvalProtocol(separator=" "),
     "c4": EvalProtocol(separator=" ", max_documents=1100, max_windows=256),
 }
+
+
+#: Presets whose calibration windows are drawn as the reference code draws them (SparseGPT's datautils.py, which
+#: Wanda's copies, for C4): each window lies inside one document of more than ``seq_len`` tokens, tokenized on its own
+#: (with the special tokens the tokenizer adds by default), at a random offset. Every other source: windows of the
+#: documents' joined stream (`tokenize_stream`).
+DOCUMENT_WINDOW_PRESETS = frozenset({"c4"})
+#: Documents tokenized per call while looking for long enough ones.
+_DOCUMENTS_PER_CALL = 64
 
 
 class Documents(list):
@@ -164,6 +174,50 @@ def sample_window_starts(
             stacklevel=3,
         )
     return starts
+
+
+def sample_document_windows(
+    texts: Sequence[str], tokenizer: Any, counts: Sequence[int], seq_len: int, seed: int
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Windows inside single documents, as the reference code draws C4's calibration windows (see
+    `DOCUMENT_WINDOW_PRESETS`): one group ``[count, seq_len]`` per entry of ``counts`` (calibration, then held-out).
+
+    Documents are visited in a seeded random order and tokenized one by one (``tokenizer(text)``); each one with more
+    than ``seq_len`` tokens gives one window at a seeded random offset in ``[0, len - seq_len)``, as in the reference.
+    Unlike the reference, which draws documents with replacement, no document gives two windows, so the groups share
+    no document (the held-out windows are text the calibration never saw). Returns the groups and a description of
+    the draw; ValueError when too few documents are long enough.
+    """
+    needed = sum(counts)
+    _check_counts(needed, seq_len, allow_zero_samples=False)
+    generator = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(len(texts), generator=generator).tolist()
+    windows: list[torch.Tensor] = []
+    tokenized = 0
+    for first in range(0, len(order), _DOCUMENTS_PER_CALL):
+        batch = [texts[i] for i in order[first:first + _DOCUMENTS_PER_CALL]]
+        encoded = tokenizer(batch, return_attention_mask=False, verbose=False)["input_ids"]
+        for ids in encoded:
+            tokenized += 1
+            if len(ids) > seq_len:
+                start = int(torch.randint(0, len(ids) - seq_len, (1,), generator=generator))
+                windows.append(torch.tensor(ids[start:start + seq_len], dtype=torch.long))
+                if len(windows) == needed:
+                    break
+        if len(windows) == needed:
+            break
+    if len(windows) < needed:
+        raise ValueError(
+            f"{needed} windows of seq_len={seq_len} tokens need {needed} documents of more than {seq_len} tokens "
+            f"(each window lies inside one document, as in the reference code for this source), but only "
+            f"{len(windows)} of its {len(texts)} documents are that long; use a smaller seq_len or fewer samples."
+        )
+    groups, offset = [], 0
+    for count in counts:
+        groups.append(torch.stack(windows[offset:offset + count]) if count else torch.empty(0, seq_len, dtype=torch.long))
+        offset += count
+    return groups, {"windows": "one per document, inside it", "documents": len(texts),
+                    "documents_tokenized": tokenized}
 
 
 def window_ranges(starts: torch.Tensor, seq_len: int) -> list[Range]:
