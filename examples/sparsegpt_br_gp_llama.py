@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from hf_recon_prune import Pruner, PruningConfig, perplexity
+from hf_recon_prune import Pruner, PruningConfig, evaluate
 from hf_recon_prune.config import parse_nm
 from hf_recon_prune.models import load_model
 
@@ -55,16 +55,19 @@ def main(argv=None):
         br_epochs=args.br_epochs, br_lr=args.br_lr,
     )
 
-    def ppl():
-        return perplexity(model, tokenizer, source=args.eval_source, split="test", seq_len=args.eval_seq_len,
-                          max_windows=args.eval_windows, show_progress=True)
+    def measure():  # perplexity on the first --eval-windows windows; the results say how many were scored
+        return evaluate(model, tokenizer, perplexity=args.eval_source, split="test", seq_len=args.eval_seq_len,
+                        max_windows=args.eval_windows, measure_sparsity=False, show_progress=True)
 
-    dense = ppl()
+    dense_results = measure()
     pruner = Pruner(model, config, tokenizer=tokenizer)
     report = pruner.prune()
-    pruned = ppl()
-    pruner.record_perplexity(args.eval_source, "test", args.eval_seq_len, dense, pruned)
+    pruned_results = measure()
+    report.record_evaluation(dense_results, role="dense")  # both reach the model card, protocol included
+    report.record_evaluation(pruned_results)
     folder = pruner.save_pretrained(args.output)
+    (dense,) = [entry["value"] for entry in dense_results.perplexity.values()]
+    (pruned,) = [entry["value"] for entry in pruned_results.perplexity.values()]
 
     # Per block: error after LR ("before") and after BR, on calibration windows and on held-out windows that
     # neither the masks nor the optimiser saw. A held-out error that stops falling while the calibration error

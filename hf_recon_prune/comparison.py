@@ -92,20 +92,29 @@ def compare(models: Union[Mapping[str, Any], Sequence[Any]], *, include_dense: U
         columns.append({"key": "error_calibration", "header": "error calib.", "kind": "error"})
         columns.append({"key": "error_heldout", "header": "error held-out", "kind": "error"})
     notes: list[str] = []
+    # A local file is one column under its file name: a saved report publishes only that name (sanitise.py), while a
+    # fresh evaluation knows the whole path.
     protocols: dict[str, set] = {}
+    local_paths: dict[str, set] = {}
     for _, r in rows:
         for label, entry in r.perplexity.items():
-            protocols.setdefault(label, set()).add((entry.get("split"), entry.get("seq_len"), entry.get("windows")))
+            shown = _short_label(label)
+            protocols.setdefault(shown, set()).add((entry.get("split"), entry.get("seq_len"), entry.get("windows")))
+            if shown != label:
+                local_paths.setdefault(shown, set()).add(label)
     ppl_keys: dict[tuple, str] = {}
     for label, seen in protocols.items():
         for protocol in sorted(seen, key=str):
             key = f"ppl:{label}" if len(seen) == 1 else f"ppl:{label}:{protocol[0]}:{protocol[1]}:{protocol[2]}"
-            header = f"ppl {_short_label(label)}" + ("" if len(seen) == 1 else f" ({_protocol_label(protocol)})")
+            header = f"ppl {label}" + ("" if len(seen) == 1 else f" ({_protocol_label(protocol)})")
             ppl_keys[(label, protocol)] = key
             columns.append({"key": key, "header": header, "kind": "perplexity"})
         if len(seen) > 1:
-            notes.append(f"perplexity on {_short_label(label)} was measured with different protocols (split, seq_len, "
+            notes.append(f"perplexity on {label} was measured with different protocols (split, seq_len, "
                          "windows); each has its own column")
+        if len(local_paths.get(label, ())) > 1:
+            notes.append(f"perplexity on {label} comes from {len(local_paths[label])} local files of that name in "
+                         "different folders, shown in one column")
     tasks: list[str] = []
     zs_protocols = set()
     metrics: dict[str, set] = {}
@@ -137,7 +146,7 @@ def compare(models: Union[Mapping[str, Any], Sequence[Any]], *, include_dense: U
             values["error_heldout"] = (final.get("heldout") or {}).get("after")
         for label, entry in r.perplexity.items():
             protocol = (entry.get("split"), entry.get("seq_len"), entry.get("windows"))
-            values[ppl_keys[(label, protocol)]] = entry.get("value")
+            values[ppl_keys[(_short_label(label), protocol)]] = entry.get("value")
         if r.zero_shot is not None:
             scores = [r.zero_shot.tasks[t].value if t in r.zero_shot.tasks else None for t in tasks]
             for task, value in zip(tasks, scores):

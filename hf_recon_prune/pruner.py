@@ -153,7 +153,8 @@ class Pruner:
     def record_perplexity(self, dataset: str, split: str, seq_len: int, dense: Optional[float], pruned: float,
                           windows: Optional[int] = None) -> None:
         """Store measured perplexities in the report (and so in the model card's model-index). ``windows``: how many
-        windows of ``seq_len`` tokens were scored, when not the whole split (``max_windows``)."""
+        windows of ``seq_len`` tokens were scored; ``evaluate`` records it always, so give it here too, or ``compare``
+        puts this value in a column apart from an ``evaluate`` result of the same protocol."""
         entry = {"split": split, "seq_len": seq_len, "dense": dense, "pruned": pruned}
         if windows is not None:
             entry["windows"] = int(windows)

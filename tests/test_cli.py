@@ -505,6 +505,45 @@ def test_prune_records_a_limited_number_of_evaluation_windows(assets, tmp_path, 
     assert report["perplexity"]["corpus.txt"]["windows"] == 3
 
 
+def test_a_whole_split_scored_by_prune_and_by_eval_shares_one_comparison_column(assets, tmp_path, capsys):
+    """Without --eval-windows prune records the count it scored, as eval does, so the two results of one protocol
+    are one column of the comparison, not two."""
+    protocol = ["--eval-source", assets["text"], "--eval-seq-len", "16"]
+    code, out, err = run(capsys, "prune", "--model", assets["model"], "-o", tmp_path / "out", "--method", "magnitude",
+                         "--reconstruction", "none", "--calibration", assets["text"], "--num-samples", "2",
+                         "--seq-len", "16", "--device", "cpu", *protocol)
+    assert code == 0, err
+    assert re.search(r"perplexity measured on\s+\S*corpus\.txt \(test, seq_len 16\)\n", out)  # not "first N"
+    recorded = json.loads((tmp_path / "out" / "prune_report.json").read_text())["perplexity"]["corpus.txt"]
+    code, out, err = run(capsys, "eval", "--model", assets["model"], *protocol, "--compare", tmp_path / "out")
+    assert code == 0, err
+    result = json.loads(out)
+    assert recorded["windows"] == result["perplexity"]["windows"] > 1
+    columns = [c["key"] for c in result["comparison"]["columns"] if c["kind"] == "perplexity"]
+    assert columns == ["ppl:corpus.txt"] and not result["comparison"]["notes"]
+    rows = {row["name"]: row["values"][columns[0]] for row in result["comparison"]["rows"]}
+    assert rows["dense"] == pytest.approx(recorded["dense"]) and rows["out"] == pytest.approx(recorded["pruned"])
+    assert rows["tiny-llama"] == pytest.approx(recorded["dense"], rel=1e-5)  # the dense model measured again
+
+
+def test_local_files_of_one_name_share_a_column_and_a_note_says_when_they_are_several():
+    from hf_recon_prune import EvalResults, compare
+
+    def entry(value):
+        return {"split": "test", "seq_len": 16, "windows": 4, "value": value}
+
+    table = compare({"a": EvalResults(model="a", perplexity={"/data/x/corpus.txt": entry(10.0)}),
+                     "b": EvalResults(model="b", perplexity={"/data/y/corpus.txt": entry(12.0)}),
+                     "c": EvalResults(model="c", perplexity={"corpus.txt": entry(11.0)})})
+    assert [c["key"] for c in table.columns if c["kind"] == "perplexity"] == ["ppl:corpus.txt"]
+    assert [row["values"]["ppl:corpus.txt"] for row in table.rows] == [10.0, 12.0, 11.0]
+    assert table.notes == ["perplexity on corpus.txt comes from 2 local files of that name in different folders, "
+                           "shown in one column"]
+    one_file = compare({"a": EvalResults(model="a", perplexity={"/data/x/corpus.txt": entry(10.0)}),
+                        "c": EvalResults(model="c", perplexity={"corpus.txt": entry(11.0)})})
+    assert not one_file.notes and len([c for c in one_file.columns if c["kind"] == "perplexity"]) == 1
+
+
 def test_the_eval_label_says_first_windows_only_when_the_limit_cut_the_split():
     from argparse import Namespace
 

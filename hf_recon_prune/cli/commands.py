@@ -157,8 +157,9 @@ def _cmd_prune(args) -> int:
         results["pruned"], scored = _perplexity(model, tokenizer, args)
         eval_seconds += time.perf_counter() - t0
         windows = _limited_windows(args, scored)
+        # the count scored, cut or not, as ``evaluate`` (the eval command) records it: comparable side by side
         pruner.record_perplexity(args.eval_source, args.eval_split, args.eval_seq_len, results["dense"],
-                                 results["pruned"], windows=windows)
+                                 results["pruned"], windows=scored)
     path = _save(pruner, args)
     timings = {"pruning": report.total_seconds, "evaluation": eval_seconds,
                "total": time.perf_counter() - started}
