@@ -116,6 +116,19 @@ def test_jsonl_rows_split_and_column_errors(tmp_path):
     bad.write_text('{"text": "fine"}\n{"text": \n', encoding="utf-8")
     with pytest.raises(ValueError, match="bad.jsonl:2 is not valid JSON"):
         load_texts(bad)
+    # a null text is skipped, as the csv / json / parquet loaders skip it; another type is still refused
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text("\n".join(json.dumps({"text": None if i % 3 == 0 else f"doc {i}"}) for i in range(30)),
+                     encoding="utf-8")
+    kept = [f"doc {i}" for i in range(30) if i % 3]
+    assert load_texts(nulls) == [t for k, t in enumerate(kept) if k % 10 != 9]
+    csv = tmp_path / "nulls.csv"
+    csv.write_text("text\n" + "\n".join("" if i % 3 == 0 else f"doc {i}" for i in range(30)) + "\n", encoding="utf-8")
+    assert sorted(load_texts(csv) + load_texts(csv, "test")) == sorted(kept)
+    number = tmp_path / "number.jsonl"
+    number.write_text('{"text": "fine"}\n{"text": 3}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"number.jsonl:2: 'text' is a int, expected a string"):
+        load_texts(number)
     few = tmp_path / "few.jsonl"
     few.write_text('{"text": "only one"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="'test' part .* has no text"):

@@ -449,6 +449,8 @@ def _load_jsonl(path: str, split: str, column: str) -> list[str]:
                 "Set calibration_text_column (text_column=...) to one of them."
             )
         value = record[column]
+        if value is None:
+            continue  # as for every other format (_column_texts): a missing value carries no text
         if not isinstance(value, str):
             raise ValueError(f"{path}:{line_number}: {column!r} is a {type(value).__name__}, expected a string.")
         texts.append(value)
