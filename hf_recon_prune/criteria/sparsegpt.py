@@ -31,8 +31,8 @@ BATCHED_SOLVE = True
 
 #: Columns per batched triangular solve inside a column block whose mask is fixed, by device type (absent: the whole
 #: block in one solve). A solve's ``[rows, w, w]`` system costs memory traffic in proportion to ``w``, so on the CPU
-#: groups of 32 columns with a rank-32 update between them beat one solve of 128 (2.4x over SmolLM2's seven layer
-#: shapes on a 2-core CPU: ``benchmarks/sparsegpt_solver.py``, docs/benchmarks.md). On a GPU one solve a block means
+#: groups of 32 columns with a rank-32 update between them beat one solve of 128 (1.9x over a SmolLM2 block's seven
+#: layers on a 2-core CPU, Hessian factoring included: ``benchmarks/sparsegpt_solver.py``, docs/benchmarks.md). On a GPU one solve a block means
 #: fewer kernel launches; groups there are not measured, so the GPU keeps the whole block.
 SOLVE_GROUP_COLUMNS = {"cpu": 32}
 
