@@ -408,6 +408,28 @@ def test_sparsity_profiles_runs_uniform_and_owl_side_by_side_at_the_same_mean(tm
         assert max(targets) - min(targets) == pytest.approx(spread)
 
 
+def test_demo_budgets_runs_each_budget_and_reuses_lr_across_epochs(tmp_path):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tiny_assets import save_tiny_llama
+
+    script = _benchmark("demo_budgets")
+    out = tmp_path / "budgets.json"
+    results = script.main(["--model", save_tiny_llama(tmp_path / "tiny"), "--budgets", "4x16x1,4x16x2",
+                           "--eval-seq-len", "16", "--eval-windows", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    runs = results["runs"]
+    assert [(r["samples"], r["seq_len"], r["epochs"]) for r in runs] == [(4, 16, 1), (4, 16, 2)]
+    assert runs[0]["lr"] == runs[1]["lr"]  # LR is run once: epochs do not change it
+    for run in runs:
+        dense, lr, rebuilt = results["dense"], run["lr"]["perplexity"], run["lr_br_gp"]["perplexity"]
+        for name, closed in run["gap_closed"].items():
+            assert closed == pytest.approx((lr[name] - rebuilt[name]) / (lr[name] - dense[name]))
+    assert script.gap_closed({"a": 10.0}, {"a": 20.0}, {"a": 15.0}) == {"a": 0.5}
+    for wrong in ("24x128", "24x128x0", "a,b"):
+        with pytest.raises(SystemExit):
+            script.main(["--budgets", wrong])
+
+
 def test_lr_sweep_keeps_the_grids_held_out_topics_apart_from_the_packages_text(tmp_path):
     from pydoc_data.topics import topics
 
