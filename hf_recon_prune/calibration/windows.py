@@ -5,9 +5,9 @@ returns: the special tokens the tokenizer adds by default (a Llama BOS, say) app
 stream, never inside it, so windows are contiguous slices of one token sequence. Calibration windows start at seeded
 random offsets (they may overlap each other, as in the reference code); held-out windows can be drawn so that they
 overlap none of them. C4's calibration windows are drawn inside single documents instead, as its reference code does
-(`DOCUMENT_WINDOW_PRESETS`, `sample_document_windows`). Perplexity windows (`stream_windows_for_eval`) are consecutive windows of the stream the
-reference SparseGPT/Wanda perplexity code evaluates, which for the ptb and c4 presets is joined otherwise
-(`EVAL_PROTOCOLS`).
+(`DOCUMENT_WINDOW_PRESETS`, `sample_document_windows`). Perplexity windows (`stream_windows_for_eval`) are
+consecutive windows of the stream the reference SparseGPT/Wanda perplexity code evaluates, which for the ptb and c4
+presets is joined otherwise (`EVAL_PROTOCOLS`).
 
 Very long sources (over `_CHUNK_CHARS` characters) are tokenized in chunks of whole documents so that the Rust
 tokenizer can work on several chunks in parallel and no single multi-hundred-megabyte string is encoded; the only
@@ -182,7 +182,7 @@ def sample_document_windows(
     """Windows inside single documents, as the reference code draws C4's calibration windows (see
     `DOCUMENT_WINDOW_PRESETS`): one group ``[count, seq_len]`` per entry of ``counts`` (calibration, then held-out).
 
-    Documents are visited in a seeded random order and tokenized one by one (``tokenizer(text)``); each one with more
+    Documents are visited in a seeded random order and tokenized each on its own (``tokenizer(text)``); each with more
     than ``seq_len`` tokens gives one window at a seeded random offset in ``[0, len - seq_len)``, as in the reference.
     Unlike the reference, which draws documents with replacement, no document gives two windows, so the groups share
     no document (the held-out windows are text the calibration never saw). Returns the groups and a description of
