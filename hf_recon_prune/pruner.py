@@ -181,6 +181,24 @@ class Pruner:
             return data_parallel.main_only(save, f"saving the model to {save_directory}")
         return save()
 
+    def rewrite_report_and_card(self, save_directory: str, **kwargs: Any) -> str:
+        """After ``save_pretrained(save_directory, **kwargs)`` and further measurements (``record_perplexity``,
+        ``report.record_evaluation``): write the folder's report and model card anew from the report as it is now,
+        without writing the weights again (``hub.rewrite_report_and_card``). Pass the ``base_model`` / ``license`` /
+        ``repo_id`` the save was given. In a data-parallel run rank 0 writes, the others wait for it."""
+        from .hub import rewrite_report_and_card
+
+        report = self._require_report()
+
+        def rewrite() -> str:
+            return rewrite_report_and_card(self.model, save_directory, self.config, tokenizer=self.tokenizer,
+                                           report=report, **kwargs)
+
+        data_parallel = self._data_parallel()
+        if data_parallel is not None:
+            return data_parallel.main_only(rewrite, f"rewriting the report and card of {save_directory}")
+        return rewrite()
+
     def push_to_hub(
         self,
         repo_id: str,

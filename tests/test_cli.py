@@ -544,6 +544,41 @@ def test_local_files_of_one_name_share_a_column_and_a_note_says_when_they_are_se
     assert not one_file.notes and len([c for c in one_file.columns if c["kind"] == "perplexity"]) == 1
 
 
+def test_prune_saves_before_evaluating_the_pruned_model(assets, tmp_path, capsys, monkeypatch):
+    """The pruned model's evaluation comes after the save: interrupted there, the pruned model is on disk (its card
+    without perplexity); finished, the card and report are rewritten with the measured perplexity."""
+    import transformers
+
+    from hf_recon_prune.cli import commands
+
+    real, calls = commands._perplexity, []
+
+    def interrupted(model, tokenizer, args):
+        calls.append(os.path.isfile(tmp_path / "out" / "model.safetensors"))
+        if len(calls) == 2:  # the pruned model's evaluation
+            raise KeyboardInterrupt
+        return real(model, tokenizer, args)
+
+    monkeypatch.setattr(commands, "_perplexity", interrupted)
+    argv = ["prune", "--model", assets["model"], "-o", tmp_path / "out", "--method", "magnitude", "--reconstruction",
+            "none", "--calibration", assets["text"], "--num-samples", "2", "--seq-len", "16", "--device", "cpu",
+            "--eval-source", assets["text"], "--eval-seq-len", "16", "--eval-windows", "2"]
+    code, out, err = run(capsys, *argv)
+    assert code == cli.EXIT_INTERRUPTED and calls == [False, True]  # dense before pruning; the save came first
+    assert "the evaluation did not finish: the pruned model is saved in" in err
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    assert report["perplexity"] == {} and report["mean_sparsity"] == pytest.approx(0.5)
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
+
+    monkeypatch.setattr(commands, "_perplexity", real)
+    code, out, err = run(capsys, *argv, "--overwrite")
+    assert code == 0, err
+    measured = json.loads((tmp_path / "out" / "prune_report.json").read_text())["perplexity"]["corpus.txt"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"{measured['pruned']:.2f}" in card and measured["windows"] == 2
+    assert not [name for name in os.listdir(tmp_path / "out") if ".tmp-" in name]
+
+
 def test_the_eval_label_says_first_windows_only_when_the_limit_cut_the_split():
     from argparse import Namespace
 

@@ -20,6 +20,7 @@ from hf_recon_prune.hub import (
     HubUploadError,
     model_sparsity,
     push_folder_to_hub,
+    rewrite_report_and_card,
     save_already_pruned,
     save_pruned_model,
 )
@@ -286,6 +287,35 @@ def test_save_replaces_a_previous_save_completely(saved):
     assert PruningConfig.from_pretrained(folder) == new_config
     assert "tokenizer.json" not in os.listdir(folder) and "prune_report.json" not in os.listdir(folder)
     assert os.listdir(os.path.dirname(folder)) == ["tiny-sparse"]
+
+
+def test_rewriting_the_report_and_card_equals_saving_anew_and_keeps_the_weights(saved, tmp_path):
+    """Measured after the save: the rewritten report and card are those a save with the new report writes, and no
+    other file of the folder changes."""
+    folder, model, config, report = saved
+    before = snapshot(folder)
+    report.perplexity["corpus.txt"] = {"split": "test", "seq_len": 8, "windows": 3, "dense": 30.0, "pruned": 33.0}
+    assert rewrite_report_and_card(model, folder, config, tokenizer=tiny_tokenizer(), report=report,
+                                   base_model=BASE, license="apache-2.0") == folder
+    after = snapshot(folder)
+    changed = sorted(name for name in after if after[name] != before.get(name))
+    assert changed == ["README.md", "prune_report.json"] and sorted(after) == sorted(before)  # no file left over
+    fresh = save_pruned_model(model, tmp_path / "again" / "tiny-sparse", config, tokenizer=tiny_tokenizer(),
+                              report=report, base_model=BASE, license="apache-2.0")
+    for name in changed:
+        with open(os.path.join(folder, name), encoding="utf-8") as mine, \
+                open(os.path.join(fresh, name), encoding="utf-8") as theirs:
+            assert mine.read() == theirs.read(), name
+    assert "33.0" in ModelCard.load(os.path.join(folder, "README.md")).content
+
+
+def test_rewriting_the_card_of_a_folder_this_package_did_not_save_is_refused(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "README.md").write_text("my card")
+    with pytest.raises(FileExistsError, match="not a model folder hf-recon-prune saved"):
+        rewrite_report_and_card(tiny_llama(), other, tiny_config(), report=tiny_report(tiny_config()))
+    assert (other / "README.md").read_text() == "my card" and os.listdir(other) == ["README.md"]
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_saved_model(tmp_path):

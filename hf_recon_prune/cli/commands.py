@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..config import CONFIG_KEY, PruningConfig
 from .arguments import _config_from_args, _flag
@@ -151,16 +151,23 @@ def _cmd_prune(args) -> int:
     _status(f"pruning: {_describe_config(config)}")
     pruner = Pruner(model, config, tokenizer=tokenizer)
     report = pruner.prune(resume=args.resume, overwrite=args.overwrite)
+    # Saved before the pruned model's evaluation, which can take long: an interrupt there loses no pruning.
+    path = _save(pruner, args)
     if not args.no_eval:
-        _status("perplexity of the pruned model ...")
+        _status(f"saved the pruned model to {os.path.abspath(path)}; perplexity of the pruned model ...")
         t0 = time.perf_counter()
-        results["pruned"], scored = _perplexity(model, tokenizer, args)
+        try:
+            results["pruned"], scored = _perplexity(model, tokenizer, args)
+        except BaseException:
+            _status(f"the evaluation did not finish: the pruned model is saved in {os.path.abspath(path)}, its card "
+                    "without perplexity (hf-recon-prune eval --model <folder> measures it)")
+            raise
         eval_seconds += time.perf_counter() - t0
         windows = _limited_windows(args, scored)
         # the count scored, cut or not, as ``evaluate`` (the eval command) records it: comparable side by side
         pruner.record_perplexity(args.eval_source, args.eval_split, args.eval_seq_len, results["dense"],
                                  results["pruned"], windows=scored)
-    path = _save(pruner, args)
+        _in_flag_terms(lambda: pruner.rewrite_report_and_card(path, **_card_arguments(args)))
     timings = {"pruning": report.total_seconds, "evaluation": eval_seconds,
                "total": time.perf_counter() - started}
     print()
@@ -171,10 +178,19 @@ def _cmd_prune(args) -> int:
 
 
 def _save(pruner, args) -> str:
-    """``save_pretrained`` to --output; an error that names the API's arguments names the flags instead."""
+    """``save_pretrained`` to --output."""
+    return _in_flag_terms(lambda: pruner.save_pretrained(args.output, overwrite=args.overwrite,
+                                                         **_card_arguments(args)))
+
+
+def _card_arguments(args) -> dict[str, Any]:
+    return {"base_model": args.base_model, "license": args.license, "repo_id": args.repo_id}
+
+
+def _in_flag_terms(call: Callable[[], Any]) -> Any:
+    """``call()``; an error that names the API's arguments names the flags instead."""
     try:
-        return pruner.save_pretrained(args.output, overwrite=args.overwrite, base_model=args.base_model,
-                                      license=args.license, repo_id=args.repo_id)
+        return call()
     except Exception as error:
         message = _in_flag_names(str(error))
         renamed = None

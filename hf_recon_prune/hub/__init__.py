@@ -46,6 +46,7 @@ from .save import (
     PLOT_FILE,
     REPORT_FILE,
     check_save_target,
+    rewrite_report_and_card,
     save_already_pruned,
     save_pruned_model,
     written_by_this_package,
@@ -55,8 +56,8 @@ __all__ = [
     "CARD_FILE", "CARD_TEMPLATE", "CITATION", "KNOWN_LICENSES", "MARKER_FILE", "METRIC_NAMES",
     "PLOT_FILE", "PRESET_DATASETS", "REPORT_FILE", "TECHNIQUES", "ZERO_SHOT_NAMES", "HubUploadError",
     "build_model_card", "card_template_path", "check_publishable", "check_save_target", "method_description",
-    "method_label", "model_sparsity", "push_folder_to_hub", "save_already_pruned", "save_pruned_model",
-    "written_by_this_package",
+    "method_label", "model_sparsity", "push_folder_to_hub", "rewrite_report_and_card", "save_already_pruned",
+    "save_pruned_model", "written_by_this_package",
 ]
 
 

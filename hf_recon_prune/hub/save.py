@@ -119,6 +119,57 @@ def save_already_pruned(
                              repo_id=repo_id, overwrite=overwrite)
 
 
+def rewrite_report_and_card(
+    model: Any,
+    save_directory: Union[str, os.PathLike],
+    config: Optional[Union[PruningConfig, dict]] = None,
+    tokenizer: Any = None,
+    report: Any = None,
+    *,
+    base_model: Optional[str] = None,
+    license: Optional[str] = None,
+    repo_id: Optional[str] = None,
+) -> str:
+    """Write the report and model card of a folder ``save_pruned_model`` saved anew, from ``report`` as it is now
+    (after measuring the saved model, say), as ``save_pruned_model`` with the same arguments would write them. The
+    weights, config and tokenizer are not touched; each of the two files is written aside and renamed over the old
+    one, so an interrupt leaves the old or the new file, never half of one. Returns the folder's absolute path.
+
+    Raises:
+        FileExistsError: the folder is not one this package saved (it has no ``MARKER_FILE``).
+    """
+    final = _absolute(save_directory)
+    if not written_by_this_package(final):
+        raise FileExistsError(f"{final} is not a model folder hf-recon-prune saved; only such a folder's report and "
+                              "card are rewritten. Save the model there first (save_pretrained)")
+    config = _resolve_config(model, config, report)
+    config, report = _sanitised(config, report, [final, *_source_folders(model)])
+    plot_file = PLOT_FILE if os.path.isfile(os.path.join(final, PLOT_FILE)) else None
+    card = build_model_card(
+        model, config, report, model_name=os.path.basename(final), base_model=base_model, license=license,
+        repo_id=repo_id, has_tokenizer=tokenizer is not None, plot_file=plot_file, local_paths=[final],
+    )
+    if report is not None:
+        _replace_file(os.path.join(final, REPORT_FILE), report.to_json_file)
+    _replace_file(os.path.join(final, CARD_FILE), card.save)
+    logger.info("rewrote the report and model card of %s", final)
+    return final
+
+
+def _replace_file(path: str, write: Any) -> None:
+    """``write(temporary path)``, then rename the result over ``path``."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
 def _resolve_config(model: Any, config: Any, report: Any) -> Optional[PruningConfig]:
     if isinstance(config, PruningConfig):
         return config
