@@ -243,6 +243,24 @@ def test_stream_decodes_back_to_the_joined_text_even_when_chunked(bpe, small_tex
     assert bpe.decode(tokenize_stream(small_texts, bpe).tolist()) == joined
 
 
+def test_one_huge_document_is_tokenized_in_pieces_cut_at_paragraph_breaks(bpe, small_texts, monkeypatch):
+    """A whole .txt file is one document: beyond _CHUNK_CHARS it is cut after paragraph breaks (else line breaks, else
+    spaces) into pieces that concatenate to it, and the stream still decodes to the text."""
+    text = "\n\n".join(small_texts)
+    monkeypatch.setattr(windows_module, "_CHUNK_CHARS", 3000)
+    pieces = windows_module._pieces(text)
+    assert "".join(pieces) == text and len(pieces) >= len(text) // 3000
+    assert all(1500 <= len(p) <= 3000 and p.endswith("\n\n") for p in pieces[:-1])
+    chunks = windows_module._chunk_documents([text, "a short one"])
+    assert "\n\n".join([text, "a short one"]) == "".join(chunks) and max(map(len, chunks)) <= 3000 + 2
+    assert bpe.decode(tokenize_stream([text], bpe).tolist()) == text
+    lines = "\n".join(f"line {i} " + "word " * 20 for i in range(200))  # no paragraph break: cut after a line
+    assert all(p.endswith("\n") for p in windows_module._pieces(lines)[:-1])
+    words = "word " * 2000  # no line break either: cut after a space
+    assert all(p.endswith(" ") for p in windows_module._pieces(words)[:-1]) and "".join(windows_module._pieces(words)) == words
+    assert windows_module._pieces("x" * 7000) == ["x" * 7000]  # nothing to cut at: one piece
+
+
 def test_heldout_windows_do_not_overlap_calibration_windows():
     tokenizer = make_position_tokenizer(2000)
     texts = position_texts(2000, 37)

@@ -10,8 +10,9 @@ consecutive windows of the stream the reference SparseGPT/Wanda perplexity code 
 presets is joined otherwise (`EVAL_PROTOCOLS`).
 
 Very long sources (over `_CHUNK_CHARS` characters) are tokenized in chunks of whole documents so that the Rust
-tokenizer can work on several chunks in parallel and no single multi-hundred-megabyte string is encoded; the only
-difference to a single pass is at the seams between chunks, which sit on document boundaries.
+tokenizer can work on several chunks in parallel and no single multi-hundred-megabyte string is encoded (a longer
+document, such as a whole .txt file, is cut at paragraph breaks); the only difference to a single pass is at the seams
+between chunks, which sit on document or paragraph boundaries.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def tokenize_stream(texts: Sequence[str], tokenizer: Any, separator: str = SEPAR
 
 
 def _chunk_documents(texts: list[str], separator: str = SEPARATOR) -> list[str]:
-    """Join documents into chunks of at most `_CHUNK_CHARS` characters (a longer document is a chunk of its own)."""
+    """Join documents into chunks of about `_CHUNK_CHARS` characters whose concatenation is the joined text. A longer
+    document (a whole .txt file is one) is cut into pieces of it at paragraph breaks, else at line breaks, else at
+    spaces: it is not encoded as one string."""
     chunks: list[str] = []
     current: list[str] = []
     size = 0
@@ -105,10 +108,31 @@ def _chunk_documents(texts: list[str], separator: str = SEPARATOR) -> list[str]:
         if current and size + len(text) > _CHUNK_CHARS:
             chunks.append(separator.join(current) + separator)
             current, size = [], 0
+        if len(text) > _CHUNK_CHARS:
+            *whole, text = _pieces(text)
+            chunks.extend(whole)
         current.append(text)
         size += len(text) + len(separator)
     chunks.append(separator.join(current))
     return chunks
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` cut after a paragraph break (else a line break, else a space) near every `_CHUNK_CHARS` characters;
+    the pieces concatenate to ``text``. A stretch with none of these stays whole."""
+    pieces, start = [], 0
+    while len(text) - start > _CHUNK_CHARS:
+        end = start + _CHUNK_CHARS
+        cut = next((found + len(mark) for mark in ("\n\n", "\n", " ")
+                    if (found := text.rfind(mark, start + _CHUNK_CHARS // 2, end)) >= 0), None)
+        if cut is None:
+            cut = next((found + len(mark) for mark in ("\n\n", "\n", " ") if (found := text.find(mark, end)) >= 0),
+                       len(text))
+        pieces.append(text[start:cut])
+        start = cut
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
 
 
 def _default_special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
