@@ -147,11 +147,48 @@ def test_without_stop_at_eos_eos_is_suppressed_so_every_sample_has_full_length(t
     try:
         assert model(torch.tensor([[5, 6]])).logits[0, -1].argmax() == eos
         data = _generate(model, tokenizer, stop_at_eos=False)
-        with pytest.raises(SelfGenerationError, match=r"48 samples ended \(EOS\) before seq_len=20.*stop_at_eos=False"):
+        with pytest.raises(SelfGenerationError, match=r"48 samples ended \(EOS\) before seq_len=20 tokens; to get "
+                                                      r"more: raise max_attempts_factor, or stop_at_eos=False"):
             _generate(model, tokenizer)  # every sample ends at once: none is long enough
+        # Through PruningConfig the advice names its fields, and leaves out what it cannot set; the CLI, its flags.
+        from hf_recon_prune import PruningConfig
+        from hf_recon_prune.calibration import build_calibration_set
+        from hf_recon_prune.cli.errors import in_flag_terms
+
+        config = PruningConfig(calibration="self", num_samples=NUM, seq_len=LENGTH, heldout_fraction=0.0,
+                               self_gen_batch_size=4)
+        with pytest.raises(SelfGenerationError) as raised:
+            build_calibration_set(config, tokenizer, model, show_progress=False)
+        assert str(raised.value).endswith("before seq_len=20 tokens; to get more: self_gen_stop_at_eos=False (EOS "
+                                          "suppressed: every sample runs to the full length).")
+        assert "raise max_attempts_factor" not in str(raised.value)  # not a PruningConfig field
+        assert [name for name, _ in raised.value.remedies] == ["self_gen_stop_at_eos"]
+        flags = in_flag_terms(raised.value)
+        assert isinstance(flags, SelfGenerationError) and str(flags).endswith(
+            "to get more: --self-gen-stop-at-eos false (EOS suppressed: every sample runs to the full length).")
     finally:
         hook.remove()
     assert data.input_ids.shape == (NUM, LENGTH) and not (data.input_ids == eos).any() and data.num_short == 0
+
+
+def test_self_generation_advice_follows_the_callers_names():
+    from hf_recon_prune.calibration.builder import SELF_GENERATION_FIELDS
+    from hf_recon_prune.cli.errors import in_flag_terms
+
+    error = SelfGenerationError("only 1 of 4", [("max_attempts_factor", "raise max_attempts_factor"),
+                                                ("greedy_tokens", "raise greedy_tokens (x)"),
+                                                ("language", "disable the filter with language=None")])
+    assert str(error) == ("only 1 of 4; to get more: raise max_attempts_factor, or raise greedy_tokens (x), or "
+                          "disable the filter with language=None.")
+    config = error.renamed(SELF_GENERATION_FIELDS)
+    assert str(config) == ("only 1 of 4; to get more: raise self_gen_greedy_tokens (x), or disable the filter with "
+                           "self_gen_language=None.")
+    flags = ("only 1 of 4; to get more: raise --self-gen-greedy-tokens (x), or disable the filter with "
+             "--self-gen-language none.")
+    assert str(in_flag_terms(config)) == str(in_flag_terms(error)) == flags
+    assert str(error.renamed({})) == "only 1 of 4."
+    other = ValueError("language=None")
+    assert in_flag_terms(other) is other
 
 
 def test_tokenizer_without_pad_uses_eos_and_without_eos_fails(model):

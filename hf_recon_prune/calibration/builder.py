@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 
 from ..fingerprints import tensor_fingerprint
-from .self_generation import _derive_seed, generate_self_calibration
+from .self_generation import SelfGenerationError, _derive_seed, generate_self_calibration
 from .sources import describe_source, is_heldout_split, load_texts, source_version
 from .windows import (
     DOCUMENT_WINDOW_PRESETS,
@@ -270,6 +270,18 @@ def _self_generate(config: Any, tokenizer: Any, model: Any, count: int, show_pro
             f"calibration={describe_source(config.calibration)!r} with num_self_samples={config.num_self_samples} needs "
             f"{count} self-generated samples, so build_calibration_set needs the model (model=...)."
         )
+    try:
+        return _generate(config, tokenizer, model, count, show_progress)
+    except SelfGenerationError as error:  # its advice in PruningConfig's names (what cannot be set there left out)
+        raise error.renamed(SELF_GENERATION_FIELDS) from None
+
+
+#: The PruningConfig field that sets each argument of ``generate_self_calibration`` a failure may advise changing.
+SELF_GENERATION_FIELDS = {"greedy_tokens": "self_gen_greedy_tokens", "language": "self_gen_language",
+                          "stop_at_eos": "self_gen_stop_at_eos"}
+
+
+def _generate(config: Any, tokenizer: Any, model: Any, count: int, show_progress: bool) -> Any:
     return generate_self_calibration(
         model, tokenizer, count, config.seq_len,
         seed=config.seed,

@@ -40,7 +40,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -71,7 +71,24 @@ _CANDIDATE_CHUNK = 1024
 
 
 class SelfGenerationError(RuntimeError):
-    """Too few candidates gave a sample (prefixes rejected by the language filter, samples ended before seq_len)."""
+    """Too few candidates gave a sample (prefixes rejected by the language filter, samples ended before seq_len).
+
+    ``remedies`` lists what would help as ``(argument of generate_self_calibration, advice)``; ``renamed`` words them
+    for a caller that sets these arguments under other names (PruningConfig's, the CLI's flags)."""
+
+    def __init__(self, problem: str, remedies: Sequence[tuple[str, str]] = ()):
+        self.problem, self.remedies = problem, list(remedies)
+        super().__init__(problem + self._advice(self.remedies))
+
+    @staticmethod
+    def _advice(remedies: Sequence[tuple[str, str]]) -> str:
+        return ("; to get more: " + ", or ".join(text for _, text in remedies) + ".") if remedies else "."
+
+    def renamed(self, names: Mapping[str, Optional[str]]) -> "SelfGenerationError":
+        """The same error in the caller's terms: each argument named by ``names`` (a remedy whose argument maps to
+        None, or is not in ``names``, cannot be followed there and is left out)."""
+        remedies = [(names[arg], text.replace(arg, names[arg])) for arg, text in self.remedies if names.get(arg)]
+        return SelfGenerationError(self.problem, remedies)
 
 
 @dataclass
@@ -253,7 +270,7 @@ class _Generation:
                     if len(accepted) == wanted:
                         break
         if len(accepted) < wanted:
-            raise SelfGenerationError(self._shortfall(len(accepted)))
+            raise self._shortfall(len(accepted))
         return torch.stack(accepted)
 
     @property
@@ -364,19 +381,19 @@ class _Generation:
             plan["capture"], self.decoding = False, "static cache, eager (the step could not be captured)"
         return sequences.cpu()
 
-    def _shortfall(self, found: int) -> str:
+    def _shortfall(self, found: int) -> SelfGenerationError:
         plan = self.plan
-        advice = []
+        remedies = [("max_attempts_factor", "raise max_attempts_factor")]
         if self.rejected:
-            advice.append("raise greedy_tokens (longer prefixes are judged more reliably) or disable the filter with "
-                          "language=None")
+            remedies.append(("greedy_tokens", "raise greedy_tokens (longer prefixes are judged more reliably)"))
+            remedies.append(("language", "disable the filter with language=None"))
         if self.short:
-            advice.append("stop_at_eos=False (EOS suppressed: every sample runs to the full length)")
-        return (f"only {found} of num_samples={plan['num_samples']} samples came from {self.tried} candidates "
-                f"(max_attempts_factor={plan['max_attempts_factor']} allows {plan['max_candidates']}): "
-                f"{self.rejected} prefixes failed the language filter {self.filter_label}, {self.short} samples ended "
-                f"(EOS) before seq_len={plan['seq_len']} tokens. Raise max_attempts_factor"
-                + "".join(f", or {a}" for a in advice) + ".")
+            remedies.append(("stop_at_eos", "stop_at_eos=False (EOS suppressed: every sample runs to the full length)"))
+        return SelfGenerationError(
+            f"only {found} of num_samples={plan['num_samples']} samples came from {self.tried} candidates "
+            f"(max_attempts_factor={plan['max_attempts_factor']} allows {plan['max_candidates']}): "
+            f"{self.rejected} prefixes failed the language filter {self.filter_label}, {self.short} samples ended "
+            f"(EOS) before seq_len={plan['seq_len']} tokens", remedies)
 
 
 def window_start(seed: int, index: int, length: int, seq_len: int) -> int:

@@ -21,7 +21,17 @@ from typing import Optional, Sequence
 
 from .arguments import DEFAULT_EVAL_SEQ_LEN, EPILOG, FIELD_HELP, _config_from_args, build_parser
 from .commands import COMMANDS, DEFAULT_MODEL_LABEL
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Redaction, UsageError, _hint, known_tokens
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Redaction,
+    UsageError,
+    _hint,
+    in_flag_terms,
+    known_tokens,
+)
 from .summary import summary_table
 
 __all__ = ["main", "build_parser", "summary_table", "COMMANDS", "UsageError", "FIELD_HELP", "EPILOG",
@@ -61,6 +71,7 @@ def _run(args, redact: Redaction) -> int:
         report(f"{prefix}: error: {error}{_hint(error)}", args.verbose)
         return EXIT_USAGE
     except Exception as error:  # OSError, RuntimeError, ImportError and anything unexpected: exit 1, redacted
+        error = in_flag_terms(error)
         if not args.verbose:
             print("(run with -v for the traceback)", file=sys.stderr)
         report(f"{prefix}: failed: {type(error).__name__}: {error}{_hint(error)}", args.verbose)

@@ -21,6 +21,23 @@ class UsageError(Exception):
     """Something the user must fix in the command line or its files; exit code 2."""
 
 
+#: The flag that sets each value a self-generation failure may advise changing, by its name in
+#: ``generate_self_calibration`` (the generate-calibration command) and in PruningConfig (prune).
+SELF_GENERATION_FLAGS = {name: "--self-gen-" + argument.replace("_", "-")
+                         for argument in ("greedy_tokens", "language", "stop_at_eos")
+                         for name in (argument, "self_gen_" + argument)}
+
+
+def in_flag_terms(error: Exception) -> Exception:
+    """An error whose advice names Python arguments, worded with the CLI's flags (others are returned as they are)."""
+    if type(error).__name__ != "SelfGenerationError" or not hasattr(error, "renamed"):  # no torch import here
+        return error
+    renamed = error.renamed(SELF_GENERATION_FLAGS)
+    worded = [(flag, text.replace(f"{flag}=False", f"{flag} false").replace(f"{flag}=None", f"{flag} none"))
+              for flag, text in renamed.remedies]
+    return type(error)(renamed.problem, worded)
+
+
 def _hint(error: BaseException) -> str:
     """One sentence on what to do about errors whose message does not say it already."""
     if isinstance(error, ModuleNotFoundError):
