@@ -14,7 +14,7 @@ The places covered, each by at least one test below:
       masks' and the checkpoints' through the pinned slots of ``offload.PinnedStaging``, in 4-KiB pieces (a fixture
       of this file), and a model in CPU memory with and without them;
     * masks copied out to the CPU (``Pruner.masks``), BR's pinned revert snapshot, checkpoints written from GPU
-      tensors and read back into a resumed run;
+      tensors and read back into a resumed run (also into the same GPU model a failure inside a block left changed);
     * the tensor-core Hessian accumulation and the batched SparseGPT solve, on CUDA tensors;
     * compiled BR against eager BR; the out-of-memory fallbacks (an injected ``torch.OutOfMemoryError``);
     * self-generated calibration data (seeded sampling on the GPU) and perplexity evaluation.
@@ -560,6 +560,32 @@ def test_checkpoint_and_resume_from_gpu_tensors_equal_the_uninterrupted_run(tmp_
         Pruner(_model("llama").cuda(), config, calibration_data=_calibration(), show_progress=False,
                on_block_end=stop_after_first).prune()
     model = _model("llama").cuda()
+    pruner = Pruner(model, config, calibration_data=_calibration(), show_progress=False)
+    pruner.prune(resume=True)
+    _assert_same_result(pruner, model, (reference_pruner.masks, _cpu_state(reference_model)))
+
+
+def test_in_process_resume_after_a_failure_inside_a_block_on_cuda(tmp_path, monkeypatch):
+    """The same GPU-resident model object, failed inside block 1 after its masks and LR changed it: the resume puts
+    block 1 back from the run's dense copy (a CPU file loaded into GPU weights) and ends as the uninterrupted run."""
+    from hf_recon_prune.engine import BlockEngine
+    from hf_recon_prune.pruner import PruningFailedError
+
+    reference_model = _model("llama").cuda()
+    reference_pruner, _ = _prune(reference_model, stream_location="cpu")
+    config = _config(stream_location="cpu", checkpoint_dir=str(tmp_path / "ckpt"))
+    real = BlockEngine._reconstruct
+
+    def fail_in_block_1(engine, window):
+        if window == (1,):
+            raise RuntimeError("fails in block 1")
+        return real(engine, window)
+
+    monkeypatch.setattr(BlockEngine, "_reconstruct", fail_in_block_1)
+    model = _model("llama").cuda()
+    with pytest.raises(PruningFailedError):
+        Pruner(model, config, calibration_data=_calibration(), show_progress=False).prune()
+    monkeypatch.setattr(BlockEngine, "_reconstruct", real)
     pruner = Pruner(model, config, calibration_data=_calibration(), show_progress=False)
     pruner.prune(resume=True)
     _assert_same_result(pruner, model, (reference_pruner.masks, _cpu_state(reference_model)))
