@@ -403,6 +403,37 @@ def test_c4_calibration_windows_lie_inside_single_long_documents(monkeypatch):
     assert heldout["disjoint_from_calibration"] is True and "other documents" in heldout["note"]
 
 
+def test_c4_as_the_heldout_source_gives_windows_inside_its_documents(monkeypatch):
+    """heldout_source="c4" (its validation split): the held-out windows follow C4's rule too, whatever the
+    calibration source."""
+    lengths = [40, 10, 64, 18, 9, 33] * 4
+    _fake_c4(monkeypatch, _documents_of(lengths))
+    bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
+    tokenizer = make_position_tokenizer(sum(lengths))
+    calibration_texts = [" ".join(f"w{i}" for i in range(200))]  # another text: windows of its stream
+    config = PruningConfig(calibration=calibration_texts, num_samples=4, seq_len=16, heldout_fraction=0.5,
+                           heldout_source="c4", seed=2)
+    calibration = build_calibration_set(config, tokenizer, show_progress=False)
+    assert calibration.heldout_ids.shape == (2, 16)
+    for window in calibration.heldout_ids:
+        positions = (window - OFFSET).tolist()
+        document = max(d for d in range(len(lengths)) if bounds[d] <= positions[0])
+        assert positions[-1] < bounds[document + 1] - 1 and lengths[document] > 16
+    assert "inside each of some documents" in calibration.description["heldout"]["note"]
+
+    # C4's validation split as calibration and as held-out source: held-out windows from other documents of it
+    config = PruningConfig(calibration="c4", calibration_split="validation", num_samples=4, seq_len=16,
+                           heldout_fraction=0.5, heldout_source="c4", seed=2)
+    calibration = build_calibration_set(config, tokenizer, show_progress=False)
+
+    def documents(windows):
+        return {max(d for d in range(len(lengths)) if bounds[d] <= int(w[0]) - OFFSET) for w in windows}
+
+    assert len(documents(calibration.input_ids)) == 4 and len(documents(calibration.heldout_ids)) == 2
+    assert not documents(calibration.input_ids) & documents(calibration.heldout_ids)
+    assert calibration.description["heldout"]["disjoint_from_calibration"] is True
+
+
 def test_document_windows_are_seeded_and_a_group_does_not_depend_on_the_next():
     from hf_recon_prune.calibration.windows import sample_document_windows
 
