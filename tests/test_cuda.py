@@ -573,19 +573,13 @@ def test_in_process_resume_after_a_failure_inside_a_block_on_cuda(tmp_path, monk
 
     reference_model = _model("llama").cuda()
     reference_pruner, _ = _prune(reference_model, stream_location="cpu")
+    from test_resume import failing_inside
+
     config = _config(stream_location="cpu", checkpoint_dir=str(tmp_path / "ckpt"))
-    real = BlockEngine._reconstruct
-
-    def fail_in_block_1(engine, window):
-        if window == (1,):
-            raise RuntimeError("fails in block 1")
-        return real(engine, window)
-
-    monkeypatch.setattr(BlockEngine, "_reconstruct", fail_in_block_1)
     model = _model("llama").cuda()
-    with pytest.raises(PruningFailedError):
+    with monkeypatch.context() as patch, pytest.raises(PruningFailedError):
+        patch.setattr(BlockEngine, "_reconstruct", failing_inside((1,)))
         Pruner(model, config, calibration_data=_calibration(), show_progress=False).prune()
-    monkeypatch.setattr(BlockEngine, "_reconstruct", real)
     pruner = Pruner(model, config, calibration_data=_calibration(), show_progress=False)
     pruner.prune(resume=True)
     _assert_same_result(pruner, model, (reference_pruner.masks, _cpu_state(reference_model)))

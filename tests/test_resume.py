@@ -194,6 +194,21 @@ def _stop_after(k):
     return callback
 
 
+def failing_inside(failing_window: tuple, message: str = "out of memory in block 1"):
+    """A ``BlockEngine._reconstruct`` that raises in ``failing_window``, after its masks and LR changed its blocks
+    in place (a failure inside a block); other windows train as usual."""
+    from hf_recon_prune.engine import BlockEngine
+
+    real = BlockEngine._reconstruct
+
+    def reconstruct(engine, window):
+        if window == failing_window:
+            raise RuntimeError(message)
+        return real(engine, window)
+
+    return reconstruct
+
+
 def _interrupted(config, k, calibration=None, num_layers=NUM_BLOCKS):
     model = make_tiny_model("llama", num_layers=num_layers)
     with pytest.raises(PruningFailedError):
@@ -519,17 +534,10 @@ def test_in_process_resume_after_a_failure_inside_a_block(tmp_path, monkeypatch,
     config = _config(tmp_path, **overrides)
     model = make_tiny_model("llama", num_layers=NUM_BLOCKS)
     taken = {k: v.clone() for k, v in model.model.layers[1].state_dict().items()}
-    real = BlockEngine._reconstruct
-
-    def fail_in_block_1(engine, window):
-        if window == (1,):
-            raise RuntimeError("out of memory in block 1")
-        return real(engine, window)
-
-    monkeypatch.setattr(BlockEngine, "_reconstruct", fail_in_block_1)
-    with pytest.raises(PruningFailedError, match=r"out of memory in block 1.* let prune\(resume=True\)"):
+    with monkeypatch.context() as patch, pytest.raises(PruningFailedError,
+                                                       match=r"out of memory in block 1.* let prune\(resume=True\)"):
+        patch.setattr(BlockEngine, "_reconstruct", failing_inside((1,)))
         Pruner(model, config, calibration_data=_calibration(), show_progress=False).prune()
-    monkeypatch.setattr(BlockEngine, "_reconstruct", real)
     modified = model.model.layers[1].state_dict()
     assert any(not torch.equal(modified[k], v) for k, v in taken.items())  # LR changed block 1 before the failure
     pruner = Pruner(model, config, calibration_data=_calibration(), show_progress=False)
@@ -549,12 +557,9 @@ def test_a_dense_copy_that_is_not_the_starting_weights_is_not_restored(tmp_path,
 
     config = _config(tmp_path)
     model = make_tiny_model("llama", num_layers=NUM_BLOCKS)
-    real = BlockEngine._reconstruct
-    monkeypatch.setattr(BlockEngine, "_reconstruct", lambda engine, window: (_ for _ in ()).throw(
-        RuntimeError("fails")) if window == (1,) else real(engine, window))
-    with pytest.raises(PruningFailedError):
+    with monkeypatch.context() as patch, pytest.raises(PruningFailedError):
+        patch.setattr(BlockEngine, "_reconstruct", failing_inside((1,)))
         Pruner(model, config, calibration_data=_calibration(), show_progress=False).prune()
-    monkeypatch.setattr(BlockEngine, "_reconstruct", real)
     path = checkpoints.dense_block_file(str(tmp_path), 1)
     from safetensors import safe_open
     from safetensors.torch import save_file
