@@ -36,7 +36,7 @@ import torch
 import transformers
 
 import hf_recon_prune.offload as offload
-from conftest import make_tiny_model, random_ids
+from conftest import fail_pruning_after, make_tiny_model, random_ids
 from hf_recon_prune import PruningConfig
 from hf_recon_prune.calibration import CalibrationSet
 from hf_recon_prune.pruner import Pruner
@@ -568,17 +568,14 @@ def test_checkpoint_and_resume_from_gpu_tensors_equal_the_uninterrupted_run(tmp_
 def test_in_process_resume_after_a_failure_inside_a_block_on_cuda(tmp_path, monkeypatch):
     """The same GPU-resident model object, failed inside block 1 after its masks and LR changed it: the resume puts
     block 1 back from the run's dense copy (a CPU file loaded into GPU weights) and ends as the uninterrupted run."""
-    from hf_recon_prune.engine import BlockEngine
     from hf_recon_prune.pruner import PruningFailedError
 
     reference_model = _model("llama").cuda()
     reference_pruner, _ = _prune(reference_model, stream_location="cpu")
-    from test_resume import failing_inside
-
     config = _config(stream_location="cpu", checkpoint_dir=str(tmp_path / "ckpt"))
     model = _model("llama").cuda()
     with monkeypatch.context() as patch, pytest.raises(PruningFailedError):
-        patch.setattr(BlockEngine, "_reconstruct", failing_inside((1,)))
+        fail_pruning_after(patch, 9)  # inside block 1: its first two linears are changed
         Pruner(model, config, calibration_data=_calibration(), show_progress=False).prune()
     pruner = Pruner(model, config, calibration_data=_calibration(), show_progress=False)
     pruner.prune(resume=True)

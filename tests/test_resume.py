@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model, random_ids
+from conftest import fail_pruning_after, make_tiny_model, random_ids
 from hf_recon_prune import PruningConfig
 from hf_recon_prune import checkpoint as checkpoints
 from hf_recon_prune.calibration import CalibrationSet
@@ -192,21 +192,6 @@ def _stop_after(k):
             raise _Stop(f"stopped after block {k}")
 
     return callback
-
-
-def failing_inside(failing_window: tuple, message: str = "out of memory in block 1"):
-    """A ``BlockEngine._reconstruct`` that raises in ``failing_window``, after its masks and LR changed its blocks
-    in place (a failure inside a block); other windows train as usual."""
-    from hf_recon_prune.engine import BlockEngine
-
-    real = BlockEngine._reconstruct
-
-    def reconstruct(engine, window):
-        if window == failing_window:
-            raise RuntimeError(message)
-        return real(engine, window)
-
-    return reconstruct
 
 
 def _interrupted(config, k, calibration=None, num_layers=NUM_BLOCKS):
@@ -524,11 +509,9 @@ def test_save_after_an_in_process_resume_works(tmp_path):
 
 @pytest.mark.parametrize("dense_stream", [True, False])
 def test_in_process_resume_after_a_failure_inside_a_block(tmp_path, monkeypatch, dense_stream):
-    """A failure inside block 1, after its masks and LR changed it in place: resuming the same in-memory model puts
+    """A failure inside block 1, after LR changed two of its linears in place: resuming the same in-memory model puts
     block 1 back from the dense copy the run wrote when it took it, and ends like the uninterrupted run. A run with
     no dense stream writes no such copy, so the resume refuses, naming the block."""
-    from hf_recon_prune.engine import BlockEngine
-
     overrides = {} if dense_stream else dict(reconstruction=["lr", "br"], track_reconstruction_error=False)
     reference, _, _ = _pruned(_config(**overrides))
     config = _config(tmp_path, **overrides)
@@ -536,7 +519,7 @@ def test_in_process_resume_after_a_failure_inside_a_block(tmp_path, monkeypatch,
     taken = {k: v.clone() for k, v in model.model.layers[1].state_dict().items()}
     with monkeypatch.context() as patch, pytest.raises(PruningFailedError,
                                                        match=r"out of memory in block 1.* let prune\(resume=True\)"):
-        patch.setattr(BlockEngine, "_reconstruct", failing_inside((1,)))
+        fail_pruning_after(patch, 9, "out of memory in block 1")  # the 3rd of block 1's linears: 2 changed
         Pruner(model, config, calibration_data=_calibration(), show_progress=False).prune()
     modified = model.model.layers[1].state_dict()
     assert any(not torch.equal(modified[k], v) for k, v in taken.items())  # LR changed block 1 before the failure
@@ -553,12 +536,10 @@ def test_in_process_resume_after_a_failure_inside_a_block(tmp_path, monkeypatch,
 def test_a_dense_copy_that_is_not_the_starting_weights_is_not_restored(tmp_path, monkeypatch):
     """The dense copy of the failed block is used only when it is the weights the run started from: a copy whose
     weights differ (written over by hand here) leaves the refusal in place and the model as it was."""
-    from hf_recon_prune.engine import BlockEngine
-
     config = _config(tmp_path)
     model = make_tiny_model("llama", num_layers=NUM_BLOCKS)
     with monkeypatch.context() as patch, pytest.raises(PruningFailedError):
-        patch.setattr(BlockEngine, "_reconstruct", failing_inside((1,)))
+        fail_pruning_after(patch, 9)
         Pruner(model, config, calibration_data=_calibration(), show_progress=False).prune()
     path = checkpoints.dense_block_file(str(tmp_path), 1)
     from safetensors import safe_open
