@@ -176,10 +176,7 @@ class Pruner:
             return save_pruned_model(self.model, save_directory, self.config, tokenizer=self.tokenizer, report=report,
                                      overwrite=overwrite, **kwargs)
 
-        data_parallel = self._data_parallel()
-        if data_parallel is not None:
-            return data_parallel.main_only(save, f"saving the model to {save_directory}")
-        return save()
+        return self._on_main_process(save, f"saving the model to {save_directory}")
 
     def rewrite_report_and_card(self, save_directory: str, **kwargs: Any) -> str:
         """After ``save_pretrained(save_directory, **kwargs)`` and further measurements (``record_perplexity``,
@@ -194,10 +191,7 @@ class Pruner:
             return rewrite_report_and_card(self.model, save_directory, self.config, tokenizer=self.tokenizer,
                                            report=report, **kwargs)
 
-        data_parallel = self._data_parallel()
-        if data_parallel is not None:
-            return data_parallel.main_only(rewrite, f"rewriting the report and card of {save_directory}")
-        return rewrite()
+        return self._on_main_process(rewrite, f"rewriting the report and card of {save_directory}")
 
     def push_to_hub(
         self,
@@ -224,8 +218,12 @@ class Pruner:
             return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message,
                                       revision=revision, create_pr=create_pr)
 
+        return self._on_main_process(push, f"uploading to {repo_id}")
+
+    def _on_main_process(self, work: Callable[[], Any], what: str) -> Any:
+        """``work()``; in a data-parallel run rank 0 alone does it and the others wait for (and share) its outcome."""
         data_parallel = self._data_parallel()
-        return data_parallel.main_only(push, f"uploading to {repo_id}") if data_parallel is not None else push()
+        return data_parallel.main_only(work, what) if data_parallel is not None else work()
 
     def _data_parallel(self):
         state = self._engine.state if self._engine is not None else None
