@@ -12,12 +12,13 @@ log-likelihood over every predicted token, and exponentiate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -32,6 +33,84 @@ logger = logging.getLogger(__name__)
 def _model_device(model: nn.Module) -> torch.device:
     weight = model.get_input_embeddings().weight
     return weight.device if weight.device.type != "meta" else torch.device("cpu")
+
+
+# ====================================================================================================== where it runs
+#: Of a GPU's free memory, what a measurement moved there may fill: the model's weights and one batch's working set.
+EVALUATION_MEMORY_FRACTION = 0.9
+CPU = torch.device("cpu")
+
+
+def evaluation_working_bytes(model: nn.Module, batch_size: int, seq_len: int) -> int:
+    """The memory one perplexity batch needs beside the weights: the float32 logits three times over (logits, their
+    float32 copy, the log-softmax) and a few hidden-state tensors per layer in flight."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    tokens = batch_size * seq_len
+    return 3 * 4 * tokens * vocab + 16 * 4 * tokens * hidden
+
+
+def evaluation_device(model: nn.Module, requested: str = "auto", *, working_bytes: int = 0,
+                      free_bytes: Optional[int] = None) -> tuple[torch.device, str]:
+    """Where a measurement of ``model`` (perplexity, zero-shot, self-generation) should run, and why.
+
+    ``requested``: ``"auto"`` (a GPU when there is one and the model fits there, else where the model is), ``"cpu"``,
+    or a device such as ``"cuda:1"`` (refused with ValueError when the model does not fit). A model that is not
+    entirely in CPU memory (already on a GPU, or dispatched by Accelerate with offloaded layers) runs where it is.
+    The model fits when its weights and ``working_bytes`` take at most :data:`EVALUATION_MEMORY_FRACTION` of the
+    device's free memory (``free_bytes``; measured when None)."""
+    where = {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()}
+    if requested == "cpu":
+        if where != {"cpu"}:
+            return _model_device(model), "the model is not in CPU memory (dispatched or on a GPU): it runs where it is"
+        return CPU, "asked for the CPU"
+    if where != {"cpu"} or getattr(model, "hf_device_map", None):
+        return _model_device(model), "the model runs where it was loaded"
+    if requested == "auto":
+        if not torch.cuda.is_available():
+            return CPU, "no GPU"
+        target = torch.device("cuda", torch.cuda.current_device())
+    else:
+        try:
+            target = torch.device(requested)
+        except RuntimeError:
+            target = None
+        if target is None or target.type not in ("cpu", "cuda"):
+            raise ValueError(f"device={requested!r} is not allowed here; allowed: 'auto', 'cpu' or a CUDA device")
+        if target.type == "cpu":
+            return CPU, "asked for the CPU"
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={requested!r}: this machine has no CUDA device; use 'auto' or 'cpu'")
+        target = torch.device("cuda", torch.cuda.current_device() if target.index is None else target.index)
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(target)[0]
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    needed = weights + working_bytes
+    if needed > EVALUATION_MEMORY_FRACTION * free_bytes:
+        why = (f"the model and one batch need {needed / 2**30:.1f} GiB and {target} has {free_bytes / 2**30:.1f} GiB "
+               "free")
+        if requested != "auto":
+            raise ValueError(f"device={requested!r}: {why}; use 'cpu', a smaller batch or a device with more memory")
+        return CPU, f"{why}: it runs on the CPU (slow on a large model; fewer windows are less work)"
+    return target, f"the model fits on {target}"
+
+
+@contextlib.contextmanager
+def placed_for_evaluation(model: nn.Module, requested: str = "auto", *,
+                          working_bytes: int = 0) -> Iterator[tuple[torch.device, str]]:
+    """Move a model in CPU memory to the device :func:`evaluation_device` chooses for the measurements inside, and
+    back to the CPU afterwards (also after an error); yields ``(device, why)``."""
+    device, why = evaluation_device(model, requested, working_bytes=working_bytes)
+    moved = device.type != "cpu" and _model_device(model).type == "cpu"
+    if moved:
+        model.to(device)
+    try:
+        yield device, why
+    finally:
+        if moved:
+            model.to(CPU)
+            torch.cuda.empty_cache()  # the memory goes back to whatever runs next (pruning plans with what is free)
 
 
 @torch.no_grad()

@@ -739,6 +739,58 @@ def test_perplexity_on_cuda_equals_the_cpu():
     assert on_gpu == pytest.approx(on_cpu, rel=1e-4)
 
 
+def test_a_model_in_cpu_memory_is_measured_on_the_gpu_and_returned_to_the_cpu():
+    """placed_for_evaluation (the CLI's --eval-device auto): the perplexity measured on the GPU equals the CPU's, and
+    the model is back in CPU memory afterwards, also after an error inside."""
+    from hf_recon_prune.evaluation import perplexity_of_ids, placed_for_evaluation
+
+    model = _model("llama", num_layers=2)
+    windows = random_ids(6, 24, seed=9)
+    on_cpu = perplexity_of_ids(model, windows, batch_size=4)
+    with placed_for_evaluation(model, "auto") as (device, why):
+        assert device.type == "cuda" and next(model.parameters()).is_cuda and "fits" in why
+        on_gpu = perplexity_of_ids(model, windows, batch_size=4)
+    assert on_gpu == pytest.approx(on_cpu, rel=1e-4)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    with pytest.raises(RuntimeError, match="inside"), placed_for_evaluation(model, "cuda:0"):
+        raise RuntimeError("inside")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    with placed_for_evaluation(model, "auto", working_bytes=1 << 50) as (device, why):  # 1 PiB: does not fit
+        assert device.type == "cpu" and "runs on the CPU" in why
+
+
+def test_the_cli_measures_and_generates_on_the_gpu_and_prunes_as_on_the_cpu(tmp_path, capsys):
+    """prune's perplexity passes and self-generation, eval, generate-calibration: on the GPU with --eval-device /
+    --device auto, the CPU's perplexities (within float rounding), and the pruning itself unchanged."""
+    import json
+
+    from hf_recon_prune import cli
+    from tiny_assets import save_tiny_llama, write_text
+
+    model, text = save_tiny_llama(tmp_path / "tiny"), write_text(tmp_path / "corpus.txt")
+    common = ["--eval-source", text, "--eval-seq-len", "32", "--eval-windows", "4"]
+    results = {}
+    for where in ("cpu", "auto"):
+        out = tmp_path / f"pruned-{where}"
+        code = cli.main(["prune", "--model", model, "-o", str(out), "--method", "wanda", "--reconstruction", "none",
+                         "--calibration", text, "--num-samples", "4", "--seq-len", "32", "--num-self-samples", "2",
+                         "--eval-device", where, *common])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert ("running on cuda" in err) == (where == "auto")
+        results[where] = json.loads((out / "prune_report.json").read_text())["perplexity"]["corpus.txt"]
+    assert results["auto"]["dense"] == pytest.approx(results["cpu"]["dense"], rel=1e-4)
+    assert results["auto"]["pruned"] == pytest.approx(results["cpu"]["pruned"], rel=1e-4)  # self rows: BR only, none here
+    code = cli.main(["eval", "--model", str(tmp_path / "pruned-auto"), *common])
+    captured = capsys.readouterr()
+    assert code == 0 and "running on cuda" in captured.err, captured.err
+    assert json.loads(captured.out)["perplexity"]["value"] == pytest.approx(results["auto"]["pruned"], rel=1e-4)
+    code = cli.main(["generate-calibration", "--model", model, "--num-samples", "2", "--seq-len", "16",
+                     "--output", str(tmp_path / "self.jsonl")])
+    captured = capsys.readouterr()
+    assert code == 0 and "running on cuda" in captured.err and (tmp_path / "self.jsonl").is_file(), captured.err
+
+
 def test_a_cuda_run_leaves_no_stream_file_behind(tmp_path):
     folder = tmp_path / "streams"
     model = _model("llama", num_layers=2).cuda()

@@ -322,6 +322,9 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-windows", type=int, default=None, metavar="N",
                        help="score at most this many windows, the first ones (default: all); prune records the count")
     group.add_argument("--eval-batch-size", type=int, default=4, metavar="N", help="windows per forward pass (default: 4)")
+    group.add_argument("--eval-device", default="auto", metavar="DEVICE",
+                       help="where the measurements run: auto (a GPU when the model fits there, else the CPU; "
+                            "default), cpu, or cuda:N; the model returns to the CPU afterwards")
 
 
 def _wrap(text: str, width: int = 92) -> str:
@@ -440,6 +443,9 @@ def _add_generate_command(commands: "argparse._SubParsersAction") -> None:
     )
     _add_model_flags(generate)
     generate.add_argument("--output", "-o", required=True, metavar="FILE", help="JSONL file to write")
+    generate.add_argument("--device", default="auto", metavar="DEVICE",
+                          help="where generation runs: auto (a GPU when the model fits there, else the CPU; default), "
+                               "cpu, or cuda:N")
     generate.add_argument("--num-samples", type=int, default=256, metavar="N", help="sequences to generate (default: 256)")
     generate.add_argument("--seq-len", type=int, default=1024, metavar="N", help="tokens per sequence (default: 1024)")
     generate.add_argument("--seed", type=int, default=0, metavar="N", help="(default: 0)")

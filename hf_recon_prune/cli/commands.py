@@ -45,11 +45,35 @@ def _perplexity(model, tokenizer, args) -> tuple[float, int]:
     """The perplexity on --eval-source and how many windows were scored (``evaluate``'s protocol, as ``eval``)."""
     from ..evaluation import evaluate
 
-    results = evaluate(model, tokenizer, perplexity={args.eval_source: args.eval_source}, split=args.eval_split,
-                       seq_len=args.eval_seq_len, batch_size=args.eval_batch_size, max_windows=args.eval_windows,
-                       measure_sparsity=False, show_progress=True)
+    with _on_eval_device(model, args):
+        results = evaluate(model, tokenizer, perplexity={args.eval_source: args.eval_source}, split=args.eval_split,
+                           seq_len=args.eval_seq_len, batch_size=args.eval_batch_size, max_windows=args.eval_windows,
+                           measure_sparsity=False, show_progress=True)
     entry = results.perplexity[args.eval_source]
     return entry["value"], int(entry["windows"])
+
+
+@contextlib.contextmanager
+def _on_eval_device(model, args, flag: str = "--eval-device", seq_len: Optional[int] = None):
+    """The model on the device ``flag`` asks for (a GPU when it fits, by default) for what runs inside, back on the
+    CPU afterwards; a status line says where and why."""
+    import torch
+
+    from ..evaluation import evaluation_device, evaluation_working_bytes, placed_for_evaluation
+
+    requested = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if requested == "auto" and not torch.cuda.is_available():  # nothing to choose: it runs where the model is
+        yield None
+        return
+    working = evaluation_working_bytes(model, getattr(args, "eval_batch_size", 1),
+                                       seq_len or getattr(args, "eval_seq_len", 1))
+    try:
+        evaluation_device(model, requested, working_bytes=working)
+    except ValueError as error:
+        raise UsageError(f"{flag} {requested}: {error}") from None
+    with placed_for_evaluation(model, requested, working_bytes=working) as (where, why):
+        _status(f"running on {where} ({why})")
+        yield where
 
 
 def _limited_windows(args, scored: int) -> Optional[int]:
@@ -148,8 +172,15 @@ def _cmd_prune(args) -> int:
         results["dense"], _ = _perplexity(model, tokenizer, args)
         eval_seconds += time.perf_counter() - t0
         _status(f"dense perplexity: {results['dense']:.3f}")
+    calibration = None
+    if config.num_self_samples or config.calibration == "self":
+        # Self-generation runs where the model is: on the GPU when it fits there (--eval-device), not the CPU.
+        from ..calibration import build_calibration_set
+
+        with _on_eval_device(model, args, seq_len=config.self_gen_max_length or config.seq_len):
+            calibration = build_calibration_set(config, tokenizer, model)
     _status(f"pruning: {_describe_config(config)}")
-    pruner = Pruner(model, config, tokenizer=tokenizer)
+    pruner = Pruner(model, config, tokenizer=tokenizer, calibration_data=calibration)
     report = pruner.prune(resume=args.resume, overwrite=args.overwrite)
     # Saved before the pruned model's evaluation, which can take long: an interrupt there loses no pruning.
     path = _save(pruner, args)
@@ -246,13 +277,14 @@ def _cmd_eval(args) -> int:
     model, tokenizer = _load(args)
     if not args.no_perplexity:
         _check_window_length(model, "--eval-seq-len", args.eval_seq_len)
-    results = evaluate(
-        model, tokenizer, perplexity=None if args.no_perplexity else {args.eval_source: args.eval_source},
-        split=args.eval_split, seq_len=args.eval_seq_len, batch_size=args.eval_batch_size,
-        max_windows=args.eval_windows, zero_shot=tasks, num_fewshot=args.num_fewshot,
-        zero_shot_batch_size=args.zero_shot_batch_size, zero_shot_metric=args.zero_shot_metric, limit=args.limit,
-        task_manager=manager, report=report, model_name=label, show_progress=True,
-    )
+    with _on_eval_device(model, args):
+        results = evaluate(
+            model, tokenizer, perplexity=None if args.no_perplexity else {args.eval_source: args.eval_source},
+            split=args.eval_split, seq_len=args.eval_seq_len, batch_size=args.eval_batch_size,
+            max_windows=args.eval_windows, zero_shot=tasks, num_fewshot=args.num_fewshot,
+            zero_shot_batch_size=args.zero_shot_batch_size, zero_shot_metric=args.zero_shot_metric, limit=args.limit,
+            task_manager=manager, report=report, model_name=label, show_progress=True,
+        )
     result: dict[str, Any] = {"model": label, "sparsity": None if results.sparsity is None else round(results.sparsity, 6)}
     if not args.no_perplexity:
         entry = results.perplexity[args.eval_source]
@@ -400,13 +432,14 @@ def _cmd_generate(args) -> int:
         raise UsageError(f"--output {args.output}: the folder {folder} does not exist")
     model, tokenizer = _load(args)
     _check_window_length(model, "--max-length" if args.max_length else "--seq-len", args.max_length or args.seq_len)
-    data = generate_self_calibration(
-        model, tokenizer, args.num_samples, args.seq_len, seed=args.seed, greedy_tokens=args.greedy_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        language=None if args.language.lower() == "none" else args.language, batch_size=args.batch_size,
-        max_length=args.max_length, stop_at_eos=args.stop_at_eos, static_cache=args.static_cache,
-        cache_dir=args.cache_dir,
-    )
+    with _on_eval_device(model, args, flag="--device", seq_len=args.max_length or args.seq_len):
+        data = generate_self_calibration(
+            model, tokenizer, args.num_samples, args.seq_len, seed=args.seed, greedy_tokens=args.greedy_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            language=None if args.language.lower() == "none" else args.language, batch_size=args.batch_size,
+            max_length=args.max_length, stop_at_eos=args.stop_at_eos, static_cache=args.static_cache,
+            cache_dir=args.cache_dir,
+        )
     save_texts_jsonl(data, os.path.expanduser(args.output))
     origin = " (read from the cache)" if data.from_cache else ""
     print(f"wrote {len(data.texts)} self-generated samples of {args.seq_len} tokens to {os.path.abspath(args.output)}"
