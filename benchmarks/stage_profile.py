@@ -98,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--overlap-placement", default="on", choices=["off", "on", "both"],
                      help="offload.OVERLAP_PLACEMENT (the next block loaded and the last one written back while the "
                           "device computes); 'both': off, then on")
+    run.add_argument("--remask", default="off", choices=["off", "on", "both"],
+                     help="strategies.REMASK_AFTER_EVERY_STEP: full-mode BR re-masks every weight after every step "
+                          "('on', as before 2026-12-05) or relies on the masked gradient ('off'); 'both': on, then off")
     run.add_argument("--ceiling-size", type=int, default=None, help="matmul size of the ceiling (default 8192, CPU 512)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="benchmarks/results/stage_profile.json")
@@ -239,9 +242,11 @@ def stage_floor(entry: dict[str, float], ceilings: dict[str, Any]) -> float:
 
 # ====================================================================================================== run
 def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled=False, overlap: bool = False,
-               index_on_device: bool = True, staged: bool = True, overlapped_placement: bool = True) -> dict[str, Any]:
+               index_on_device: bool = True, staged: bool = True, overlapped_placement: bool = True,
+               remask: bool = False) -> dict[str, Any]:
     import hf_recon_prune.offload as offload
     import hf_recon_prune.reconstruction.block_trainer as block_trainer
+    import hf_recon_prune.reconstruction.strategies as strategies
 
     from hf_recon_prune.calibration import CalibrationSet
 
@@ -270,7 +275,8 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled=False, over
         print(f"  block {index} done at {time.perf_counter() - started:.1f} s", flush=True)
 
     switches = {(offload, "OVERLAP_COPIES"): overlap, (block_trainer, "INDEX_ON_DEVICE"): index_on_device,
-                (offload, "PINNED_STAGING"): staged, (offload, "OVERLAP_PLACEMENT"): overlapped_placement}
+                (offload, "PINNED_STAGING"): staged, (offload, "OVERLAP_PLACEMENT"): overlapped_placement,
+                (strategies, "REMASK_AFTER_EVERY_STEP"): remask}
     previous = {key: getattr(*key) for key in switches}
     for (module, name), value in switches.items():
         setattr(module, name, value)
@@ -310,9 +316,10 @@ def run_recipe(args, recipe: str, ceilings: dict[str, Any], compiled=False, over
     result = {
         "recipe": recipe + {True: " compiled", False: "", "auto": " compile auto"}[compiled]
         + (" overlapped copies" if overlap else "") + ("" if index_on_device else " host index")
-        + ("" if staged else " plain placement copies") + ("" if overlapped_placement else " placement in turn"),
+        + ("" if staged else " plain placement copies") + ("" if overlapped_placement else " placement in turn")
+        + (" re-masked every step" if remask else ""),
         "reconstruction": RECIPES[recipe], "compile_blocks": compiled, "overlap_copies": overlap,
-        "br_index_on_device": index_on_device, "placement_staging": staged,
+        "br_index_on_device": index_on_device, "placement_staging": staged, "remask_after_every_step": remask,
         "overlap_placement": (report.memory.get("estimate") or {}).get("overlap_placement"),
         "br_executions": sorted({c.get("execution") for b in report.blocks for c in b.br_choices}),
         "method": args.method, "pattern": args.pattern,
@@ -415,10 +422,13 @@ def main(argv=None) -> int:
     compile_settings = [{"off": False, "on": True, "auto": "auto"}[c] for c in
                         ("off,on" if args.compile == "both" else args.compile).split(",")]
     index_settings = {"device": [True], "host": [False], "both": [False, True]}[args.br_index]
-    runs = [(r, c, o, i, p, m) for r in args.recipes for c in compile_settings for o in switch[args.overlap_copies]
-            for i in index_settings for p in switch[args.placement_staging] for m in switch[args.overlap_placement]]
-    for recipe, compiled, overlap, index_on_device, staged, overlapped_placement in runs:
-        result = run_recipe(args, recipe, ceilings, compiled, overlap, index_on_device, staged, overlapped_placement)
+    remask_settings = {"off": [False], "on": [True], "both": [True, False]}[args.remask]
+    runs = [(r, c, o, i, p, m, k) for r in args.recipes for c in compile_settings for o in switch[args.overlap_copies]
+            for i in index_settings for p in switch[args.placement_staging] for m in switch[args.overlap_placement]
+            for k in remask_settings]
+    for recipe, compiled, overlap, index_on_device, staged, overlapped_placement, remask in runs:
+        result = run_recipe(args, recipe, ceilings, compiled, overlap, index_on_device, staged, overlapped_placement,
+                            remask)
         results["runs"].append(result)
         stage_text = ", ".join(f"{k} {v['median_seconds_per_block']:.2f}" for k, v in result["stages"].items()
                                if v["total_seconds"])

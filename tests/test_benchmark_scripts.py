@@ -284,6 +284,22 @@ def test_scale_gpu_runs_a_recipe_in_parts_that_resume_from_the_package_checkpoin
         scale_gpu.parse_args(["--stop-after", "10"])  # a part without checkpoints could not be resumed
 
 
+def test_stage_profile_runs_br_with_and_without_re_masking_side_by_side(stage_profile, tmp_path):
+    import hf_recon_prune.reconstruction.strategies as strategies
+
+    out = tmp_path / "remask.json"
+    assert stage_profile.main([
+        "--device", "cpu", "--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--vocab",
+        "128", "--samples", "4", "--seq-len", "16", "--epochs", "2", "--recipes", "br+gp", "--remask", "both",
+        "--out", str(out),
+    ]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(run["recipe"], run["remask_after_every_step"]) for run in runs] == [("br+gp re-masked every step", True),
+                                                                                 ("br+gp", False)]
+    assert runs[0]["blocks"][0]["error_after"] == runs[1]["blocks"][0]["error_after"] is not None  # same weights
+    assert strategies.REMASK_AFTER_EVERY_STEP is False  # restored
+
+
 def test_stage_profile_runs_br_with_host_and_device_indices_side_by_side(stage_profile, tmp_path):
     import hf_recon_prune.reconstruction.block_trainer as block_trainer
 
@@ -374,14 +390,42 @@ def test_br_step_profile_times_the_steps_of_one_window(tmp_path):
     assert br_step_profile.main([
         "--device", "cpu", "--hidden", "32", "--intermediate", "64", "--heads", "4", "--kv-heads", "2", "--vocab",
         "128", "--rows", "8", "--seq-len", "16", "--br-batch-size", "4", "--epochs", "3", "--compile", "off",
-        "--out", str(out),
+        "--remask", "both", "--out", str(out),
     ]) == 0
-    run = json.loads(out.read_text())["runs"][0]
-    assert run["execution"] == "eager" and run["steps"] == 3 * 2 and run["steady_steps"] == 2 * 2  # 8 rows, batch 4
-    assert run["wall_ms_per_step"] > 0 and run["kernels_per_step"] == 0  # no device kernels on the CPU
-    names = {op["name"] for op in run["top_host_ops"]}
-    assert "aten::mm" in names or "aten::addmm" in names  # the block's linears ran under the profiler
+    import hf_recon_prune.reconstruction.strategies as strategies
+
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["remask_after_every_step"] for r in runs] == [True, False]
+    assert strategies.REMASK_AFTER_EVERY_STEP is False  # restored
+    for run in runs:
+        assert run["execution"] == "eager" and run["steps"] == 3 * 2 and run["steady_steps"] == 2 * 2  # 8 rows, batch 4
+        assert run["wall_ms_per_step"] > 0 and run["kernels_per_step"] == 0  # no device kernels on the CPU
+        assert run["gpu_ms_per_step_by_kind"] == {} and run["matmul_tflops"] is None
+        names = {op["name"] for op in run["top_host_ops"]}
+        assert "aten::mm" in names or "aten::addmm" in names  # the block's linears ran under the profiler
+    # q/k/v (32x32, 16x32, 16x32: 2048 weights) skip the input gradient; o, gate, up, down (1024 + 3 * 2048) do not
+    assert runs[0]["matmul_flops_per_step"] == 4 * 64 * 2048 + 6 * 64 * (1024 + 3 * 2048)  # 4 rows of 16 tokens
     assert (tmp_path / "steps.md").read_text().startswith("# BR step profile")
+
+
+def test_br_step_profile_sorts_kernels_by_kind():
+    br_step_profile = _benchmark("br_step_profile")
+    kind = br_step_profile.kernel_kind
+    assert kind("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64>>") \
+        == "attention"
+    assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matrix products"
+    assert kind("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT") == "matrix products"
+    assert kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>") \
+        == "optimizer"
+    assert kind("void at::native::elementwise_kernel<128, 2, at::native::where_kernel_impl(...)::{lambda()#1}>") \
+        == "masking"
+    assert kind("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "compiled (fused)"
+    assert kind("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(...)>") \
+        == "copies and casts"
+    assert kind("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t>>") \
+        == "reductions"
+    assert kind("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel(...)>") \
+        == "other element-wise"
 
 
 def test_sparsity_profiles_runs_uniform_and_owl_side_by_side_at_the_same_mean(tmp_path):

@@ -31,11 +31,13 @@ CPU = torch.device("cpu")
 N, L, D = 16, 16, 32
 
 
-def _tiny_llama(num_layers: int = 2, dtype=torch.float32) -> transformers.PreTrainedModel:
+def _tiny_llama(num_layers: int = 2, dtype=torch.float32, attention=None) -> transformers.PreTrainedModel:
     config = transformers.LlamaConfig(
         hidden_size=D, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128,
     )
+    if attention is not None:
+        config._attn_implementation = attention
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -93,9 +95,10 @@ def _settings(**overrides) -> BlockTrainingSettings:
     return BlockTrainingSettings.from_config(PruningConfig(**values))
 
 
-def _problem(num_blocks: int = 1, dtype=torch.float32):
-    """Dense copies of the first ``num_blocks`` blocks give the targets; the model's own blocks are pruned."""
-    model = _tiny_llama(dtype=dtype)
+def _problem(num_blocks: int = 1, dtype=torch.float32, attention=None):
+    """Dense copies of the first ``num_blocks`` blocks give the targets; the model's own blocks are pruned.
+    ``attention``: the attention implementation (transformers' default when None)."""
+    model = _tiny_llama(dtype=dtype, attention=attention)
     blocks = list(model.model.layers[:num_blocks])
     kwargs = [_kwargs(model, i) for i in range(num_blocks)]
     dense = [copy.deepcopy(b) for b in blocks]
@@ -207,6 +210,42 @@ def test_mask_holds_at_every_step(mode):
     )
     assert seen == list(range(result.num_steps)) and result.num_steps == 12
     _assert_mask_exact(masks)
+
+
+def _remask_runs(monkeypatch, device: torch.device, dtype, **settings) -> list[list[dict[str, torch.Tensor]]]:
+    """The same full-mode window trained with the old re-masking after every step and without it (eager attention,
+    whose backward is deterministic on CUDA, unlike SDPA's, so that the two runs can be compared bit for bit)."""
+    import hf_recon_prune.reconstruction.strategies as strategies
+
+    states = []
+    for remask in (True, False):
+        monkeypatch.setattr(strategies, "REMASK_AFTER_EVERY_STEP", remask)
+        model, blocks, kwargs, masks, x, target = _problem(num_blocks=2, dtype=dtype, attention="eager")
+        model.to(device)
+        kwargs = [move_to(kw, device) for kw in kwargs]
+        masks = {layer: mask.to(device) for layer, mask in masks.items()}
+        before = {layer: layer.weight.detach().clone() for layer in masks}
+        result = reconstruct_window(blocks, masks, x.to(device), target.to(device), kwargs,
+                                    _settings(**settings), device)
+        assert not result.reverted and result.num_steps > 0
+        _assert_mask_exact(masks)
+        for layer, mask in masks.items():  # training moved (nearly) every kept weight
+            assert (layer.weight[mask] != before[layer][mask]).float().mean() > 0.9
+        states.append([{k: v.cpu() for k, v in state.items()} for state in _state(blocks)])
+    return states
+
+
+@pytest.mark.parametrize("train_other", [False, True])
+def test_masked_gradients_alone_keep_pruned_weights_zero_bit_for_bit(monkeypatch, train_other):
+    """Adam with masked gradients leaves a pruned weight at exactly zero (its moments stay zero), so dropping the
+    re-masking after every step changes no value: every weight equals the old way's bit for bit, at a learning rate
+    large enough to move every kept weight."""
+    with_remask, without = _remask_runs(monkeypatch, CPU, torch.float32, br_epochs=4, br_lr=1e-2,
+                                        br_train_other_params=train_other)
+    for old, new in zip(with_remask, without):
+        assert old.keys() == new.keys()
+        for key in old:
+            assert torch.equal(old[key], new[key]), key
 
 
 # ---------------------------------------------------------------------------------------------- failure
@@ -401,6 +440,18 @@ def test_cuda_bf16_autocast_pinned_streams(mode):
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cuda" for b in blocks for p in b.parameters())
     assert _mse(blocks, kwargs, x_dev, target_dev) < 0.8 * error_before
     _assert_mask_exact(masks)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile_blocks", [False, "auto"])
+def test_masked_gradients_alone_keep_pruned_weights_zero_on_cuda(monkeypatch, compile_blocks):
+    """The same on the GPU path: fused Adam, bf16 autocast over float32 master weights, eager and graphed."""
+    with_remask, without = _remask_runs(monkeypatch, torch.device("cuda"), torch.bfloat16, br_epochs=4, br_lr=1e-2,
+                                        compile_blocks=compile_blocks)
+    for old, new in zip(with_remask, without):
+        for key in old:
+            assert torch.equal(old[key], new[key]), key
 
 
 def test_no_garbage_collection_runs_while_a_window_is_captured(monkeypatch):

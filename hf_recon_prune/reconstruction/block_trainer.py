@@ -229,8 +229,9 @@ def _progress_bar(show: bool, total_steps: int, name: str):
 
 class _Training:
     """The optimisation of one window: Adam (fused on CUDA) at ``lr`` decayed linearly to 0 over all planned steps,
-    mini-batches in an order shuffled by a generator seeded with ``seed``, the strategy's masks re-applied after
-    every step. Two trainings made alike from the same weights take the same steps (the probe of ``"auto"``)."""
+    mini-batches in an order shuffled by a generator seeded with ``seed``, the strategy's masks (if any) re-applied
+    after every step. Adam has no weight decay: full mode relies on it to keep zero-gradient weights at exactly zero
+    (``strategies.FullWeights``). Two trainings made alike from the same weights take the same steps (the probe of ``"auto"``)."""
 
     def __init__(self, loss: _MiniBatchLoss, trainable: list[nn.Parameter],
                  masks_to_reapply: Mapping[nn.Linear, torch.Tensor], lr: float,

@@ -18,9 +18,15 @@ from .masked_delta import MaskedDeltaHandle, attach_masked_deltas
 from .masked_lora import MaskedLoraHandle, attach_masked_lora, merge_masked_lora, unload_masked_lora
 from .settings import BlockTrainingSettings
 
-__all__ = ["TrainingStrategy", "FullWeights", "MaskedLora", "TRAINING_STRATEGIES", "training_strategy"]
+__all__ = ["TrainingStrategy", "FullWeights", "MaskedLora", "TRAINING_STRATEGIES", "training_strategy",
+           "REMASK_AFTER_EVERY_STEP"]
 
 Masks = Mapping[nn.Linear, torch.Tensor]
+
+#: Full mode re-applied every keep-mask after every optimizer step before 2026-12-05; it no longer does (off), since
+#: the masked gradient already keeps pruned weights at exactly zero (see :class:`FullWeights`). On: the old way, for
+#: ``benchmarks/br_step_profile.py --remask both`` and for the tests that compare the two.
+REMASK_AFTER_EVERY_STEP = False
 
 
 class TrainingStrategy:
@@ -51,9 +57,11 @@ class TrainingStrategy:
 
 
 class FullWeights(TrainingStrategy):
-    """``"full"``: trains the kept weights of every pruned linear in place. The gradient is masked by a hook, and
-    the weight is re-masked after every optimizer step because Adam's momentum could otherwise move a
-    zero-gradient weight."""
+    """``"full"``: trains the kept weights of every pruned linear in place. A hook zeroes the pruned entries of the
+    gradient, which is all it takes to keep them at zero: a pruned weight starts at exactly zero, its Adam moments
+    start at zero and only ever see zero gradients, so its update is ``0 / (0 + eps) = 0`` at every step (Adam here
+    has no weight decay). Re-masking the weights after each step as well changes no value and cost a pass over every
+    weight and mask a step (:data:`REMASK_AFTER_EVERY_STEP`)."""
 
     def __init__(self, settings: BlockTrainingSettings):
         super().__init__(settings)
@@ -70,7 +78,7 @@ class FullWeights(TrainingStrategy):
 
     @property
     def masks_to_reapply(self) -> Masks:
-        return self._kept
+        return self._kept if REMASK_AFTER_EVERY_STEP else {}
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -127,4 +135,6 @@ def training_strategy(settings: BlockTrainingSettings) -> TrainingStrategy:
 
 
 def _mask_grad(keep: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return grad.masked_fill(~keep, 0)
+    # one kernel and no inverted mask (``masked_fill(~keep, 0)`` is two and allocates one); a non-finite gradient of
+    # a pruned entry becomes 0 either way
+    return torch.where(keep, grad, 0.0)
