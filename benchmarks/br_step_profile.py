@@ -82,6 +82,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def is_kernel(event) -> bool:
+    """A kernel (or memcpy/memset) that ran on the device. Not a user annotation: ``record_function`` regions such
+    as ``Optimizer.step#Adam.step`` also come as CUDA events, spanning the kernels they hold, and counting them
+    too would count those kernels twice (this script did until 2026-12-05, so earlier "GPU busy" figures include
+    the optimizer's span once more)."""
+    return (getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+            and not getattr(event, "is_user_annotation", False)
+            and not event.name.startswith("Optimizer."))  # torch versions without the flag
+
+
 def kernel_kind(name: str) -> str:
     lowered = name.lower()
     return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, lowered)), OTHER_KIND)
@@ -172,7 +182,7 @@ def _profile(args, compiled, device: torch.device) -> dict[str, Any]:
         with torch.profiler.profile(activities=activities) as prof:
             result = train(epochs)
             _sync(device)
-        kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        kernels = [e for e in prof.events() if is_kernel(e)]
         return prof, kernels, result
 
     train(1)  # untimed: start-up, the first captures or compilation

@@ -8,6 +8,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
@@ -409,7 +410,15 @@ def test_br_step_profile_times_the_steps_of_one_window(tmp_path):
 
 
 def test_br_step_profile_sorts_kernels_by_kind():
+    from types import SimpleNamespace
+
     br_step_profile = _benchmark("br_step_profile")
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    assert br_step_profile.is_kernel(SimpleNamespace(device_type=cuda, is_user_annotation=False, name="nvjet_x"))
+    assert not br_step_profile.is_kernel(SimpleNamespace(device_type=cpu, is_user_annotation=False, name="aten::mm"))
+    # the optimizer's record_function span, which holds its kernels: counted once, through the kernels
+    assert not br_step_profile.is_kernel(SimpleNamespace(device_type=cuda, is_user_annotation=True, name="region"))
+    assert not br_step_profile.is_kernel(SimpleNamespace(device_type=cuda, name="Optimizer.step#Adam.step"))
     kind = br_step_profile.kernel_kind
     assert kind("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64>>") \
         == "attention"
@@ -498,3 +507,33 @@ def test_lr_sweep_keeps_the_grids_held_out_topics_apart_from_the_packages_text(t
     assert results["corpus"]["id"] == topics_id and results["corpus"]["default_heldout"] == "topics"
     with pytest.raises(SystemExit, match="holds held-out windows of .* not of .*/heldout-package"):
         lr_sweep.main([*argv, "--out", str(tmp_path / "b.json")])  # the same work dir, the package's text
+
+
+def test_masked_adam_candidate_is_torch_adam_on_masked_gradients(tmp_path):
+    """The candidate kernel's formula against torch.optim.Adam in float64 (the reference), over steps with changing
+    gradients: equal to float64 rounding, and the pruned weights stay exactly zero. The script's own comparison
+    (eager here: no compiler assumed on the CPU) agrees."""
+    masked_adam = _benchmark("masked_adam")
+    generator = torch.Generator().manual_seed(3)
+    keep = torch.rand(6, 5, generator=generator) >= 0.5
+    start = torch.randn(6, 5, generator=generator, dtype=torch.float64) * keep
+    reference = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.Adam([reference], lr=1e-2, betas=masked_adam.BETAS, eps=masked_adam.EPS, foreach=False)
+    param, exp_avg, exp_avg_sq = start.clone(), torch.zeros_like(start), torch.zeros_like(start)
+    for step in range(1, 6):
+        grad = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+        reference.grad = torch.where(keep, grad, 0.0)
+        optimizer.step()
+        masked_adam.masked_adam_(param, grad, keep, exp_avg, exp_avg_sq,
+                                 torch.tensor(1e-2 / (1 - 0.9 ** step), dtype=torch.float64),
+                                 torch.tensor((1 - 0.999 ** step) ** 0.5, dtype=torch.float64))
+        torch.testing.assert_close(param, reference.detach(), rtol=1e-12, atol=1e-14)
+    assert torch.all(param[~keep] == 0) and torch.all(param[keep] != start[keep])
+
+    out = tmp_path / "adam.json"
+    assert masked_adam.main(["--device", "cpu", "--shapes", "16x8,8x16", "--counts", "2,1", "--steps", "4",
+                             "--repeats", "3", "--compile", "off", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["weights"] == 3 * 128 and result["pruned_weights_nonzero"] == 0
+    assert result["relative_drift_after_steps"] < 1e-5
+    assert set(result["timings"]) == {"current", "fused-masked"}
